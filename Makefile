@@ -1,0 +1,16 @@
+.PHONY: setup demo test bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@.venv/bin/python -m pipeline.demo
+
+test: setup
+	@.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	@.venv/bin/python -m bench.engine
+
+clean:
+	rm -rf .venv build *.egg-info demo_output
