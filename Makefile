@@ -7,7 +7,8 @@ demo: setup
 	@.venv/bin/python -m pipeline.demo
 
 test: setup
-	@.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+	@.venv/bin/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo 'pytest collected no tests' >&2; exit 1; fi; exit $$rc
 
 bench: setup
 	@.venv/bin/python -m bench.engine
