@@ -1,0 +1,50 @@
+"""The one async engine interface every consumer (Ray actor, queue worker, pipeline) talks to.
+
+Token ids in, `Completion` out: both backends tokenize and detokenize with this project's tokenizer, so identical
+tokens give identical texts. Backends are chosen by name; each validates its own options.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from phi3_model.engine.sampling_params import Completion, SamplingParams
+
+
+class BackendConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("native", description="engine backend: native | vllm")
+    model: str = Field(..., description="preset name, local checkpoint directory or hf://owner/name")
+    dtype: str = Field("auto", description="auto | float32 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    options: dict[str, Any] = Field(default_factory=dict, description="backend-specific options, validated by it")
+
+
+class EngineBackend(abc.ABC):
+    """Many concurrent `generate` calls share one continuous batch."""
+
+    tokenizer: Any  # phi3_model.tokenizer.Phi3Tokenizer
+    max_model_len: int
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> Completion: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+def create_backend(config: BackendConfig) -> EngineBackend:
+    if config.name == "native":
+        from .native_backend import NativeBackend
+        return NativeBackend(config)
+    if config.name == "vllm":
+        from .vllm_backend import VLLMBackend
+        return VLLMBackend(config)
+    raise ValueError(f"backend {config.name!r} is unknown; expected 'native' or 'vllm'")
