@@ -8,4 +8,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 pytest_plugins = [
     "tests.fixtures.tiny",
+    "tests.fixtures.vllm_engine",
+    "tests.fixtures.redis_server",
+    "tests.fixtures.ray_local",
 ]
