@@ -1,0 +1,92 @@
+"""Turns a scheduled batch into flat tensors, runs the model once, and returns the logits that sample."""
+from __future__ import annotations
+
+import torch
+
+from ..attention import attention_context
+from ..model import Phi3ForCausalLM
+from .paged_attention import DecodeGroup, KVCache, PagedContext, PrefillItem
+from .scheduler import ScheduledSeq
+
+
+def _decode_buckets(lengths: list[int]) -> list[list[int]]:
+    """Indices grouped by similar context length (sorted), so padding stays under ~1.5x per group."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] <= lengths[groups[-1][0]] * 1.5 + 64:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class ModelRunner:
+    def __init__(self, model: Phi3ForCausalLM, cache: KVCache):
+        self.model = model
+        self.cache = cache
+        self.block_size = cache.block_size
+        self.device = model.device
+        self.sliding_window = model.config.sliding_window
+        self.uses_long_rope = model.config.rope_scaling is not None
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def build(self, batch: list[ScheduledSeq]):
+        ids, pos, slots, long_flags, sample_rows = [], [], [], [], []
+        decode_rows, decode_lens, decode_tables = [], [], []
+        prefill: list[PrefillItem] = []
+        dev = self.device
+        for item in batch:
+            seq, c, n = item.seq, item.seq.num_computed, item.num_tokens
+            row = len(ids)
+            ids.extend(seq.token_ids[c:c + n])
+            pos.extend(range(c, c + n))
+            slots.extend(self._slots(seq.block_table, c, c + n))
+            long_flags.extend([seq.rope_long] * n)
+            if item.samples:
+                sample_rows.append(row + n - 1)
+            if n == 1 and c > 0:
+                decode_rows.append(row)
+                decode_lens.append(c + 1)
+                decode_tables.append(seq.block_table)
+            else:
+                q_pos = torch.arange(c, c + n, device=dev)
+                if c == 0:
+                    prefill.append(PrefillItem(slice(row, row + n), q_pos, None, None))
+                else:
+                    k_slots = torch.tensor(self._slots(seq.block_table, 0, c + n), device=dev)
+                    prefill.append(PrefillItem(slice(row, row + n), q_pos, k_slots, torch.arange(c + n, device=dev)))
+        decode = [self._decode_group(decode_rows, decode_lens, decode_tables, g)
+                  for g in _decode_buckets(decode_lens)] if decode_rows else []
+        long_rope = None
+        if self.uses_long_rope and any(long_flags):
+            long_rope = torch.tensor(long_flags, dtype=torch.bool, device=dev)
+        ctx = PagedContext(self.cache, torch.tensor(slots, device=dev), decode, prefill, long_rope,
+                           self.sliding_window)
+        return (torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), ctx,
+                torch.tensor(sample_rows, device=dev))
+
+    def _decode_group(self, rows, lens, tables, members: list[int]) -> DecodeGroup:
+        bs, dev = self.block_size, self.device
+        T = max(lens[i] for i in members)
+        nb = -(-T // bs)
+        bt = torch.tensor([tables[i][:nb] + [0] * (nb - len(tables[i][:nb])) for i in members], device=dev)
+        t = torch.arange(T, device=dev)
+        key_slots = bt[:, t // bs] * bs + t % bs  # [B, T]
+        ctx_len = torch.tensor([lens[i] for i in members], device=dev)[:, None]
+        valid = t[None, :] < ctx_len  # [B, T]
+        if self.sliding_window is not None:
+            valid &= t[None, :] > (ctx_len - 1) - self.sliding_window
+        return DecodeGroup(torch.tensor([rows[i] for i in members], device=dev), key_slots,
+                           t[None, :].expand(len(members), T), valid[:, None, None, :])
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """-> logits [S, V] float32, one row per sampling sequence, in batch order."""
+        ids, pos, ctx, sample_rows = self.build(batch)
+        with attention_context(ctx):
+            hidden = self.model(ids, pos)
+        return self.model.compute_logits(hidden[sample_rows]).float()

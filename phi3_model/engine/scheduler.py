@@ -1,0 +1,117 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+Each step packs every running sequence's next token (decode) and then prefill chunks of waiting sequences into
+one forward, within `max_num_batched_tokens` and `max_num_seqs`. When the KV pool cannot grow a running sequence,
+the most recently admitted one is preempted by recompute (its blocks freed, back to the head of the queue).
+A sequence whose length first exceeds the LongRoPE original max is recomputed from token 0 with long factors.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens fed this step, starting at seq.num_computed
+
+    @property
+    def samples(self) -> bool:
+        """This step's last token is the sequence's last: its logits give the next token."""
+        return self.seq.num_computed + self.num_tokens == len(self.seq)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 long_rope_after: int | None = None):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_rope_after = long_rope_after  # original max positions when the model uses LongRoPE
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.watermark = max(1, blocks.num_blocks // 100)
+        self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
+        self.num_rope_switches = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _needs_long(self, seq: Sequence) -> bool:
+        return self.long_rope_after is not None and len(seq) > self.long_rope_after
+
+    def _switch_rope(self, seq: Sequence) -> None:
+        self.blocks.release(seq)
+        seq.reset_cache_state()
+        seq.rope_long = True
+        self.num_rope_switches += 1
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.release(seq)
+        seq.reset_cache_state()
+        seq.status = Status.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        # 1. running sequences, oldest first: their pending tokens (1 when decoding, a chunk when prefilling)
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if seq not in self.running or budget == 0:
+                continue
+            if self._needs_long(seq) and not seq.rope_long:
+                self._switch_rope(seq)
+                self.blocks.start(seq)
+            n = min(seq.num_pending, budget)
+            while not self.blocks.ensure(seq, seq.num_computed + n):
+                victim = max(self.running, key=lambda s: s.arrival)
+                self._preempt(victim)
+                batch = [b for b in batch if b.seq is not victim]
+                if victim is seq:
+                    break
+            else:
+                batch.append(ScheduledSeq(seq, n))
+                budget -= n
+        # 2. admit waiting sequences while there is room (never preempting for them; a small watermark of free
+        #    blocks keeps running sequences from being preempted right after an admission)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self._needs_long(seq) and not seq.rope_long:
+                seq.rope_long = True
+                self.blocks.forget_hashes(seq)
+            hits = self.blocks.start(seq)
+            n = min(seq.num_pending, budget)
+            if not self.blocks.ensure(seq, seq.num_computed + n, reserve=self.watermark):
+                self.blocks.release(seq)
+                seq.reset_cache_state()
+                break
+            self.num_cached_tokens += hits
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append(ScheduledSeq(seq, n))
+            budget -= n
+        # blocks filled by this step are shareable now: every layer writes the whole step's keys before any read
+        for item in batch:
+            self.blocks.commit(item.seq, item.seq.num_computed + item.num_tokens)
+        return batch
+
+    def after_step(self, batch: list[ScheduledSeq]) -> None:
+        for item in batch:
+            item.seq.num_computed += item.num_tokens
+
+    def finish(self, seq: Sequence) -> None:
+        seq.status = Status.FINISHED
+        self.blocks.release(seq)
+        if seq in self.running:
+            self.running.remove(seq)

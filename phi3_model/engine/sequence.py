@@ -1,0 +1,60 @@
+"""One request's state inside the engine."""
+from __future__ import annotations
+
+import enum
+import itertools
+
+import torch
+
+from .sampling_params import SamplingParams
+from .stopping import Stopper
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+class Sequence:
+    """Tokens (prompt then generated), the KV blocks holding their keys, and how many are computed.
+
+    `num_computed` counts tokens whose keys are in the cache; the scheduler feeds `token_ids[num_computed:]`.
+    `rope_long` is the LongRoPE factor set every cached key of this sequence was rotated with.
+    """
+
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, stopper: Stopper,
+                 request_id: str | None = None, arrival: int | None = None):
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.prompt_len = len(prompt_token_ids)
+        self.params = params
+        self.stopper = stopper
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_computed = 0
+        self.num_cached_hits = 0  # prompt tokens served by the prefix cache (stats)
+        self.rope_long = False
+        self.arrival = self.seq_id if arrival is None else arrival
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    def reset_cache_state(self) -> None:
+        """Forget every cached key (preemption, or a switch of LongRoPE factors): recompute from token 0."""
+        self.block_table = []
+        self.num_computed = 0
