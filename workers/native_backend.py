@@ -1,0 +1,54 @@
+"""The native engine behind the common backend interface."""
+from __future__ import annotations
+
+import asyncio
+
+from phi3_model.engine import AsyncEngine, Engine, EngineConfig
+from phi3_model.engine.sampling_params import Completion, SamplingParams
+from phi3_model.presets import load_model_and_tokenizer
+
+from .backend import BackendConfig, EngineBackend
+
+
+class NativeBackend(EngineBackend):
+    """options: the fields of phi3_model.engine.EngineConfig (block_size, num_blocks, kv_cache_bytes,
+    max_num_seqs, max_num_batched_tokens, enable_prefix_caching, max_model_len) plus `threads` (torch CPU threads)."""
+
+    def __init__(self, config: BackendConfig):
+        self.config = config
+        opts = dict(config.options)
+        self.threads = opts.pop("threads", None)
+        self.engine_config = EngineConfig(**opts)  # unknown options are errors naming the field
+        self._async: AsyncEngine | None = None
+        self.tokenizer = None
+        self.max_model_len = 0
+
+    async def start(self) -> None:
+        if self._async is not None:
+            return
+        if self.threads:
+            import torch
+            torch.set_num_threads(int(self.threads))
+        loop = asyncio.get_running_loop()
+        model, tokenizer = await loop.run_in_executor(
+            None, lambda: load_model_and_tokenizer(self.config.model, self.config.dtype, self.config.device))
+        engine = Engine(model, tokenizer, self.engine_config)
+        self.tokenizer = tokenizer
+        self.max_model_len = engine.max_model_len
+        self._async = AsyncEngine(engine)
+        await self._async.start()
+
+    @property
+    def engine(self) -> Engine:
+        return self._async.engine
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> Completion:
+        if self._async is None:
+            await self.start()
+        return await self._async.generate(prompt_token_ids, params, request_id)
+
+    async def close(self) -> None:
+        if self._async is not None:
+            await self._async.close()
+            self._async = None
