@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-spec_hash=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+# The key covers the dependency spec and the install recipe below (bump RECIPE when changing it).
+RECIPE=1
+spec_hash=$( (cat pyproject.toml; echo "$RECIPE") | sha256sum | cut -c1-16)
 cache_root=${PHI3_BATCH_CACHE:-$HOME/.cache/phi3-batch}
 venv="$cache_root/venv-$spec_hash"
 
@@ -29,7 +31,7 @@ if [ "$(readlink .venv 2>/dev/null || true)" != "$venv" ]; then
     ln -s "$venv" .venv
 fi
 # Editable install of this clone (cheap; redone when another clone used the same cached venv last).
-if ! .venv/bin/python -c "import phi3_model, os, sys; sys.exit(0 if os.path.dirname(os.path.dirname(phi3_model.__file__)) == os.getcwd() else 1)" 2>/dev/null; then
+if ! .venv/bin/python -P -c "import phi3_model, os, sys; sys.exit(0 if os.path.dirname(os.path.dirname(phi3_model.__file__)) == os.getcwd() else 1)" 2>/dev/null; then
     .venv/bin/pip install -q --no-deps --no-build-isolation -e . >/dev/null
 fi
 
