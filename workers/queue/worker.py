@@ -1,0 +1,309 @@
+"""A queue worker: one consumer of the requests stream's group, feeding many requests at once into one engine
+backend's continuous batch, acking each entry only after its result is written.
+
+Life of an entry: read (new, own pending at start, or reclaimed from an idle consumer) -> admitted (parsed;
+malformed or over-delivered ones go to the dead-letter stream) -> run on the backend -> result written (idempotent)
+-> XACK + XDEL. An engine call that raises is retried through redelivery; the last allowed delivery of an entry
+runs alone, so a request that kills the process cannot take its batch neighbours to the dead-letter stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from collections import deque
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
+
+from phi3_model.engine.sampling_params import RequestError
+
+from .admit import Job, admit_entries, dead_letter
+from .config import WorkerConfig
+from .connection import Names, connect, redact
+from .health import Counters, Health
+from .ops import Ops, entry_time
+
+log = logging.getLogger("phi3.queue")
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class QueueWorker:
+    def __init__(self, backend, config: WorkerConfig, redis=None):
+        self.backend, self.cfg = backend, config
+        self.names = Names(config.prefix)
+        self.r = redis or connect(config.url, socket_timeout=config.block_ms / 1000 + 10,
+                                  client_name=f"phi3-worker:{config.name}")
+        self._own_redis = redis is None
+        self.ops = Ops(self.r, self.names, self.names.group, config.name)
+        self.counters = Counters()
+        self.health = Health(self.r, self.names.worker(config.name), config.name, self.counters, config.health_ttl_s)
+        self.hooks = os.environ.get("PHI3_BATCH_TEST_HOOKS") == "1"
+        self.active: set[bytes] = set()  # running, or finished and awaiting the acker
+        self.solo: deque[Job] = deque()  # last-chance deliveries, run one at a time
+        self.done: asyncio.Queue = asyncio.Queue()
+        self.stopping = False
+        self.state = "starting"
+        self._changed = asyncio.Event()
+        self._params: dict = {}  # sampling fields -> SamplingParams (built once per distinct set)
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---- public -------------------------------------------------------------------------------------------------
+    async def run(self, install_signals: bool = False) -> Counters:
+        if install_signals:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._on_term)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._on_term)
+        log.info("worker %s on %s, prefix %r", self.cfg.name, redact(self.cfg.url), self.cfg.prefix)
+        background = [asyncio.create_task(f()) for f in (self._acker, self._beat_loop, self._health_loop)]
+        try:
+            if await self._redis(self.ops.ensure_group):
+                self.counters.groups_created += 1
+            self.state = "running"
+            await self._drain_own()
+            await self._serve()
+            self.state = "draining"
+            await self._until(lambda: not self.active)
+        finally:
+            for t in background:
+                t.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            self.state = "stopped"
+            try:
+                await self.health.publish(self.state, 0)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+            if self._own_redis:
+                await self.r.aclose()
+        return self.counters
+
+    def stop(self) -> None:
+        """Stop reading; finish and ack what is held, then `run` returns."""
+        self.stopping = True
+        self._changed.set()
+
+    # ---- reading ------------------------------------------------------------------------------------------------
+    @property
+    def room(self) -> int:
+        return self.cfg.max_in_flight - len(self.active) - len(self.solo)
+
+    async def _drain_own(self) -> None:
+        """Entries delivered to this consumer name before a restart come back first (each delivery counted)."""
+        cursor = b"0"
+        while not self.stopping:
+            await self._until(lambda: self.stopping or self.room > 0)
+            entries = await self._redis(lambda: self.ops.read(cursor, self.room, None))
+            if not entries:
+                return
+            cursor = entries[-1][0]
+            await self._admit(entries, fresh=False)
+
+    async def _serve(self) -> None:
+        next_claim = 0.0
+        while not self.stopping:
+            if self.solo:
+                await self._run_solo()
+                continue
+            await self._until(lambda: self.stopping or self.room > 0)
+            if self.stopping:
+                return
+            now = time.monotonic()
+            if now >= next_claim:
+                next_claim = now + self.cfg.claim_idle_s / 2
+                await self._reclaim()
+                continue
+            block = min(self.cfg.block_ms, 200 if self.cfg.until_empty else self.cfg.block_ms,
+                        max(1, int((next_claim - now) * 1000)))
+            entries = await self._redis(lambda: self.ops.read(">", min(self.room, self.cfg.read_count), block))
+            if entries:
+                await self._admit(entries, fresh=True)
+            elif self.cfg.until_empty and not self.active and not self.solo:
+                if await self._redis(self.ops.pending_total) == 0:
+                    return
+
+    async def _reclaim(self) -> None:
+        cursor = b"0-0"
+        while self.room > 0 and not self.stopping:
+            idle_ms = int(self.cfg.claim_idle_s * 1000)
+            cursor, entries, deleted = await self._redis(
+                lambda: self.ops.autoclaim(idle_ms, cursor, self.room))
+            for entry_id in deleted:  # XAUTOCLAIM already dropped them from the PEL
+                self.active.add(entry_id)
+                self.counters.lost += 1
+                self.done.put_nowait(("dead", entry_id, self._lost_letter(entry_id)))
+            if entries:
+                self.counters.reclaimed += len(entries)
+                log.info("reclaimed %d idle entries", len(entries))
+                await self._admit(entries, fresh=False)
+            if cursor in (b"0-0", "0-0"):
+                return
+
+    def _lost_letter(self, entry_id: bytes) -> dict:
+        return dead_letter(entry_id, None, "lost: the entry was trimmed from the stream while pending, before "
+                           "its result was written", 0, self.cfg.name)
+
+    async def _admit(self, entries, fresh: bool) -> None:
+        entries = [(i, f) for i, f in entries if i not in self.active and all(j.entry_id != i for j in self.solo)]
+        counts = {} if fresh else await self._redis(lambda: self.ops.deliveries([i for i, _ in entries]))
+        for i, _ in entries:
+            self.active.add(i)
+        runnable, finished = await admit_entries(self, entries, counts)
+        for item in finished:
+            self.done.put_nowait(item)
+        for job in runnable:
+            if job.deliveries > 1 and job.deliveries >= self.cfg.max_deliveries:
+                self.active.discard(job.entry_id)
+                self.solo.append(job)
+            else:
+                task = asyncio.create_task(self._run(job))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _run_solo(self) -> None:
+        await self._until(lambda: self.stopping or not self.active)
+        if self.stopping:
+            return
+        job = self.solo.popleft()
+        self.active.add(job.entry_id)
+        log.info("running entry %s alone (delivery %d of %d)", job.entry_id.decode(), job.deliveries,
+                 self.cfg.max_deliveries)
+        await self._run(job)
+        await self._until(lambda: not self.active)
+
+    # ---- running ------------------------------------------------------------------------------------------------
+    async def _run(self, job: Job) -> None:
+        req, started = job.request, time.time()
+        try:
+            if job.hook:
+                await _apply_hook(job.hook)
+            c = await self.backend.generate(job.prompt_ids, job.params, request_id=req.id)
+            body = {"id": req.id, "status": "error" if c.finish_reason == "error" else "ok", "completion": c.text,
+                    "token_ids": list(c.token_ids), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                    "prompt_tokens": c.prompt_tokens or len(job.prompt_ids),
+                    "completion_tokens": c.completion_tokens or len(c.token_ids), "error": c.error}
+        except RequestError as e:
+            body = {"id": req.id, "status": "error", "completion": None, "finish_reason": "error",
+                    "prompt_tokens": len(job.prompt_ids), "completion_tokens": 0, "error": str(e)}
+        except Exception as e:  # noqa: BLE001 - any engine failure is retried via redelivery
+            self.counters.failed += 1
+            error = f"{type(e).__name__}: {e}"
+            log.warning("request %r (entry %s, delivery %d) failed: %s", req.id, job.entry_id.decode(),
+                        job.deliveries, error)
+            if job.deliveries >= self.cfg.max_deliveries:
+                self.done.put_nowait(("dead", job.entry_id, dead_letter(
+                    job.entry_id, job.raw, f"failed on each of {job.deliveries} deliveries; last error: {error}",
+                    job.deliveries, self.cfg.name, req.id, req.metadata)))
+            else:
+                self.done.put_nowait(("release", job.entry_id, error))
+            return
+        body.update(worker=self.cfg.name, deliveries=job.deliveries, enqueued_at=entry_time(job.entry_id),
+                    started_at=started, finished_at=time.time(), metadata=req.metadata)
+        self.done.put_nowait(("result", job.entry_id, (req.id, json.dumps(body), body["status"], job.hook)))
+
+    async def _acker(self) -> None:
+        """Batches finished entries: results written (one script call), then acked and deleted (one pipeline)."""
+        while True:
+            batch = [await self.done.get()]
+            while not self.done.empty() and len(batch) < 4096:
+                batch.append(self.done.get_nowait())
+            results = [(e, p) for kind, e, p in batch if kind == "result"]
+            if results:
+                flags = await self._redis(lambda: self.ops.write_results(
+                    [(p[0], p[1]) for _, p in results], self.cfg.result_ttl_s, self.cfg.results_maxlen))
+                for flag, (_, p) in zip(flags, results):
+                    if not flag:
+                        self.counters.duplicates += 1
+                    else:
+                        self.counters.processed += 1
+                        self.counters.errors += p[2] == "error"
+                if self.hooks and any(p[3] == "exit_after_write" for _, p in results):
+                    os._exit(3)
+            dead = [p for kind, _, p in batch if kind == "dead"]
+            if dead:
+                self.counters.dead += await self._redis(lambda: self.ops.dead_letter(dead, self.cfg.result_ttl_s))
+            released = {e: p for kind, e, p in batch if kind == "release"}
+            if released:
+                await self._redis(lambda: self.ops.record_errors(released))
+            acks = [e for kind, e, _ in batch if kind in ("result", "skip")]
+            if acks:
+                await self._redis(lambda: self.ops.ack(acks, clear_errors=True))
+            for _, e, _ in batch:
+                self.active.discard(e)
+            self._changed.set()
+
+    # ---- liveness -----------------------------------------------------------------------------------------------
+    async def _beat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat)
+            held = list(self.active) + [j.entry_id for j in self.solo]
+            if not held:
+                continue
+            gone = await self._redis(lambda: self.ops.heartbeat(held))
+            gone = [e for e in gone if e in self.active]
+            if gone:
+                self.counters.stolen += len(gone)
+                log.warning("%d held entries were reclaimed by another worker; their results may be computed "
+                            "twice (raise --claim-idle above the longest request)", len(gone))
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                await self.health.publish(self.state, len(self.active) + len(self.solo))
+            except TRANSIENT + (ResponseError,):
+                pass
+            await asyncio.sleep(self.cfg.health_interval_s)
+
+    # ---- plumbing -----------------------------------------------------------------------------------------------
+    async def _until(self, ready) -> None:
+        while not ready():
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def _redis(self, call):
+        """Run `call()` until it succeeds: connection errors (Redis down, restarting, loading) and NOGROUP (Redis
+        restarted empty or flushed: the group is recreated) are retried with capped exponential backoff."""
+        delay, failing = self.cfg.backoff_min_s, False
+        while True:
+            try:
+                out = await call()
+                if failing:
+                    log.warning("redis at %s is reachable again", redact(self.cfg.url))
+                return out
+            except TRANSIENT as e:
+                self.counters.reconnects += 1
+                if not failing:
+                    log.warning("redis at %s: %s; retrying with backoff (at most %.1f s apart)",
+                                redact(self.cfg.url), redact(f"{type(e).__name__}: {e}"), self.cfg.backoff_max_s)
+                failing = True
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                log.warning("consumer group %r of %r is gone (Redis restarted empty or was flushed); recreating it",
+                            self.names.group, self.names.requests)
+                try:
+                    if await self.ops.ensure_group():
+                        self.counters.groups_created += 1
+                except TRANSIENT:
+                    pass
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.cfg.backoff_max_s)
+
+    def _on_term(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, lambda *_: os._exit(128 + signal.SIGTERM))  # a second signal exits without acking
+        log.warning("stopping: finishing %d held entries (signal again to exit at once)", len(self.active))
+        self.stop()
+
+
+async def _apply_hook(hook: str) -> None:
+    """Test hooks, honoured only with PHI3_BATCH_TEST_HOOKS=1 in the worker's environment."""
+    if hook.startswith("sleep:"):
+        await asyncio.sleep(float(hook.split(":", 1)[1]))
+    elif hook == "raise":
+        raise RuntimeError("test hook: raise")
+    elif hook == "exit":
+        os._exit(3)
