@@ -1,0 +1,154 @@
+"""The job's one configuration model: a YAML file and/or command-line flags, validated in one place.
+
+Unknown keys and bad values are errors naming the key and what is allowed. The sampling fields are the job's
+defaults; per-row columns of the same names override them row by row (see workers/rows.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workers.rows import RowError, RowSpec, sampling
+
+StopTokenIds = Literal["auto", "none"] | list[int]
+
+
+class ConfigError(ValueError):
+    """A job configuration or input that cannot run; the message names the key or file and what would be right."""
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # what to read and where to write
+    input: str = Field(..., description="Parquet file, directory or glob; local path or any pyarrow.fs URI (s3://, gs://, ...)")
+    output: str = Field(..., description="output directory (local path or URI); one Parquet file per input file")
+    prompt_column: str = Field("prompt", description="column holding the prompt text")
+    messages_column: str | None = Field(None, description="column of chat messages (list of {role, content}); "
+                                                            "used instead of prompt_column when set")
+    id_column: str | None = Field(None, description="column holding row ids (default: '<file name>:<row index>')")
+    keep_columns: list[str] | None = Field(None, description="input columns copied to the output; 'id' is the row id "
+                                                              "(default: id and the prompt or messages column)")
+    # the engine
+    model: str = Field(..., description="preset name, local checkpoint directory or hf://owner/name")
+    backend: Literal["native", "vllm"] = Field("native", description="engine backend: native | vllm")
+    dtype: str = Field("auto", description="auto | float32 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    engine_options: dict[str, Any] = Field(default_factory=dict, description="backend-specific engine options")
+    # sampling defaults (per-row columns of the same names override them)
+    max_new_tokens: int = Field(256, description="largest number of tokens generated per row")
+    temperature: float = Field(0.0, description="0 = greedy (the job's default)")
+    top_k: int = Field(0, description="keep the k most likely tokens; 0 = all")
+    top_p: float = Field(1.0, description="nucleus mass; 1 = all")
+    seed: int | None = Field(None, description="sampling seed given to every row's request; none = unseeded")
+    stop: list[str] = Field(default_factory=list, description="strings that end a completion (cut from it)")
+    stop_token_ids: StopTokenIds = Field("auto", description="auto (the tokenizer's end tokens, as generate) | none "
+                                                              "(run to max_new_tokens) | a list of token ids")
+    strip_prompt: bool = Field(True, description="completion holds only the new text; false: prompt + new text")
+    # execution
+    shard_rows: int = Field(1000, ge=1, description="target rows per shard (a row group or a range of rows)")
+    actors: int | Literal["auto"] = Field("auto", description="engine actors; auto: one per gpus_per_actor GPUs, "
+                                                               "or 1 without GPUs")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs each actor asks Ray for")
+    cpus_per_actor: float | Literal["auto"] = Field("auto", description="CPUs each actor asks Ray for; auto: 1 with "
+                                                                          "GPUs, else the cluster's CPUs / actors")
+    batch_size: int = Field(256, ge=1, description="requests each actor keeps in flight on its engine")
+    shards_per_actor: int = Field(2, ge=1, description="shards in flight per actor (backpressure)")
+    max_attempts: int = Field(3, ge=1, description="tries per shard before it is recorded as failed")
+    address: str | None = Field(None, description="Ray cluster to join (auto, ray://host:port); none: start a "
+                                                   "local Ray sized to the machine")
+    overwrite: bool = Field(False, description="replace the outputs of a different job in the output directory")
+    progress: Literal["auto", "bar", "log", "off"] = Field("auto", description="auto: a bar on a terminal, "
+                                                                                "log lines otherwise")
+    log_every_s: float = Field(10.0, gt=0, description="seconds between progress log lines")
+
+    @field_validator("actors")
+    @classmethod
+    def _actors(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError(f"actors must be 'auto' or at least 1, got {v}")
+        return v
+
+    @field_validator("cpus_per_actor")
+    @classmethod
+    def _cpus(cls, v):
+        if v != "auto" and v <= 0:
+            raise ValueError(f"cpus_per_actor must be 'auto' or positive, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _sampling(self):
+        try:
+            sampling({}, self.row_spec(), end_token_ids=())
+        except RowError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def row_spec(self) -> RowSpec:
+        stop_ids = self.stop_token_ids if isinstance(self.stop_token_ids, str) else tuple(self.stop_token_ids)
+        return RowSpec(prompt_column=self.prompt_column, messages_column=self.messages_column,
+                       max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                       top_p=self.top_p, seed=self.seed, stop=tuple(self.stop), stop_token_ids=stop_ids,
+                       strip_prompt=self.strip_prompt)
+
+    @property
+    def source_column(self) -> str:
+        return self.messages_column or self.prompt_column
+
+    @property
+    def kept(self) -> list[str]:
+        return list(self.keep_columns) if self.keep_columns is not None else ["id", self.source_column]
+
+    def fingerprint(self, files: list[dict]) -> str:
+        """Hash of everything that decides the output bytes: the input files, the model, the row semantics and the
+        shard cut. Actors, GPUs, batch size and the cluster address are left out: a rerun may change them."""
+        keys = ("model", "backend", "dtype", "prompt_column", "messages_column", "id_column", "keep_columns",
+                "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids",
+                "strip_prompt", "shard_rows")
+        blob = json.dumps({"config": {k: getattr(self, k) for k in keys}, "files": files}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> JobConfig:
+    """The YAML file (if any) with flags on top; validation errors become one ConfigError naming every key."""
+    data: dict[str, Any] = {}
+    if path:
+        import yaml
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return validate_config(data, source=path)
+
+
+def validate_config(data: dict[str, Any], source: str | None = None) -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(explain(e, source)) from None
+
+
+def explain(error: ValidationError, source: str | None = None) -> str:
+    fields = JobConfig.model_fields
+    lines = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
+        top = str(err["loc"][0]) if err["loc"] else ""
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}; allowed keys: {', '.join(sorted(fields))}")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required ({fields[top].description})")
+        else:
+            hint = f" [{fields[top].description}]" if top in fields else ""
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r}){hint}")
+    where = f" in {source}" if source else ""
+    return f"invalid job configuration{where}:\n  " + "\n  ".join(lines)

@@ -1,0 +1,90 @@
+"""Output files: each finished shard is a part file under `_parts/`; when every shard of an input file is done the
+parts are streamed, in row order, into the output file of the same base name. Every file appears by rename, whole.
+
+Names starting with `_` or `.` are skipped by pyarrow/Ray Data dataset discovery, so the output directory reads
+as a dataset of the output files alone.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .manifest import NAME as MANIFEST, write_atomic
+from .shards import Shard
+
+PARTS = "_parts"
+SUMMARY = "_summary.json"
+
+
+class Sink:
+    def __init__(self, fs: pafs.FileSystem, directory: str):
+        self.fs, self.dir = fs, directory
+
+    def output_path(self, name: str) -> str:
+        return posixpath.join(self.dir, name)
+
+    def part_path(self, shard: Shard) -> str:
+        return posixpath.join(self.dir, PARTS, shard.name, f"{shard.index:06d}.parquet")
+
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type == pafs.FileType.File
+
+    def write_part(self, shard: Shard, table: pa.Table) -> None:
+        path = self.part_path(shard)
+        self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        self._write_table(path, table)
+
+    def assemble(self, name: str, shards: list[Shard], schema: pa.Schema) -> int:
+        """Stream the parts of `shards` (in order) into the output file; returns its row count."""
+        path = self.output_path(name)
+        tmp = posixpath.join(self.dir, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        rows = 0
+        with self.fs.open_output_stream(tmp) as out, pq.ParquetWriter(out, schema) as writer:
+            for shard in shards:
+                table = pq.read_table(self.part_path(shard), filesystem=self.fs).cast(schema)
+                writer.write_table(table, row_group_size=max(table.num_rows, 1))
+                rows += table.num_rows
+            if not shards:
+                writer.write_table(schema.empty_table())
+        self.fs.move(tmp, path)
+        return rows
+
+    def drop_parts(self, name: str) -> None:
+        path = posixpath.join(self.dir, PARTS, name)
+        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+        root = posixpath.join(self.dir, PARTS)
+        if not self.fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+            if self.fs.get_file_info(root).type == pafs.FileType.Directory:
+                self.fs.delete_dir(root)
+
+    def write_summary(self, summary: dict) -> str:
+        path = posixpath.join(self.dir, SUMMARY)
+        write_atomic(self.fs, path, (json.dumps(summary, indent=2) + "\n").encode())
+        return path
+
+    def clear(self, names: list[str]) -> None:
+        """Remove another job's manifest, parts, summary and the named outputs (overwrite)."""
+        for name in [MANIFEST, SUMMARY] + names:
+            if self.exists(self.output_path(name)):
+                self.fs.delete_file(self.output_path(name))
+        if self.fs.get_file_info(posixpath.join(self.dir, PARTS)).type == pafs.FileType.Directory:
+            self.fs.delete_dir(posixpath.join(self.dir, PARTS))
+
+    def sweep_temporaries(self) -> None:
+        """Temporary files left by a crash mid-write."""
+        selector = pafs.FileSelector(self.dir, allow_not_found=True, recursive=True)
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File and info.base_name.startswith(".") and ".tmp-" in info.base_name:
+                self.fs.delete_file(info.path)
+
+    def _write_table(self, path: str, table: pa.Table) -> None:
+        tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        with self.fs.open_output_stream(tmp) as out:
+            pq.write_table(table, out)
+        self.fs.move(tmp, path)

@@ -1,0 +1,62 @@
+"""This project's engines inside Ray Data:
+
+    ds.map_batches(Generate, fn_constructor_kwargs=dict(model="phi3_mini_4k_instruct_en", max_new_tokens=64),
+                   concurrency=2, num_gpus=1, batch_size=256, batch_format="pyarrow")
+
+Each actor of the map holds one engine; a batch's rows run concurrently on it (one continuous batch) and come back
+with the result columns of workers.rows.RESULT_SCHEMA appended, same semantics as `phi3-batch run`.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pyarrow as pa
+
+from .backend import BackendConfig, create_backend
+from .rows import RESULT_SCHEMA, RowSpec, run_table
+
+
+class Generate:
+    def __init__(self, model: str, backend: str = "native", dtype: str = "auto", device: str = "auto",
+                 engine_options: dict[str, Any] | None = None, concurrency: int = 256, **row_spec: Any):
+        """row_spec: fields of workers.rows.RowSpec (prompt_column, messages_column, max_new_tokens, temperature,
+        top_k, top_p, seed, stop, stop_token_ids, strip_prompt)."""
+        if isinstance(row_spec.get("stop_token_ids"), list):
+            row_spec["stop_token_ids"] = tuple(row_spec["stop_token_ids"])
+        if isinstance(row_spec.get("stop"), list):
+            row_spec["stop"] = tuple(row_spec["stop"])
+        self.spec = RowSpec(**row_spec)
+        self.backend = create_backend(BackendConfig(name=backend, model=model, dtype=dtype, device=device,
+                                                    options=engine_options or {}))
+        # the engine's asyncio side lives on one loop thread for the actor's life
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="phi3-ray-data", daemon=True).start()
+        self._call(self.backend.start())
+        self.limit = self._call(self._semaphore(concurrency))
+
+    @staticmethod
+    async def _semaphore(n: int) -> asyncio.Semaphore:
+        return asyncio.Semaphore(n)
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if not isinstance(batch, pa.Table):
+            raise TypeError(f"Generate takes pyarrow batches; pass batch_format='pyarrow' to map_batches "
+                            f"(got {type(batch).__name__})")
+        results = self._call(run_table(self.backend, batch, self.spec, self.limit))
+        for name in RESULT_SCHEMA.names:
+            if name in batch.column_names:
+                batch = batch.drop_columns([name])
+            batch = batch.append_column(RESULT_SCHEMA.field(name), results.column(name))
+        return batch
+
+    def __del__(self):
+        try:
+            self._call(self.backend.close())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except Exception:
+            pass

@@ -1,0 +1,143 @@
+"""Table rows to engine requests and completions back to result rows: the semantics shared by the Parquet job's actors
+and the Ray Data adapter.
+
+A row's prompt is its `prompt` text, or its `messages` rendered with the chat template, encoded with `<s>` first (as
+KerasHub's preprocessor does for generate). Columns named like SamplingParams fields override the job's defaults for
+that row; a null cell keeps the default. A row that cannot run gets its `error` cell filled; the others go on.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import ValidationError
+
+from phi3_model.engine.sampling_params import Completion, RequestError, SamplingParams
+from phi3_model.engine.stopping import visible_ids
+
+OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids")
+RESULT_SCHEMA = pa.schema([
+    ("completion", pa.string()),
+    ("finish_reason", pa.string()),      # stop | length | error
+    ("stop_reason", pa.string()),        # the matched stop string, or the matched token id in decimal
+    ("prompt_tokens", pa.int32()),
+    ("completion_tokens", pa.int32()),
+    ("error", pa.string()),              # null unless the row failed
+])
+
+
+class RowError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """How rows become requests. Sampling fields are the job's defaults; stop_token_ids follows generate:
+    'auto' = the tokenizer's end tokens, 'none' = run to max_new_tokens, a list = exactly those ids (the model's
+    own eos stops only when listed, as in Phi3CausalLM.generate)."""
+
+    prompt_column: str = "prompt"
+    messages_column: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: Literal["auto", "none"] | tuple[int, ...] = "auto"
+    strip_prompt: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)   # further SamplingParams fields for every row
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Input columns a row may use; absent ones are simply not overridden."""
+        return (self.messages_column or self.prompt_column,) + OVERRIDES
+
+
+def prompt_ids(row: dict, spec: RowSpec, tokenizer) -> list[int]:
+    if spec.messages_column:
+        messages = row.get(spec.messages_column)
+        if not messages:
+            raise RowError(f"{spec.messages_column} is {'null' if messages is None else 'empty'}; "
+                           f"expected a list of {{role, content}}")
+        try:
+            text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        except (ValueError, KeyError, TypeError) as e:
+            raise RowError(f"{spec.messages_column}: {e}") from None
+    else:
+        text = row.get(spec.prompt_column)
+        if text is None:
+            raise RowError(f"{spec.prompt_column} is null; expected a non-empty string")
+        if not isinstance(text, str):
+            raise RowError(f"{spec.prompt_column} is a {type(text).__name__}; expected a string")
+        if not text:
+            raise RowError(f"{spec.prompt_column} is empty; expected a non-empty string")
+    return tokenizer.encode(text, add_bos=True)
+
+
+def sampling(row: dict, spec: RowSpec, end_token_ids: tuple[int, ...]) -> SamplingParams:
+    kw = dict(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_k=spec.top_k,
+              top_p=spec.top_p, seed=spec.seed, stop=tuple(spec.stop), **spec.extra)
+    stop_ids = spec.stop_token_ids
+    for name in OVERRIDES:
+        value = row.get(name)
+        if value is None:
+            continue
+        if name == "stop_token_ids":
+            stop_ids = tuple(value)
+        else:
+            kw[name] = tuple(value) if name == "stop" else value
+    stop_ids = tuple(end_token_ids) if stop_ids == "auto" else () if stop_ids == "none" else tuple(stop_ids)
+    kw.update(stop_token_ids=stop_ids, ignore_eos=True)
+    try:
+        return SamplingParams(**kw)
+    except ValidationError as e:
+        raise RowError("invalid sampling values: " + "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'params'}={err.get('input')!r}: {err['msg']}"
+            for err in e.errors())) from None
+
+
+def result(completion: Completion | None, ids: list[int] | None, spec: RowSpec, tokenizer,
+           error: str | None = None) -> dict:
+    if completion is None or completion.error or completion.finish_reason == "error":
+        return dict(completion=None, finish_reason="error", stop_reason=None,
+                    prompt_tokens=len(ids) if ids is not None else None, completion_tokens=0,
+                    error=error or (completion.error if completion else None) or "engine error")
+    text = completion.text
+    reason = completion.stop_reason
+    if not spec.strip_prompt:   # generate's rule: the whole sequence decoded, <s>/<|endoftext|>/padding dropped
+        visible = visible_ids(tokenizer)
+        text = (tokenizer.decode(visible(ids)) + text if isinstance(reason, str)
+                else tokenizer.decode(visible(ids + list(completion.token_ids))))
+    return dict(completion=text, finish_reason=completion.finish_reason,
+                stop_reason=None if reason is None else str(reason),
+                prompt_tokens=len(ids), completion_tokens=len(completion.token_ids), error=None)
+
+
+async def run_row(backend, row: dict, spec: RowSpec, limit: asyncio.Semaphore, request_id: str | None = None) -> dict:
+    """One row through the backend. Row faults become an error cell; engine faults propagate (the shard retries)."""
+    tokenizer = backend.tokenizer
+    ids = None
+    try:
+        ids = prompt_ids(row, spec, tokenizer)
+        if len(ids) >= backend.max_model_len:
+            raise RowError(f"prompt has {len(ids)} tokens; the model's context is {backend.max_model_len} "
+                           f"(max_model_len), leaving no room to generate")
+        params = sampling(row, spec, tuple(tokenizer.end_token_ids))
+        async with limit:
+            completion = await backend.generate(ids, params, request_id=request_id)
+    except (RowError, RequestError) as e:
+        return result(None, ids, spec, tokenizer, error=str(e))
+    return result(completion, ids, spec, tokenizer)
+
+
+async def run_table(backend, table: pa.Table, spec: RowSpec, limit: asyncio.Semaphore,
+                    id_prefix: str | None = None) -> pa.Table:
+    """Every row of `table` concurrently (at most `limit` in the engine at once); results in row order."""
+    present = [c for c in spec.columns if c in table.column_names]
+    rows = table.select(present).to_pylist()
+    ids = [None if id_prefix is None else f"{id_prefix}:{i}" for i in range(len(rows))]
+    results = await asyncio.gather(*(run_row(backend, r, spec, limit, i) for r, i in zip(rows, ids)))
+    return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
