@@ -97,24 +97,26 @@ class Phi3Config:
         missing = [k for k in REQUIRED if k not in d]
         if missing:
             raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act {d['hidden_act']!r} is not supported; Phi-3 uses 'silu'")
+        if d.get("head_dim") is not None and d["head_dim"] * d["num_attention_heads"] != d["hidden_size"]:
+            raise ConfigError(f"{source}: head_dim {d['head_dim']} is not hidden_size / num_attention_heads "
+                              f"({d['hidden_size']} / {d['num_attention_heads']}); Phi-3 derives it")
         known = {f.name for f in fields(cls)} - {"rope_scaling", "rope_theta"}
         kw = {k: d[k] for k in known if k in d and (d[k] is not None or k == "sliding_window")}
         rope = d.get("rope_parameters") or {}
         legacy = d.get("rope_scaling") or {}
         kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
-        if "partial_rotary_factor" in rope and "partial_rotary_factor" not in d:
+        if "partial_rotary_factor" in rope:  # transformers 5 keeps it here and reads it from here
             kw["partial_rotary_factor"] = rope["partial_rotary_factor"]
         spec = rope if rope.get("rope_type", rope.get("type")) not in (None, "default") else legacy
         kind = spec.get("rope_type", spec.get("type")) if spec else None
         if kind in ("longrope", "su"):
             for k in ("short_factor", "long_factor"):
-                if k not in spec:
-                    raise ConfigError(f"{source}: rope scaling 'longrope' needs '{k}'")
-            kw["rope_scaling"] = RopeScaling(
-                short_factor=[float(x) for x in spec["short_factor"]],
-                long_factor=[float(x) for x in spec["long_factor"]],
-                attention_factor=spec.get("attention_factor"),
-            )
+                v = spec.get(k)
+                if not isinstance(v, list) or not all(isinstance(x, (int, float)) for x in v):
+                    raise ConfigError(f"{source}: rope scaling 'longrope' needs '{k}' as a list of rotary_dim/2 "
+                                      f"numbers, got {v!r}")
             if "original_max_position_embeddings" in spec and "original_max_position_embeddings" not in d:
                 kw["original_max_position_embeddings"] = spec["original_max_position_embeddings"]
         elif kind not in (None, "default"):
@@ -125,8 +127,14 @@ class Phi3Config:
             if isinstance(kw.get(k), list):  # generation-style lists: the first is the model's own
                 kw[k] = kw[k][0]
         try:
+            if kind in ("longrope", "su"):
+                kw["rope_scaling"] = RopeScaling(
+                    short_factor=[float(x) for x in spec["short_factor"]],
+                    long_factor=[float(x) for x in spec["long_factor"]],
+                    attention_factor=_attention_factor(spec, kw["original_max_position_embeddings"]),
+                )
             return cls(**kw)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: {e}") from None
 
     def to_dict(self) -> dict:
@@ -161,6 +169,17 @@ class Phi3Config:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(self.to_dict(), f, indent=2)
+
+
+def _attention_factor(spec: dict, original_max: int) -> float | None:
+    """An explicit attention_factor; else one from an explicit `factor` (as transformers does); else None (derived)."""
+    if spec.get("attention_factor") is not None:
+        return float(spec["attention_factor"])
+    factor = spec.get("factor")
+    if factor is None:
+        return None
+    factor = float(factor)
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max))
 
 
 # Real architectures (Phi-3-mini, 3.82B parameters). The July 2024 128k factor set.
