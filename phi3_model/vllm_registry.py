@@ -1,0 +1,23 @@
+"""vLLM plugin: registers this project's Phi-3 class under its own architecture name.
+
+Declared in pyproject.toml as the `vllm.general_plugins` entry point `phi3_batch`, so every vLLM process (front end,
+engine core, workers) runs `register()` at start-up. The class is registered lazily ("module:Class"): nothing of the
+model is imported until vLLM builds it. This module itself imports vLLM only inside `register()`.
+"""
+from __future__ import annotations
+
+ARCH = "Phi3BatchForCausalLM"
+MODEL_CLASS = "phi3_model.vllm_model:Phi3BatchForCausalLM"
+
+
+def register() -> None:
+    """Idempotent: a second call (plugins are loaded once per process, tests may call it again) changes nothing."""
+    from vllm import ModelRegistry
+
+    if ARCH not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCH, MODEL_CLASS)
+
+
+def hf_overrides() -> dict:
+    """`hf_overrides` that make vLLM build `ARCH` for a stock Phi-3 checkpoint (architectures Phi3ForCausalLM)."""
+    return {"architectures": [ARCH]}

@@ -1,0 +1,201 @@
+"""vLLM behind the common backend interface, running this project's registered Phi-3 class.
+
+Tokens in, `Completion` out, exactly as the native backend:
+- vLLM never tokenizes (`skip_tokenizer_init`, `TokensPrompt`); texts come from this project's `Phi3Tokenizer`.
+- Every request streams its new tokens (`output_kind=DELTA`) into the shared `Stopper` (phi3_model.engine.stopping),
+  the same per-request stop rule the native engine applies, so identical tokens give identical Completions. Stop
+  strings are matched there on the decoded text (vLLM cannot, without its tokenizer) and the vLLM request is aborted
+  when one matches; stop token ids, the model's end token, `min_new_tokens`, seeds, temperature, top-k (0 = off in
+  both), top-p and `max_new_tokens` are also handed to vLLM's per-request sampling so it stops and masks on its own.
+- The model's generation_config.json is not read (vLLM would add its extra end ids, e.g. Phi-3's <|end|>, as stops):
+  the only end token is config.eos_token_id, as in the native engine.
+
+LongRoPE. vLLM fixes the factor set once per engine: every token of every sequence is rotated with the long factors
+iff max_model_len > original_max_position_embeddings (128k Phi-3: 4096). The native engine follows Hugging Face:
+short factors while a sequence has at most original-max tokens, and a recompute with long factors when it grows
+past that. So the backends agree exactly when max_model_len <= original max (both short), and for sequences whose
+prompt alone is longer than original max (both long); with a larger max_model_len, vLLM's output for shorter
+sequences is that of the long factors, and differs from the native engine's. Set `max_model_len` to the original
+max to get the native (and HF) results for short sequences, at the cost of refusing longer ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import aclosing
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from phi3_model.engine.sampling_params import Completion, RequestError, SamplingParams
+from phi3_model.engine.stopping import Stopper
+from phi3_model.presets import load_tokenizer, pick_device, pick_dtype, resolve
+from phi3_model.vllm_registry import ARCH, hf_overrides, register
+
+from .backend import BackendConfig, EngineBackend
+
+log = logging.getLogger(__name__)
+
+
+class VLLMOptions(BaseModel):
+    """What `BackendConfig.options` may hold for name='vllm'."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_model_len: int | None = Field(None, ge=2, description="context length (default: max_position_embeddings); "
+                                      "also decides LongRoPE's factor set, see the module doc")
+    max_num_seqs: int = Field(256, ge=1, description="sequences in one batch")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens in one step (default: vLLM's)")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="GPU memory share for weights + KV")
+    kv_cache_space_gib: float | None = Field(None, gt=0.0, description="KV cache size in GiB (CPU: the KV space; "
+                                             "the VLLM_CPU_KVCACHE_SPACE environment variable wins when set)")
+    tensor_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool | None = Field(None, description="no torch.compile / CUDA graphs (default: True on CPU)")
+    enable_prefix_caching: bool = True
+    block_size: int | None = Field(None, ge=1, description="tokens per KV block (default: vLLM's)")
+    seed: int = Field(0, ge=0, description="engine seed (unseeded requests draw from it)")
+
+    @classmethod
+    def parse(cls, options: dict) -> "VLLMOptions":
+        allowed = list(cls.model_fields)
+        unknown = [k for k in options if k not in cls.model_fields]
+        if unknown:
+            raise ValueError(f"vllm backend option {unknown[0]!r} is unknown; allowed options: {', '.join(allowed)}")
+        return cls(**options)
+
+
+def check_entry_point() -> None:
+    """vLLM's engine process learns ARCH only through the installed `vllm.general_plugins` entry point."""
+    from importlib.metadata import entry_points
+    if not any(ep.value == "phi3_model.vllm_registry:register" for ep in entry_points(group="vllm.general_plugins")):
+        raise RuntimeError("the vllm.general_plugins entry point 'phi3_batch' of phi3-batch is not installed, so "
+                           f"vLLM's engine process cannot build {ARCH}; install this project (scripts/setup.sh, "
+                           "or pip install -e .)")
+
+
+def vllm_sampling_params(params: SamplingParams, eos_token_id: int, max_tokens: int):
+    from vllm import SamplingParams as VLLMSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+    stops = list(params.stop_token_ids)
+    if not params.ignore_eos and eos_token_id not in stops:
+        stops.append(eos_token_id)
+    return VLLMSamplingParams(
+        n=1, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+        max_tokens=max_tokens, min_tokens=min(params.min_new_tokens, max_tokens), stop_token_ids=stops,
+        ignore_eos=params.ignore_eos, detokenize=False, skip_special_tokens=False,
+        output_kind=RequestOutputKind.DELTA)
+
+
+class VLLMBackend(EngineBackend):
+    def __init__(self, config: BackendConfig):
+        self.config = config
+        self.options = VLLMOptions.parse(config.options)
+        self.engine = None  # vllm.v1.engine.async_llm.AsyncLLM once started
+        self.tokenizer = None
+        self.max_model_len = 0
+        self.model_config = None  # phi3_model.config.Phi3Config
+        self.longrope = None  # None (no LongRoPE), "short" or "long": the factor set vLLM uses for every token
+        self._generation_dir: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        async with self._lock:
+            if self.engine is None:
+                self.engine = await asyncio.get_running_loop().run_in_executor(None, self._build)
+
+    def _build(self):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        register()  # this process validates the architecture name; engine processes load the entry point
+        check_entry_point()
+        config, directory = resolve(self.config.model)
+        self.tokenizer = load_tokenizer(directory)
+        if self.tokenizer is None:
+            raise ValueError(f"{directory}: no tokenizer.model; the vllm backend decodes with this project's "
+                             f"tokenizer and needs the checkpoint's tokenizer files")
+        device = pick_device(self.config.device)
+        if device.type != current_platform.device_type:
+            raise ValueError(f"device {self.config.device!r} resolves to {device.type}, but the installed vLLM build "
+                             f"runs on {current_platform.device_type}")
+        dtype = str(pick_dtype(self.config.dtype, device)).removeprefix("torch.")
+        o = self.options
+        self.max_model_len = o.max_model_len or config.max_position_embeddings
+        self.model_config = config
+        if config.rope_scaling is not None:
+            self.longrope = "long" if self.max_model_len > config.original_max_position_embeddings else "short"
+            if self.longrope == "long":
+                log.warning("LongRoPE: max_model_len %d > original max %d, so vLLM rotates every token with the long "
+                            "factors; the native engine uses the short ones for sequences up to %d tokens",
+                            self.max_model_len, config.original_max_position_embeddings,
+                            config.original_max_position_embeddings)
+        self._generation_dir = tempfile.mkdtemp(prefix="phi3-vllm-generation-")
+        with open(os.path.join(self._generation_dir, "generation_config.json"), "w") as f:
+            json.dump({}, f)  # neutral: no end ids beyond config.eos_token_id, no sampling defaults
+        args = AsyncEngineArgs(
+            model=directory, dtype=dtype, skip_tokenizer_init=True, hf_overrides=hf_overrides(),
+            generation_config=self._generation_dir, max_model_len=self.max_model_len, max_num_seqs=o.max_num_seqs,
+            max_num_batched_tokens=o.max_num_batched_tokens, gpu_memory_utilization=o.gpu_memory_utilization,
+            kv_cache_memory_bytes=int(o.kv_cache_space_gib * 2**30) if o.kv_cache_space_gib else None,
+            tensor_parallel_size=o.tensor_parallel_size,
+            enforce_eager=o.enforce_eager if o.enforce_eager is not None else device.type == "cpu",
+            enable_prefix_caching=o.enable_prefix_caching, block_size=o.block_size, seed=o.seed,
+            disable_log_stats=True)
+        engine = AsyncLLM.from_engine_args(args)
+        built = engine.model_config.architectures
+        if list(built) != [ARCH]:
+            engine.shutdown()
+            raise RuntimeError(f"vLLM resolved architectures {built}, expected [{ARCH!r}]")
+        return engine
+
+    def validate(self, prompt_token_ids: list[int]) -> None:
+        """The native engine's request checks, with its messages."""
+        n, vocab = len(prompt_token_ids), self.model_config.vocab_size
+        if n == 0:
+            raise RequestError("prompt is empty: at least one token is needed")
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if n >= self.max_model_len:
+            raise RequestError(f"prompt has {n} tokens, model context is {self.max_model_len} "
+                               f"(at most {self.max_model_len - 1} prompt tokens leave room for one new token)")
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> Completion:
+        from vllm.inputs import TokensPrompt
+
+        if self.engine is None:
+            await self.start()
+        prompt = list(prompt_token_ids)
+        self.validate(prompt)
+        eos = self.model_config.eos_token_id
+        stopper = Stopper(params, eos, self.tokenizer, self.max_model_len, len(prompt))
+        sp = vllm_sampling_params(params, eos, stopper.max_new)
+        vllm_id = f"{request_id or 'req'}-{uuid.uuid4().hex}"  # unique even when callers reuse ids
+        ended = None
+        stream = self.engine.generate(TokensPrompt(prompt_token_ids=prompt), sp, vllm_id)
+        async with aclosing(stream):  # leaving early closes the stream, which aborts the vLLM request
+            async for out in stream:
+                step = out.outputs[0]
+                if any(stopper.append(t) for t in step.token_ids):
+                    break
+                if out.finished:
+                    ended = step.finish_reason
+        if not stopper.finished:  # vLLM ended the request for a reason of its own (abort, error)
+            c = stopper.to_completion(len(prompt), request_id)
+            c.finish_reason, c.error = "error", f"vLLM ended the request early (finish_reason {ended!r})"
+            return c
+        return stopper.to_completion(len(prompt), request_id)
+
+    async def close(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+        if self._generation_dir:
+            shutil.rmtree(self._generation_dir, ignore_errors=True)
+            self._generation_dir = None
