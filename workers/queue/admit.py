@@ -66,8 +66,8 @@ async def admit_entries(w, entries, counts: dict[bytes, int]):
             key = req.sampling_key()
             params = w._params.get(key)
             if params is None:
-                params = w._params[key] = sampling_params(req, tokenizer, cfg.defaults)
-            ids = prompt_ids(req, tokenizer)
+                params = w._params[key] = sampling_params(req, tokenizer, w.spec)
+            ids = prompt_ids(req, tokenizer, w.spec)
         except Exception as e:  # noqa: BLE001 - whatever is wrong with it, a malformed request is never retried
             finished.append(("dead", entry_id, dead_letter(entry_id, raw, f"malformed request: {explain(e)}", n,
                                                            cfg.name, _guess_id(raw))))

@@ -14,7 +14,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 SCHEMES = ("redis", "rediss", "unix")
-_PASSWORD = re.compile(r"(?P<head>[a-z]+://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)", re.IGNORECASE)
+# user:password@ up to the URL's last '@' (redis-py, like urlsplit, takes the host after the last one)
+_PASSWORD = re.compile(r"(?P<head>[a-z]+://[^:/@\s]*:)(?P<pw>\S*)(?P<tail>@)", re.IGNORECASE)
 
 
 def redact(text: str) -> str:

@@ -1,20 +1,22 @@
 """What travels through the queue: a request (one stream entry, field `r` = JSON), a result (one key per request
 id, JSON) and a dead letter (one dead-letter stream entry).
 
-Prompt text becomes token ids exactly as in the Parquet job: `prompt` is encoded with a BOS token; `messages` go
-through the chat template (with the generation prompt) and are then encoded with a BOS token; `prompt_token_ids`
-are used as given. Sampling fields left out take the worker's defaults, then SamplingParams' defaults.
+Requests become engine calls exactly as the Parquet job's rows do (workers/rows.py): `prompt` is encoded with
+`<s>` first; `messages` go through the chat template (with the generation prompt), then the same encoding;
+`prompt_token_ids` are used as given. Sampling fields a request leaves out take the worker's defaults, then the
+Parquet job's (greedy, 256 new tokens, stop_token_ids "auto" = the tokenizer's end tokens).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from phi3_model.engine.sampling_params import SamplingParams
+from workers import rows
 
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids",
-                   "min_new_tokens", "ignore_eos")
+SAMPLING_FIELDS = rows.OVERRIDES + ("min_new_tokens", "ignore_eos")
 
 
 class Message(BaseModel):
@@ -24,7 +26,7 @@ class Message(BaseModel):
 
 
 class QueueRequest(BaseModel):
-    """One request. `id` must be unique: a second request with an id that already has a result is not run."""
+    """One request. `id` must be unique: a redelivered entry whose id already has a result is acked, not run."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -38,7 +40,7 @@ class QueueRequest(BaseModel):
     top_p: float | None = None
     seed: int | None = None
     stop: list[str] | None = None
-    stop_token_ids: list[int] | Literal["auto"] | None = "auto"
+    stop_token_ids: list[int] | Literal["auto", "none"] | None = None
     min_new_tokens: int | None = None
     ignore_eos: bool | None = None
     metadata: dict[str, Any] | None = None
@@ -54,39 +56,45 @@ class QueueRequest(BaseModel):
         return self
 
     def sampling_key(self) -> tuple:
-        return tuple(getattr(self, k) if not isinstance(getattr(self, k), list) else tuple(getattr(self, k))
-                     for k in SAMPLING_FIELDS)
+        return tuple(tuple(v) if isinstance(v, list) else v for v in (getattr(self, k) for k in SAMPLING_FIELDS))
 
     @property
     def test_hook(self) -> str | None:
         return (self.metadata or {}).get("_test")
 
 
-def prompt_ids(request: QueueRequest, tokenizer) -> list[int]:
+def row_spec(defaults: dict[str, Any] | None = None) -> rows.RowSpec:
+    """The Parquet job's RowSpec with the worker's sampling defaults (RowSpec fields, min_new_tokens via extra)."""
+    defaults = dict(defaults or {})
+    extra = {k: defaults.pop(k) for k in ("min_new_tokens",) if k in defaults}
+    if "stop" in defaults:
+        defaults["stop"] = tuple(defaults["stop"])
+    return rows.RowSpec(**defaults, extra=extra)
+
+
+def prompt_ids(request: QueueRequest, tokenizer, spec: rows.RowSpec) -> list[int]:
     if request.prompt_token_ids is not None:
         return list(request.prompt_token_ids)
     if tokenizer is None:
         raise ValueError(f"request {request.id!r}: this backend has no tokenizer; send prompt_token_ids")
     if request.messages is not None:
-        text = tokenizer.apply_chat_template([m.model_dump() for m in request.messages], add_generation_prompt=True)
-        return tokenizer.encode(text, add_bos=True)
-    return tokenizer.encode(request.prompt, add_bos=True)
+        row = {"messages": [m.model_dump() for m in request.messages]}
+        return rows.prompt_ids(row, dataclasses.replace(spec, messages_column="messages"), tokenizer)
+    return rows.prompt_ids({"prompt": request.prompt}, spec, tokenizer)
 
 
-def sampling_params(request: QueueRequest, tokenizer, defaults: dict[str, Any] | None = None) -> SamplingParams:
-    """Raises pydantic.ValidationError naming the bad field."""
-    kw = dict(defaults or {})
-    for k in SAMPLING_FIELDS:
-        v = getattr(request, k)
-        if v is not None and k != "stop_token_ids":
-            kw[k] = v
-    stop_ids = request.stop_token_ids
-    if stop_ids == "auto":
-        stop_ids = list(getattr(tokenizer, "end_token_ids", ()) or ())
-    kw["stop_token_ids"] = tuple(stop_ids or ())
-    if "stop" in kw:
-        kw["stop"] = tuple(kw["stop"])
-    return SamplingParams(**kw)
+def sampling_params(request: QueueRequest, tokenizer, spec: rows.RowSpec) -> SamplingParams:
+    """Raises rows.RowError naming the bad field."""
+    row = {k: getattr(request, k) for k in rows.OVERRIDES}
+    if isinstance(row["stop_token_ids"], str):  # "auto" | "none": rows takes these from the spec
+        spec, row["stop_token_ids"] = dataclasses.replace(spec, stop_token_ids=row["stop_token_ids"]), None
+    if request.min_new_tokens is not None:
+        spec = dataclasses.replace(spec, extra={**spec.extra, "min_new_tokens": request.min_new_tokens})
+    end_ids = tuple(getattr(tokenizer, "end_token_ids", ()) or ())
+    params = rows.sampling(row, spec, end_ids)
+    if request.ignore_eos is False:  # rows always ignores the model's own eos unless it is a stop token id
+        params = SamplingParams(**{**params.model_dump(), "ignore_eos": False})
+    return params
 
 
 class QueueResult(BaseModel):

@@ -26,6 +26,7 @@ from .config import WorkerConfig
 from .connection import Names, connect, redact
 from .health import Counters, Health
 from .ops import Ops, entry_time
+from .schema import row_spec
 
 log = logging.getLogger("phi3.queue")
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -48,6 +49,7 @@ class QueueWorker:
         self.stopping = False
         self.state = "starting"
         self._changed = asyncio.Event()
+        self.spec = row_spec(config.defaults)  # the Parquet job's request semantics, with this worker's defaults
         self._params: dict = {}  # sampling fields -> SamplingParams (built once per distinct set)
         self._tasks: set[asyncio.Task] = set()
 
@@ -178,6 +180,9 @@ class QueueWorker:
         try:
             if job.hook:
                 await _apply_hook(job.hook)
+            if len(job.prompt_ids) >= self.backend.max_model_len:
+                raise RequestError(f"prompt has {len(job.prompt_ids)} tokens; the model's context is "
+                                   f"{self.backend.max_model_len} (max_model_len), leaving no room to generate")
             c = await self.backend.generate(job.prompt_ids, job.params, request_id=req.id)
             body = {"id": req.id, "status": "error" if c.finish_reason == "error" else "ok", "completion": c.text,
                     "token_ids": list(c.token_ids), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
