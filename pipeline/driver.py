@@ -6,6 +6,7 @@ Driver memory is bounded by the shards in flight (actors x shards_per_actor), no
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -92,8 +93,8 @@ def actor_shape(config: JobConfig, shards: int) -> tuple[int, float, float]:
                           f"{n * config.gpus_per_actor:g} GPUs; the Ray cluster has {gpus:g}")
     n = max(1, min(n, shards))
     each = config.cpus_per_actor if config.cpus_per_actor != "auto" else (
-        1.0 if config.gpus_per_actor else round(cpus / n, 4))
-    if n * each > cpus:
+        1.0 if config.gpus_per_actor else math.floor(cpus / n * 1000) / 1000)
+    if n * each > cpus + 1e-9:
         raise ConfigError(f"{n} actor(s) x cpus_per_actor {each:g} needs {n * each:g} CPUs; the Ray cluster has "
                           f"{cpus:g} (lower cpus_per_actor or actors)")
     return n, each, config.gpus_per_actor
@@ -144,10 +145,11 @@ def run(config: JobConfig) -> Summary:
         if left == 0:
             assemble(i)
     actors_info: list[dict] = []
+    generate_s = 0.0
     if todo:
         owned = connect(config)
         try:
-            actors_info = _dispatch(plan, todo, manifest, sink, progress, failed, remaining, assemble)
+            actors_info, generate_s = _dispatch(plan, todo, manifest, sink, progress, failed, remaining, assemble)
         finally:
             progress.close()
             if owned:
@@ -163,14 +165,15 @@ def run(config: JobConfig) -> Summary:
         rows_failed=sum(e["errors"] for e in ok) + fail_rows, shards=len(plan.shards), shards_ok=len(ok),
         shards_skipped=skipped, failed_shards=[dict(key=k, **v) for k, v in failed.items()],
         prompt_tokens=sum(e["prompt_tokens"] for e in ok), completion_tokens=sum(e["completion_tokens"] for e in ok),
-        wall_s=time.monotonic() - t0, run_rows=progress.run_rows, run_completion_tokens=progress.tokens,
+        wall_s=time.monotonic() - t0, generate_s=generate_s, run_rows=progress.run_rows, run_completion_tokens=progress.tokens,
         actors=actors_info, files=sorted(files_done))
     sink.write_summary(summary.to_dict())
     return summary
 
 
 def _dispatch(plan: Plan, todo: list[Shard], manifest: Manifest, sink: Sink, progress: Progress,
-              failed: dict[str, dict], remaining: dict[int, int], assemble) -> list[dict]:
+              failed: dict[str, dict], remaining: dict[int, int], assemble) -> tuple[list[dict], float]:
+    """-> (where each actor ran, seconds from the engines being ready to the last shard done)."""
     config = plan.config
     n, cpus, gpus = actor_shape(config, len(todo))
     backend = dict(name=config.backend, model=config.model, dtype=config.dtype, device=config.device,
@@ -184,8 +187,11 @@ def _dispatch(plan: Plan, todo: list[Shard], manifest: Manifest, sink: Sink, pro
             raise JobError(f"the {config.backend} engine failed to start for model {config.model!r}: "
                            f"{e.cause if getattr(e, 'cause', None) else e}") from None
         log.info("%d actor(s) ready: %s", n, infos)
+        manifest.record(dict(event="actors", actors=infos))
+        t0 = time.monotonic()
+        progress.restart_clock()
         _loop(plan, todo, actors, manifest, sink, progress, failed, remaining, assemble)
-        return infos
+        return infos, time.monotonic() - t0
     finally:
         for a in actors:
             ray.kill(a)

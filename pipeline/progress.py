@@ -20,6 +20,7 @@ class Progress:
         self.run_rows = 0        # rows computed by this run
         self.t0 = self.last = time.monotonic()
         self.bar = None
+        self.logged = -1         # shards count at the last log line
         if mode == "bar":
             from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeRemainingColumn
             self.bar = Bar(TextColumn("{task.completed}/{task.total} rows"), BarColumn(),
@@ -28,6 +29,10 @@ class Progress:
             self.task = self.bar.add_task("rows", total=total_rows, completed=done_rows, shards="", speed="")
             self.bar.start()
         self._render()
+
+    def restart_clock(self) -> None:
+        """Rates count from now (the engines are ready)."""
+        self.t0 = self.last = time.monotonic()
 
     @property
     def tokens_per_s(self) -> float:
@@ -49,8 +54,8 @@ class Progress:
         shards = f"{self.shards}/{self.total_shards} shards" + (f" ({self.failed} failed)" if self.failed else "")
         if self.bar is not None:
             self.bar.update(self.task, completed=self.rows, shards=shards, speed=f"{self.tokens_per_s:.1f} tok/s")
-        elif self.mode == "log" and (now - self.last >= self.every_s or self.shards == self.total_shards):
-            self.last = now
+        elif self.mode == "log" and (now - self.last >= self.every_s or self.shards == self.total_shards > self.logged):
+            self.last, self.logged = now, self.shards
             rate = self.run_rows / max(now - self.t0, 1e-9)
             eta = (self.total_rows - self.rows) / rate if rate > 0 else float("inf")
             log.info("%d/%d rows, %s, %.1f output tok/s, eta %s", self.rows, self.total_rows, shards,

@@ -17,7 +17,8 @@ class Summary:
     failed_shards: list[dict]     # {key, error, attempts}
     prompt_tokens: int
     completion_tokens: int
-    wall_s: float                 # this run
+    wall_s: float                 # this run, start to end
+    generate_s: float             # this run, from the engines being ready to the last shard done
     run_rows: int                 # rows computed by this run
     run_completion_tokens: int
     actors: list[dict] = field(default_factory=list)
@@ -29,11 +30,11 @@ class Summary:
 
     @property
     def output_tokens_per_s(self) -> float:
-        return self.run_completion_tokens / self.wall_s if self.wall_s > 0 else 0.0
+        return self.run_completion_tokens / self.generate_s if self.generate_s > 0 else 0.0
 
     @property
     def requests_per_s(self) -> float:
-        return self.run_rows / self.wall_s if self.wall_s > 0 else 0.0
+        return self.run_rows / self.generate_s if self.generate_s > 0 else 0.0
 
     def to_dict(self) -> dict:
         return dict(asdict(self), ok=self.ok, output_tokens_per_s=self.output_tokens_per_s,
@@ -44,8 +45,8 @@ class Summary:
                f"shards   {self.shards_ok} ok ({self.shards_skipped} from earlier runs), "
                f"{len(self.failed_shards)} failed, of {self.shards}",
                f"tokens   {self.prompt_tokens} prompt, {self.completion_tokens} completion",
-               f"this run {self.run_rows} rows in {self.wall_s:.1f} s: {self.output_tokens_per_s:.1f} output tok/s, "
-               f"{self.requests_per_s:.2f} rows/s",
+               f"this run {self.run_rows} rows in {self.wall_s:.1f} s ({self.generate_s:.1f} s generating): "
+               f"{self.output_tokens_per_s:.1f} output tok/s, {self.requests_per_s:.2f} rows/s",
                f"output   {self.output}"]
         for f in self.failed_shards:
             out.append(f"FAILED   shard {f['key']} after {f['attempts']} attempt(s): {f['error']}")

@@ -1,0 +1,198 @@
+"""The Parquet job before any engine runs: configuration, input discovery, shard cut, shard reading, manifest,
+CLI help and dry-run. Real Parquet files in tmp_path; no Ray."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import ConfigError, JobConfig, load_config, validate_config
+from pipeline.manifest import Manifest
+from pipeline.plan import make_plan
+from pipeline.shards import cut
+from pipeline.source import ShardReader, list_files
+
+runner = CliRunner()
+
+
+def job(tmp_path, **kw) -> dict:
+    return {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "model": "unused", **kw}
+
+
+def write(path, table: pa.Table, row_group_size=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+# ---- configuration ----------------------------------------------------------------------------------------------
+
+def test_unknown_key_is_named_with_the_allowed_keys(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        validate_config(job(tmp_path, max_tokens=5))
+    assert "unknown key 'max_tokens'" in str(e.value) and "max_new_tokens" in str(e.value)
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("backend", "tpu", "'native' or 'vllm'"),
+    ("max_new_tokens", 0, "greater than or equal to 1"),
+    ("temperature", -1.0, "greater than or equal to 0"),
+    ("stop_token_ids", "sometimes", "'auto' or 'none'"),
+    ("actors", 0, "at least 1"),
+    ("progress", "loud", "'auto', 'bar', 'log' or 'off'"),
+])
+def test_bad_value_names_the_key_and_what_is_allowed(tmp_path, key, value, allowed):
+    with pytest.raises(ConfigError) as e:
+        validate_config(job(tmp_path, **{key: value}))
+    assert key in str(e.value) and allowed in str(e.value)
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: a\noutput: b\nmodel: m\nmax_new_tokens: 7\ntemperature: 0.5\n")
+    config = load_config(str(path), {"max_new_tokens": 3, "temperature": None})
+    assert (config.max_new_tokens, config.temperature, config.input) == (3, 0.5, "a")
+
+
+def test_greedy_is_the_job_default():
+    assert JobConfig(input="a", output="b", model="m").temperature == 0.0
+
+
+def test_fingerprint_ignores_execution_settings_and_follows_row_semantics():
+    base = JobConfig(input="a", output="b", model="m")
+    files = [{"path": "/a/x.parquet", "rows": 3, "size": 10}]
+    same = base.model_copy(update=dict(actors=3, batch_size=8, gpus_per_actor=1.0, address="auto"))
+    assert same.fingerprint(files) == base.fingerprint(files)
+    assert base.model_copy(update=dict(max_new_tokens=9)).fingerprint(files) != base.fingerprint(files)
+    assert base.fingerprint([dict(files[0], size=11)]) != base.fingerprint(files)
+
+
+# ---- input discovery and plan -----------------------------------------------------------------------------------
+
+def test_directory_and_glob_list_parquet_files_in_name_order(tmp_path):
+    for name in ("b.parquet", "a.parquet", "_skip.parquet", "notes.txt"):
+        write(str(tmp_path / "in" / name), pa.table({"prompt": ["x"]})) if name.endswith("parquet") else \
+            (tmp_path / "in" / name).write_text("x")
+    _, paths = list_files(str(tmp_path / "in"))
+    assert [os.path.basename(p) for p in paths] == ["a.parquet", "b.parquet"]
+    _, paths = list_files(str(tmp_path / "in" / "b*.parquet"))
+    assert [os.path.basename(p) for p in paths] == ["b.parquet"]
+
+
+def test_no_matching_files_is_an_error(tmp_path):
+    os.makedirs(tmp_path / "in")
+    with pytest.raises(ConfigError, match="no Parquet files match"):
+        make_plan(validate_config(job(tmp_path)))
+    with pytest.raises(ConfigError, match="no Parquet files match"):
+        make_plan(validate_config(job(tmp_path, input=str(tmp_path / "in" / "*.parquet"))))
+    with pytest.raises(ConfigError, match="does not exist"):
+        make_plan(validate_config(job(tmp_path, input=str(tmp_path / "nowhere"))))
+
+
+def test_missing_prompt_column_names_the_file_and_the_columns(tmp_path):
+    write(str(tmp_path / "in" / "a.parquet"), pa.table({"text": ["x"]}))
+    with pytest.raises(ConfigError) as e:
+        make_plan(validate_config(job(tmp_path)))
+    assert "a.parquet" in str(e.value) and "'prompt'" in str(e.value) and "text" in str(e.value)
+
+
+def test_unreadable_file_is_named(tmp_path):
+    write(str(tmp_path / "in" / "a.parquet"), pa.table({"prompt": ["x"]}))
+    (tmp_path / "in" / "b.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ConfigError, match=r"b\.parquet is not readable Parquet"):
+        make_plan(validate_config(job(tmp_path)))
+
+
+def test_plan_reads_metadata_only_and_counts_rows_and_shards(tmp_path):
+    write(str(tmp_path / "in" / "a.parquet"), pa.table({"prompt": [str(i) for i in range(25)]}), row_group_size=10)
+    write(str(tmp_path / "in" / "b.parquet"), pa.table({"prompt": ["x"] * 3}))
+    plan = make_plan(validate_config(job(tmp_path, shard_rows=10)))
+    assert plan.rows == 28 and [f.row_groups for f in plan.files] == [[10, 10, 5], [3]]
+    assert [(s.key, s.start, s.stop) for s in plan.shards] == [
+        ("a.parquet#0", 0, 10), ("a.parquet#1", 10, 20), ("a.parquet#2", 20, 25), ("b.parquet#0", 0, 3)]
+
+
+# ---- shards -----------------------------------------------------------------------------------------------------
+
+def test_shards_join_small_row_groups_and_split_big_ones():
+    bounds = [(s.start, s.stop) for s in cut(0, "f", [3, 3, 3, 10, 2], target=5)]
+    assert bounds == [(0, 3), (3, 6), (6, 9), (9, 14), (14, 19), (19, 21)]
+
+
+def test_shards_tile_the_file_within_the_target():
+    rng = random.Random(0)
+    for _ in range(200):
+        groups = [rng.randint(1, 40) for _ in range(rng.randint(1, 8))]
+        target = rng.randint(1, 30)
+        shards = cut(0, "f", groups, target)
+        assert shards[0].start == 0 and shards[-1].stop == sum(groups)
+        assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
+        assert all(0 < s.rows <= target for s in shards)
+        edges = {sum(groups[:i]) for i in range(len(groups) + 1)}
+        big = [(sum(groups[:i]), sum(groups[:i + 1])) for i, g in enumerate(groups) if g >= target]
+        assert all(s.start in edges or any(a < s.start < b for a, b in big) for s in shards)
+
+
+def test_shard_reader_returns_the_rows_of_each_shard_in_any_order(tmp_path):
+    path = str(tmp_path / "in" / "a.parquet")
+    table = pa.table({"prompt": [f"p{i}" for i in range(53)], "n": list(range(53))})
+    write(path, table, row_group_size=20)
+    plan = make_plan(validate_config(job(tmp_path, shard_rows=7)))
+    reader = ShardReader(plan.fs, plan.files, {0: ["prompt", "n"]}, batch_rows=7)
+    order = plan.shards[:3] + plan.shards[5:] + plan.shards[3:5] + [plan.shards[0]]
+    for s in order:
+        assert reader.read(s).to_pylist() == table.slice(s.start, s.rows).to_pylist(), s
+    reader.close()
+
+
+# ---- manifest ---------------------------------------------------------------------------------------------------
+
+def test_manifest_drops_a_torn_last_line_and_refuses_another_job(tmp_path):
+    import pyarrow.fs as pafs
+    fs, out = pafs.LocalFileSystem(), str(tmp_path / "out")
+    os.makedirs(out)
+    m = Manifest.open(fs, out, "job-a", {"files": []}, overwrite=False)
+    m.start()
+    m.record(dict(event="shard", key="a#0", status="done"))
+    with open(os.path.join(out, "_manifest.jsonl"), "a") as f:
+        f.write('{"event": "shard", "key": "a#1", "sta')        # killed mid-write
+    again = Manifest.open(fs, out, "job-a", {}, overwrite=False)
+    assert set(again.shards()) == {"a#0"}
+    again.start()
+    lines = open(os.path.join(out, "_manifest.jsonl")).read().splitlines()
+    assert all(json.loads(line) for line in lines) and lines[-1].startswith('{"event": "run"')
+    with pytest.raises(ConfigError, match="another job's outputs"):
+        Manifest.open(fs, out, "job-b", {}, overwrite=False)
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------
+
+def test_run_help_documents_every_configuration_key():
+    result = runner.invoke(app, ["run", "--help"], terminal_width=200, env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.replace("│", " ").split())
+    for key in JobConfig.model_fields:
+        assert f"(config key: {key})" in text, key
+        assert JobConfig.model_fields[key].description in text, key
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    write(str(tmp_path / "in" / "a.parquet"), pa.table({"prompt": [str(i) for i in range(12)]}), row_group_size=4)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", "-i", str(tmp_path / "in"), "-o", str(out), "--model", "m", "--shard-rows",
+                                 "4", "--actors", "2", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "1 file(s), 12 rows, 3 shard(s)" in result.output and "a.parquet" in result.output
+    assert "actors  2" in result.output
+    assert not out.exists()
+
+
+def test_bad_configuration_exits_2_naming_the_key(tmp_path):
+    result = runner.invoke(app, ["run", "-i", "x", "-o", str(tmp_path / "out"), "--model", "m", "--top-p", "0"])
+    assert result.exit_code == 2 and "top_p" in result.output
+    assert not (tmp_path / "out").exists()
