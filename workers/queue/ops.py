@@ -58,12 +58,54 @@ return lost
 """
 
 
+# Reclaim without charging a delivery to entries that cannot run yet. XAUTOCLAIM (and a restarted consumer's
+# XREADGROUP of its own history) claims every idle entry it scans and bumps each one's delivery count; but an
+# entry on its last allowed delivery must run alone (it may be the request that kills workers), so a worker
+# claims at most one such entry, and only when it holds nothing else. This script lists idle pending entries
+# with their counts (XPENDING IDLE), claims the ones to run (XCLAIM, atomic against other claimers), and
+# reports entries trimmed from the stream while pending as lost (acking them), as XAUTOCLAIM would.
+# KEYS: requests stream. ARGV: group, consumer, min idle ms, start ('-' or '(id'), scan count, max deliveries,
+# take a last-chance entry (1/0), owner ('' = any consumer).
+# Returns {last scanned id or '', {id, new delivery count, fields, ...}, {lost ids}}.
+CLAIM = """
+local group, me, idle, maxd = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[6])
+local rows
+if ARGV[8] ~= '' then
+  rows = redis.call('XPENDING', KEYS[1], group, 'IDLE', idle, ARGV[4], '+', ARGV[5], ARGV[8])
+else
+  rows = redis.call('XPENDING', KEYS[1], group, 'IDLE', idle, ARGV[4], '+', ARGV[5])
+end
+local claimed, lost, last, solo_left = {}, {}, '', ARGV[7] == '1'
+for _, row in ipairs(rows) do
+  local id, n = row[1], row[4] + 1
+  last = id
+  if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+    redis.call('XACK', KEYS[1], group, id)
+    lost[#lost + 1] = id
+  else
+    local last_chance = n > 1 and n == maxd
+    if not last_chance or solo_left then
+      if last_chance then solo_left = false end
+      local got = redis.call('XCLAIM', KEYS[1], group, me, idle, id)
+      if got[1] then
+        claimed[#claimed + 1] = id
+        claimed[#claimed + 1] = n
+        claimed[#claimed + 1] = got[1][2]
+      end
+    end
+  end
+end
+return {last, claimed, lost}
+"""
+
+
 class Ops:
     def __init__(self, r, names: Names, group: str, consumer: str):
         self.r, self.n, self.group, self.consumer = r, names, group, consumer
         self._write = r.register_script(WRITE_RESULTS)
         self._dead = r.register_script(DEAD_LETTER)
         self._beat = r.register_script(HEARTBEAT)
+        self._claim = r.register_script(CLAIM)
 
     async def ensure_group(self) -> bool:
         """True when this call created the group (from id 0, so entries added before it are delivered)."""
@@ -81,20 +123,17 @@ class Ops:
                                         block=block_ms)
         return reply[0][1] if reply else []
 
-    async def autoclaim(self, min_idle_ms: int, cursor, count: int):
-        """(next cursor, [(entry id, fields)], [ids trimmed away while pending, already dropped from the PEL])."""
-        nxt, entries, deleted = await self.r.xautoclaim(self.n.requests, self.group, self.consumer, min_idle_ms,
-                                                        cursor, count=count)
-        return nxt, entries, deleted
-
-    async def deliveries(self, ids: list[bytes]) -> dict[bytes, int]:
-        """Redis's own delivery count of each id pending on this consumer."""
-        if not ids:
-            return {}
-        lo, hi = min(ids, key=_key), max(ids, key=_key)
-        rows = await self.r.xpending_range(self.n.requests, self.group, lo, hi, count=len(ids) + 10_000,
-                                           consumername=self.consumer)
-        return {row["message_id"]: row["times_delivered"] for row in rows}
+    async def claim(self, min_idle_ms: int, start: str, count: int, max_deliveries: int, last_chance: bool,
+                    owner: str = ""):
+        """-> (next start or None, [(entry id, fields)], {entry id: delivery count}, [lost entry ids])."""
+        last, flat, lost = await self._claim(keys=[self.n.requests], args=[
+            self.group, self.consumer, min_idle_ms, start, count, max_deliveries, int(last_chance), owner])
+        entries, counts = [], {}
+        for i in range(0, len(flat), 3):
+            fields = flat[i + 2]
+            entries.append((flat[i], dict(zip(fields[::2], fields[1::2]))))
+            counts[flat[i]] = flat[i + 1]
+        return ("(" + last.decode() if last else None), entries, counts, lost
 
     async def write_results(self, items: list[tuple[str, str]], ttl_s: int, maxlen: int) -> list[int]:
         keys = [self.n.results] + [self.n.result(rid) for rid, _ in items]

@@ -64,9 +64,11 @@ class QueueWorker:
             if await self._redis(self.ops.ensure_group):
                 self.counters.groups_created += 1
             self.state = "running"
-            await self._drain_own()
+            await self._claim(self.cfg.name, 0.0)
             await self._serve()
             self.state = "draining"
+            while self.solo:
+                await self._run_solo()
             await self._until(lambda: not self.active)
         finally:
             for t in background:
@@ -91,19 +93,25 @@ class QueueWorker:
     def room(self) -> int:
         return self.cfg.max_in_flight - len(self.active) - len(self.solo)
 
-    async def _drain_own(self) -> None:
-        """Entries delivered to this consumer name before a restart come back first (each delivery counted)."""
-        cursor = b"0"
-        while not self.stopping:
-            await self._until(lambda: self.stopping or self.room > 0)
-            entries = await self._redis(lambda: self.ops.read(cursor, self.room, None))
-            if not entries:
-                return
-            cursor = entries[-1][0]
-            await self._admit(entries, fresh=False)
+    async def _claim(self, owner: str, min_idle_s: float) -> None:
+        """Take over pending entries: this consumer's own from before a restart (owner=name, any idle time), or
+        any consumer's idle ones (owner=''). Each claim counts as a delivery."""
+        start = "-"
+        while start and self.room > 0 and not self.stopping:
+            last_chance = not self.active and not self.solo
+            start, entries, counts, lost = await self._redis(lambda: self.ops.claim(
+                int(min_idle_s * 1000), start, self.room, self.cfg.max_deliveries, last_chance, owner))
+            for entry_id in lost:
+                self.active.add(entry_id)
+                self.counters.lost += 1
+                self.done.put_nowait(("dead", entry_id, self._lost_letter(entry_id)))
+            if entries:
+                self.counters.reclaimed += len(entries) if not owner else 0
+                log.info("claimed %d pending entries%s", len(entries), " of this consumer" if owner else "")
+                await self._admit(entries, counts)
 
     async def _serve(self) -> None:
-        next_claim = 0.0
+        self._next_claim = 0.0
         while not self.stopping:
             if self.solo:
                 await self._run_solo()
@@ -112,43 +120,26 @@ class QueueWorker:
             if self.stopping:
                 return
             now = time.monotonic()
-            if now >= next_claim:
-                next_claim = now + self.cfg.claim_idle_s / 2
-                await self._reclaim()
+            if now >= self._next_claim:
+                self._next_claim = now + self.cfg.claim_idle_s / 2
+                await self._claim("", self.cfg.claim_idle_s)
                 continue
             block = min(self.cfg.block_ms, 200 if self.cfg.until_empty else self.cfg.block_ms,
-                        max(1, int((next_claim - now) * 1000)))
+                        max(1, int((self._next_claim - now) * 1000)))
             entries = await self._redis(lambda: self.ops.read(">", min(self.room, self.cfg.read_count), block))
             if entries:
-                await self._admit(entries, fresh=True)
+                await self._admit(entries, {})
             elif self.cfg.until_empty and not self.active and not self.solo:
                 if await self._redis(self.ops.pending_total) == 0:
                     return
-
-    async def _reclaim(self) -> None:
-        cursor = b"0-0"
-        while self.room > 0 and not self.stopping:
-            idle_ms = int(self.cfg.claim_idle_s * 1000)
-            cursor, entries, deleted = await self._redis(
-                lambda: self.ops.autoclaim(idle_ms, cursor, self.room))
-            for entry_id in deleted:  # XAUTOCLAIM already dropped them from the PEL
-                self.active.add(entry_id)
-                self.counters.lost += 1
-                self.done.put_nowait(("dead", entry_id, self._lost_letter(entry_id)))
-            if entries:
-                self.counters.reclaimed += len(entries)
-                log.info("reclaimed %d idle entries", len(entries))
-                await self._admit(entries, fresh=False)
-            if cursor in (b"0-0", "0-0"):
-                return
 
     def _lost_letter(self, entry_id: bytes) -> dict:
         return dead_letter(entry_id, None, "lost: the entry was trimmed from the stream while pending, before "
                            "its result was written", 0, self.cfg.name)
 
-    async def _admit(self, entries, fresh: bool) -> None:
+    async def _admit(self, entries, counts: dict[bytes, int]) -> None:
+        """counts: delivery counts (new entries, absent here, are on their first)."""
         entries = [(i, f) for i, f in entries if i not in self.active and all(j.entry_id != i for j in self.solo)]
-        counts = {} if fresh else await self._redis(lambda: self.ops.deliveries([i for i, _ in entries]))
         for i, _ in entries:
             self.active.add(i)
         runnable, finished = await admit_entries(self, entries, counts)
@@ -164,15 +155,15 @@ class QueueWorker:
                 task.add_done_callback(self._tasks.discard)
 
     async def _run_solo(self) -> None:
-        await self._until(lambda: self.stopping or not self.active)
-        if self.stopping:
-            return
+        """A claimed last-chance entry runs even when stopping: its delivery is already counted."""
+        await self._until(lambda: not self.active)
         job = self.solo.popleft()
         self.active.add(job.entry_id)
         log.info("running entry %s alone (delivery %d of %d)", job.entry_id.decode(), job.deliveries,
                  self.cfg.max_deliveries)
         await self._run(job)
         await self._until(lambda: not self.active)
+        self._next_claim = 0.0  # more last-chance entries may wait, one per claim
 
     # ---- running ------------------------------------------------------------------------------------------------
     async def _run(self, job: Job) -> None:
