@@ -80,10 +80,11 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                batch.append(ScheduledSeq(seq, n))
+                self._take(batch, seq, n)
                 budget -= n
         # 2. admit waiting sequences while there is room (never preempting for them; a small watermark of free
-        #    blocks keeps running sequences from being preempted right after an admission)
+        #    blocks keeps running sequences from being preempted right after an admission, and is not needed
+        #    when none run: else a request needing the whole pool would never start)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self._needs_long(seq) and not seq.rope_long:
@@ -91,7 +92,8 @@ class Scheduler:
                 self.blocks.forget_hashes(seq)
             hits = self.blocks.start(seq)
             n = min(seq.num_pending, budget)
-            if not self.blocks.ensure(seq, seq.num_computed + n, reserve=self.watermark):
+            reserve = self.watermark if self.running else 0
+            if not self.blocks.ensure(seq, seq.num_computed + n, reserve=reserve):
                 self.blocks.release(seq)
                 seq.reset_cache_state()
                 break
@@ -99,12 +101,16 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            batch.append(ScheduledSeq(seq, n))
+            self._take(batch, seq, n)
             budget -= n
-        # blocks filled by this step are shareable now: every layer writes the whole step's keys before any read
-        for item in batch:
-            self.blocks.commit(item.seq, item.seq.num_computed + item.num_tokens)
         return batch
+
+    def _take(self, batch: list[ScheduledSeq], seq: Sequence, n: int) -> None:
+        batch.append(ScheduledSeq(seq, n))
+        # The blocks this step fills are shareable at once, by sequences admitted later in this same step: every
+        # layer writes the whole step's keys before any read. (Preemption happens only before this point for a
+        # sequence, so a registered block always gets its keys.)
+        self.blocks.commit(seq, seq.num_computed + n)
 
     def after_step(self, batch: list[ScheduledSeq]) -> None:
         for item in batch:
