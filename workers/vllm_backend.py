@@ -21,6 +21,7 @@ max to get the native (and HF) results for short sequences, at the cost of refus
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -195,7 +196,12 @@ class VLLMBackend(EngineBackend):
     async def close(self) -> None:
         engine, self.engine = self.engine, None
         if engine is not None:
+            handler = getattr(engine, "output_handler", None)
+            if handler is not None:  # stop reading outputs first, or it reports the engine core's exit as a crash
+                handler.cancel()
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+            del engine
+            gc.collect()  # AsyncLLM.__del__ shuts down again; let it run now, not at interpreter exit
         if self._generation_dir:
             shutil.rmtree(self._generation_dir, ignore_errors=True)
             self._generation_dir = None

@@ -1,0 +1,166 @@
+"""The vllm backend on the session's engine: vLLM builds our registered class, its greedy tokens equal Hugging Face
+transformers' (the reference, decoding by full recompute), and per-request stops, lengths and seeds behave as
+`SamplingParams` specifies. Expected tokens and texts come from the HF model and the tokenizer, never from vLLM."""
+from __future__ import annotations
+
+import pytest
+
+from phi3_model.engine.sampling_params import RequestError, SamplingParams
+from phi3_model.vllm_registry import ARCH
+from tests.fixtures.vllm_engine import HFReference, mixed_prompts
+
+pytestmark = pytest.mark.vllm
+
+NEW = 24
+GREEDY = dict(temperature=0.0, ignore_eos=True, max_new_tokens=NEW)
+
+
+@pytest.fixture(scope="module")
+def hf(vllm_model_dir):
+    pytest.importorskip("transformers")
+    return HFReference(vllm_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(vllm_backend):
+    return mixed_prompts(vllm_backend.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def reference(hf, prompts):
+    return [hf.greedy(p, NEW) for p in prompts]
+
+
+def run(loop, backend, prompts, **params):
+    return loop.gather([backend.generate(p, SamplingParams(**params)) for p in prompts])
+
+
+def visible_text(tokenizer, ids):
+    """The text rule: <s>, <|endoftext|> and padding dropped, every other special token kept."""
+    hidden = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return tokenizer.decode([t for t in ids if t not in hidden])
+
+
+def test_vllm_instantiates_our_registered_class(vllm_loop, vllm_backend):
+    assert vllm_backend.engine.model_config.architectures == [ARCH]
+    (tree,) = vllm_loop.run(vllm_backend.engine.collective_rpc("get_model_inspection"))  # built in the worker
+    assert tree.splitlines()[0].startswith(f"{ARCH}(")
+    assert "Phi3BatchDecoderLayer" in tree and "Llama" not in tree
+
+
+def test_greedy_tokens_equal_transformers_for_mixed_length_prompts(vllm_loop, vllm_backend, prompts, reference):
+    assert len(prompts) >= 16 and len({len(p) for p in prompts}) >= 16
+    outs = run(vllm_loop, vllm_backend, prompts, **GREEDY)
+    for p, out, ref in zip(prompts, outs, reference):
+        assert out.token_ids == ref, f"prompt of {len(p)} tokens"
+        assert (out.finish_reason, out.stop_reason, out.completion_tokens, out.prompt_tokens) == (
+            "length", None, NEW, len(p))
+        assert out.text == visible_text(vllm_backend.tokenizer, ref)
+
+
+def test_stop_token_id_ends_generation_and_is_kept(vllm_loop, vllm_backend, prompts, reference):
+    cases = [(p, ref, ref[NEW // 2]) for p, ref in zip(prompts[:8], reference[:8])]
+    outs = vllm_loop.gather([vllm_backend.generate(p, SamplingParams(**GREEDY, stop_token_ids=(t,)))
+                             for p, _, t in cases])
+    for (p, ref, t), out in zip(cases, outs):
+        want = ref[:ref.index(t) + 1]
+        assert out.token_ids == want
+        assert (out.finish_reason, out.stop_reason) == ("stop", t)
+        assert out.text == visible_text(vllm_backend.tokenizer, want)
+
+
+def stop_string_case(tokenizer, ref):
+    """A 3-character string of the reference text, with the text before it and the tokens that complete it."""
+    full = visible_text(tokenizer, ref)
+    for i in range(2, len(full) - 3):
+        s = full[i:i + 3]
+        if "\ufffd" in s or not s.isprintable():
+            continue
+        m = next(m for m in range(1, len(ref) + 1) if s in visible_text(tokenizer, ref[:m]))
+        if not visible_text(tokenizer, ref[:m]).endswith("\ufffd"):
+            return s, full[:full.index(s)], ref[:m]
+    return None
+
+
+def test_stop_string_cuts_the_text_and_keeps_the_tokens(vllm_loop, vllm_backend, prompts, reference):
+    tok = vllm_backend.tokenizer
+    cases = [(p, c) for p, ref in zip(prompts, reference) if (c := stop_string_case(tok, ref))][:8]
+    assert len(cases) >= 4
+    outs = vllm_loop.gather([vllm_backend.generate(p, SamplingParams(**GREEDY, stop=("\x00never", s)))
+                             for p, (s, _, _) in cases])
+    for (p, (s, text, ids)), out in zip(cases, outs):
+        assert (out.finish_reason, out.stop_reason) == ("stop", s)
+        assert out.text == text
+        assert out.token_ids == ids
+
+
+def find_prompt_before(hf, token: int, length: int = 4, tries: int = 2048) -> list[int]:
+    """A prompt whose greedy next token (by the reference) is `token`."""
+    torch = hf.torch
+    ids = torch.randint(3, 400, (tries, length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        nxt = hf.model(ids, use_cache=False).logits[:, -1].argmax(-1)
+    hits = (nxt == token).nonzero().flatten().tolist()
+    assert hits, f"no {length}-token prompt among {tries} leads to token {token}; change the seed"
+    return ids[hits[0]].tolist()
+
+
+def test_model_end_token_stops_unless_ignore_eos(vllm_loop, vllm_backend, hf):
+    eos = vllm_backend.model_config.eos_token_id
+    p = find_prompt_before(hf, eos)
+    stopped, ignored = vllm_loop.gather([
+        vllm_backend.generate(p, SamplingParams(temperature=0.0, max_new_tokens=8)),
+        vllm_backend.generate(p, SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True))])
+    assert (stopped.token_ids, stopped.text, stopped.finish_reason, stopped.stop_reason) == ([eos], "", "stop", eos)
+    assert ignored.token_ids == hf.greedy(p, 8) and ignored.token_ids[0] == eos
+    assert ignored.finish_reason == "length"
+
+
+def test_min_new_tokens_masks_stop_tokens_until_reached(vllm_loop, vllm_backend, prompts, reference, hf):
+    p, ref = prompts[5], reference[5]
+    t = ref[1]
+    want = hf.greedy(p, 16, banned=(t,), banned_steps=6)
+    want = want[:want.index(t) + 1] if t in want else want
+    out = vllm_loop.run(vllm_backend.generate(p, SamplingParams(
+        temperature=0.0, ignore_eos=True, max_new_tokens=16, min_new_tokens=6, stop_token_ids=(t,))))
+    assert out.token_ids == want and t not in out.token_ids[:6]
+
+
+def test_context_length_ends_generation(vllm_loop, vllm_backend, hf):
+    p = mixed_prompts(vllm_backend.tokenizer, lengths=(505,), seed=1)[0]
+    out = vllm_loop.run(vllm_backend.generate(p, SamplingParams(**{**GREEDY, "max_new_tokens": 20})))
+    assert out.token_ids == hf.greedy(p, 7) and out.finish_reason == "length"  # 505 + 7 = max_model_len 512
+
+
+def test_invalid_requests_fail_alone_with_errors_naming_the_input(vllm_loop, vllm_backend, prompts, reference):
+    vocab = vllm_backend.model_config.vocab_size
+
+    async def one(ids):
+        try:
+            return await vllm_backend.generate(ids, SamplingParams(**GREEDY))
+        except RequestError as e:
+            return e
+    empty, outside, too_long, good = vllm_loop.gather([one([]), one([5, vocab]), one([5] * 512), one(prompts[3])])
+    assert isinstance(empty, RequestError) and "empty" in str(empty)
+    assert isinstance(outside, RequestError) and f"token id {vocab}" in str(outside)
+    assert isinstance(too_long, RequestError) and "512 tokens" in str(too_long)
+    assert good.token_ids == reference[3]
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(vllm_loop, vllm_backend, prompts, reference):
+    k1, p_small = vllm_loop.gather([
+        vllm_backend.generate(prompts[7], SamplingParams(temperature=1.0, top_k=1, max_new_tokens=NEW,
+                                                          ignore_eos=True, seed=1)),
+        vllm_backend.generate(prompts[8], SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=NEW,
+                                                          ignore_eos=True, seed=1))])
+    assert k1.token_ids == reference[7] and p_small.token_ids == reference[8]
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(vllm_loop, vllm_backend, prompts, reference):
+    sampled = dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=NEW, ignore_eos=True)
+    alone = vllm_loop.run(vllm_backend.generate(prompts[4], SamplingParams(**sampled, seed=7)))
+    batch = run(vllm_loop, vllm_backend, [prompts[4]] * 4, **sampled, seed=7)
+    other = vllm_loop.run(vllm_backend.generate(prompts[4], SamplingParams(**sampled, seed=8)))
+    assert all(b.token_ids == alone.token_ids for b in batch)
+    assert other.token_ids != alone.token_ids
+    assert alone.token_ids != reference[4]  # it did sample

@@ -1,0 +1,80 @@
+"""How vLLM finds this project's Phi-3 class, and how the vllm backend validates its options (no engine started)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from workers.backend import BackendConfig, create_backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_importing_phi3_model_never_imports_vllm():
+    code = ("import sys, phi3_model, phi3_model.config, phi3_model.model, phi3_model.checkpoint, "
+            "phi3_model.tokenizer, phi3_model.presets, phi3_model.engine, phi3_model.vllm_registry\n"
+            "loaded = sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.'))\n"
+            "assert not loaded, loaded")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+def test_entry_point_declared_for_vllm_general_plugins():
+    from importlib.metadata import entry_points
+
+    from phi3_model.vllm_registry import register
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "phi3_batch"]
+    assert eps, "phi3-batch is not installed (scripts/setup.sh installs it editable): no 'phi3_batch' entry point"
+    assert eps[0].value == "phi3_model.vllm_registry:register"
+    assert eps[0].load() is register
+
+
+@pytest.mark.vllm
+def test_register_is_lazy_idempotent_and_resolves_our_own_class():
+    pytest.importorskip("vllm")
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+    from vllm.model_executor.models.phi3 import Phi3ForCausalLM as VLLMPhi3
+
+    from phi3_model.vllm_registry import ARCH, register
+    register()
+    first = ModelRegistry.models[ARCH]
+    register()
+    assert ModelRegistry.models[ARCH] is first  # a second call leaves the registration alone
+    assert (first.module_name, first.class_name) == ("phi3_model.vllm_model", "Phi3BatchForCausalLM")  # lazy form
+
+    cls = first.load_model_cls()
+    from phi3_model.vllm_model import Phi3BatchForCausalLM
+    assert cls is Phi3BatchForCausalLM
+    assert not issubclass(cls, (VLLMPhi3, LlamaForCausalLM))
+    assert "Phi3ForCausalLM" in ModelRegistry.get_supported_archs()  # vLLM's own class stays available
+
+
+def test_unknown_option_is_an_error_naming_it_and_the_allowed_ones():
+    with pytest.raises(ValueError) as e:
+        create_backend(BackendConfig(name="vllm", model="x", options={"gpu_mem": 0.5}))
+    msg = str(e.value)
+    assert "'gpu_mem'" in msg
+    for allowed in ("gpu_memory_utilization", "max_num_seqs", "tensor_parallel_size", "enforce_eager",
+                    "kv_cache_space_gib", "max_model_len"):
+        assert allowed in msg
+
+
+def test_option_values_are_validated():
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        create_backend(BackendConfig(name="vllm", model="x", options={"gpu_memory_utilization": 1.5}))
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        create_backend(BackendConfig(name="vllm", model="x", options={"max_num_seqs": 0}))
+
+
+def test_known_options_pass_through_without_starting_an_engine():
+    from workers.vllm_backend import VLLMBackend
+    b = create_backend(BackendConfig(name="vllm", model="x", options={
+        "gpu_memory_utilization": 0.5, "max_num_seqs": 8, "tensor_parallel_size": 2, "enforce_eager": True,
+        "kv_cache_space_gib": 1.5, "max_model_len": 1024}))
+    assert isinstance(b, VLLMBackend) and b.engine is None
+    assert (b.options.gpu_memory_utilization, b.options.max_num_seqs, b.options.tensor_parallel_size,
+            b.options.enforce_eager, b.options.kv_cache_space_gib, b.options.max_model_len) == (0.5, 8, 2, True, 1.5,
+                                                                                                 1024)
