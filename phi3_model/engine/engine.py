@@ -102,6 +102,9 @@ class Engine:
         bad = [t for t in req.prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        bad = [t for t in req.params.stop_token_ids if t >= vocab]
+        if bad:
+            raise RequestError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab})")
         if n >= self.max_model_len:
             raise RequestError(f"prompt has {n} tokens, model context is {self.max_model_len} "
                                f"(at most {self.max_model_len - 1} prompt tokens leave room for one new token)")

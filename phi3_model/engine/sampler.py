@@ -27,9 +27,12 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits [S, V] float32, one row per sequence -> next token ids."""
-    for i, seq in enumerate(seqs):
-        if seq.num_generated < seq.params.min_new_tokens and seq.stopper.stop_ids:
-            logits[i, list(seq.stopper.stop_ids)] = float("-inf")
+    early = [(i, list(seq.stopper.stop_ids)) for i, seq in enumerate(seqs)
+             if seq.num_generated < seq.params.min_new_tokens and seq.stopper.stop_ids]
+    if early:
+        logits = logits.clone()  # the runner's logits are inference-mode tensors: no in-place edits outside it
+        for i, ids in early:
+            logits[i, ids] = float("-inf")
     out = logits.argmax(-1).tolist()
     for i, seq in enumerate(seqs):
         p = seq.params

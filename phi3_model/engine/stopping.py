@@ -6,7 +6,7 @@ are cut from the text; the tokens stay.
 """
 from __future__ import annotations
 
-from .sampling_params import Completion, SamplingParams
+from .sampling_params import Completion, RequestError, SamplingParams
 
 
 def visible_ids(tokenizer) -> callable:
@@ -22,7 +22,8 @@ class Stopper:
     def __init__(self, params: SamplingParams, eos_token_id: int | None, tokenizer=None,
                  max_total_tokens: int | None = None, prompt_len: int = 0):
         if params.stop and tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this engine was built without one")
+            raise RequestError(f"stop strings {list(params.stop)} need a tokenizer; this engine was built without "
+                               f"one (use stop_token_ids)")
         self.params = params
         self.tokenizer = tokenizer
         self.stop_ids = set(params.stop_token_ids)
@@ -36,7 +37,7 @@ class Stopper:
         self.text: str | None = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self._scan_from = 0  # text offset before which no stop string can start
+        self._scan_from = 0  # text length before the newest token: a stop string must end after it
 
     @property
     def finished(self) -> bool:
@@ -46,6 +47,9 @@ class Stopper:
         """Record one generated token; True when the request is finished."""
         self.token_ids.append(token)
         n = len(self.token_ids)
+        if self.params.stop and n == self.params.min_new_tokens > 1:
+            # strings completed inside the first min_new_tokens - 1 tokens do not count
+            self._scan_from = len(decode_completion(self.tokenizer, self.token_ids[:-1]))
         if n >= self.params.min_new_tokens:
             if token in self.stop_ids:
                 self.finish_reason, self.stop_reason = "stop", token
@@ -61,11 +65,9 @@ class Stopper:
         text = decode_completion(self.tokenizer, self.token_ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
             return False
-        longest = max(len(s) for s in self.params.stop)
-        start = max(0, self._scan_from - longest + 1)
         best = None
         for s in self.params.stop:
-            i = text.find(s, start)
+            i = text.find(s, max(0, self._scan_from - len(s) + 1))  # first match ending in the new text
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         self._scan_from = len(text)
