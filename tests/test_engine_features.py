@@ -1,0 +1,267 @@
+"""Engine features, each checked against Hugging Face transformers' greedy tokens (fp32) on the tiny checkpoint:
+per-request stop token ids and stop strings, min_new_tokens, ignore_eos, preemption, prefix caching, chunked
+prefill, and requests that cannot run (which fail alone).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from phi3_model.checkpoint import load_checkpoint
+from phi3_model.engine import Engine, Request, RequestError, SamplingParams
+from phi3_model.tokenizer import Phi3Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+N = 32  # new tokens per reference
+LENGTHS = [12, 30, 5, 21, 40, 9, 17, 26]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: threads only add contention on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def greedy(n: int = N, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, **{"ignore_eos": True, **kw})
+
+
+def prompts(lengths, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 400, (n,), generator=g).tolist() for n in lengths]
+
+
+class Reference:
+    """HF greedy generate on a left-padded batch (positions follow the attention mask)."""
+
+    def __init__(self, directory: str):
+        self.hf = transformers.Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+        self.hf.generation_config.eos_token_id = None
+
+    @torch.no_grad()
+    def __call__(self, batch: list[list[int]], n: int = N, **generate_kw) -> list[list[int]]:
+        T = max(len(p) for p in batch)
+        ids = torch.tensor([[0] * (T - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in batch])
+        out = self.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                               pad_token_id=0, **generate_kw)
+        return [row[T:][:self._stop_len(row[T:], generate_kw.get("eos_token_id"))] for row in out.tolist()]
+
+    @staticmethod
+    def _stop_len(row, eos):
+        return row.index(eos) + 1 if eos is not None and eos in row else len(row)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    ref = Reference(tiny_model_dir)
+    batch = prompts(LENGTHS, seed=11)
+    want = ref(batch)
+    assert len({tuple(w) for w in want}) == len(batch)
+    return dict(dir=tiny_model_dir, ref=ref, batch=batch, want=want, model=load_checkpoint(tiny_model_dir),
+                tok=Phi3Tokenizer.from_dir(tiny_model_dir))
+
+
+def visible_text(tok, ids) -> str:
+    """KerasHub's output rule: drop <s>, <|endoftext|> and padding, keep every other token."""
+    return tok.decode([t for t in ids if t not in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)])
+
+
+def first_new(row: list[int], start: int = 3) -> tuple[int, int]:
+    """(index, token) of the first token at index >= start that does not occur before it."""
+    for j in range(start, len(row)):
+        if row[j] not in row[:j]:
+            return j, row[j]
+    raise AssertionError(f"no fresh token in {row}")
+
+
+# ---- stops ---------------------------------------------------------------------------------------------------------
+
+def test_per_request_stop_token_ids_end_generation_and_stay_as_the_last_token(tiny):
+    tok, batch, want = tiny["tok"], tiny["batch"], tiny["want"]
+    engine = Engine(tiny["model"], tok, block_size=8, num_blocks=256)
+    stops = [first_new(w, start=3 + i) for i, w in enumerate(want[:4])]  # different ids, different positions
+    reqs = [Request(p, greedy(stop_token_ids=(stops[i][1],)) if i < 4 else greedy()) for i, p in enumerate(batch)]
+    outs = engine.generate(reqs)
+    for i, out in enumerate(outs):
+        if i < 4:
+            j, t = stops[i]
+            assert out.token_ids == want[i][:j + 1] and out.token_ids[-1] == t
+            assert (out.finish_reason, out.stop_reason) == ("stop", t)
+            assert out.text == visible_text(tok, want[i][:j + 1])
+        else:
+            assert out.token_ids == want[i] and (out.finish_reason, out.stop_reason) == ("length", None)
+    assert engine.num_steps <= N
+
+
+def test_the_models_eos_stops_unless_ignore_eos(tiny):
+    j, t = first_new(tiny["want"][3], start=5)
+    model = load_checkpoint(tiny["dir"])
+    model.config.eos_token_id = t  # the model's own end token, not a request's
+    hf_stopped = tiny["ref"]([tiny["batch"][3]], eos_token_id=t)[0]
+    assert hf_stopped == tiny["want"][3][:j + 1]
+    engine = Engine(model, block_size=8, num_blocks=256)
+    stopped, ignored = engine.generate([Request(tiny["batch"][3], SamplingParams(max_new_tokens=N, temperature=0)),
+                                        Request(tiny["batch"][3], greedy(ignore_eos=True))])
+    assert stopped.token_ids == hf_stopped and (stopped.finish_reason, stopped.stop_reason) == ("stop", t)
+    assert ignored.token_ids == tiny["want"][3] and ignored.finish_reason == "length"
+
+
+def test_min_new_tokens_masks_stop_ids_like_hf(tiny):
+    row = tiny["want"][4]
+    j, t = first_new(row, start=2)
+    m = j + 3
+    hf_min = tiny["ref"]([tiny["batch"][4]], eos_token_id=t, min_new_tokens=m)[0]
+    assert hf_min != row[:j + 1]  # without min_new_tokens it would stop at token j
+    engine = Engine(tiny["model"], block_size=8, num_blocks=256)
+    out = engine.generate([Request(tiny["batch"][4], greedy(stop_token_ids=(t,), min_new_tokens=m))])[0]
+    assert out.token_ids == hf_min
+    assert t not in out.token_ids[:m]
+    assert out.finish_reason == ("stop" if hf_min[-1] == t else "length")
+
+
+def completes_at(tok, row, s: str, occurrence: int = 1) -> int:
+    """Number of tokens after which the decoded text first holds `occurrence` copies of s."""
+    return next(k for k in range(1, len(row) + 1) if visible_text(tok, row[:k]).count(s) >= occurrence)
+
+
+def pick_stop_string(tok, rows) -> tuple[int, str]:
+    """(row, string): an ASCII word that the reference emits twice, the first time after a few tokens."""
+    for i, row in enumerate(rows):
+        text = visible_text(tok, row)
+        for word in text.split(" "):
+            s = " " + word[:5]
+            if len(word) >= 5 and word[:5].isascii() and word[:5].isalnum() and text.count(s) >= 2 \
+                    and completes_at(tok, row, s) >= 4:
+                return i, s
+    raise AssertionError("no repeated ASCII word in the references")
+
+
+def test_stop_strings_cut_the_text_before_the_match_and_keep_the_tokens(tiny):
+    tok, want = tiny["tok"], tiny["want"]
+    i, s = pick_stop_string(tok, want)
+    k = completes_at(tok, want[i], s)
+    full = visible_text(tok, want[i])
+    engine = Engine(tiny["model"], tok, block_size=8, num_blocks=256)
+    out, other = engine.generate([Request(tiny["batch"][i], greedy(stop=("never-emitted", s))),
+                                  Request(tiny["batch"][(i + 1) % 8], greedy())])
+    assert (out.finish_reason, out.stop_reason) == ("stop", s)
+    assert out.token_ids == want[i][:k]
+    assert out.text == full[:full.index(s)] and s not in out.text
+    assert other.token_ids == want[(i + 1) % 8] and other.finish_reason == "length"
+
+
+def test_min_new_tokens_delays_stop_strings_past_an_early_match(tiny):
+    tok, want = tiny["tok"], tiny["want"]
+    i, s = pick_stop_string(tok, want)
+    k1, k2 = completes_at(tok, want[i], s), completes_at(tok, want[i], s, occurrence=2)
+    full = visible_text(tok, want[i])
+    second = full.index(s, full.index(s) + 1)
+    engine = Engine(tiny["model"], tok, block_size=8, num_blocks=256)
+    out = engine.generate([Request(tiny["batch"][i], greedy(stop=(s,), min_new_tokens=k1 + 1))])[0]
+    assert (out.finish_reason, out.stop_reason) == ("stop", s)
+    assert out.token_ids == want[i][:k2]  # the first match completed before min_new_tokens: it does not count
+    assert out.text == full[:second]
+
+
+# ---- scheduling ----------------------------------------------------------------------------------------------------
+
+def test_preemption_under_a_tiny_block_budget_gives_identical_outputs(tiny):
+    engine = Engine(tiny["model"], block_size=8, num_blocks=12)  # 96 tokens for 8 requests of up to 72
+    outs = engine.generate([Request(p, greedy()) for p in tiny["batch"]])
+    assert engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == tiny["want"]
+    assert engine.blocks.num_free == 12 and engine.blocks.ref == [0] * 12
+
+
+def test_chunked_prefill_with_a_small_token_budget_gives_identical_outputs(tiny):
+    engine = Engine(tiny["model"], block_size=8, num_blocks=256, max_num_batched_tokens=7)
+    outs = engine.generate([Request(p, greedy()) for p in tiny["batch"]])
+    assert [o.token_ids for o in outs] == tiny["want"]
+    assert engine.num_steps >= sum(LENGTHS) // 7
+
+
+def test_prefix_cache_hits_give_identical_outputs_and_skip_exactly_the_shared_blocks(tiny):
+    bs, k, n = 8, 3, 6
+    system = prompts([k * bs], seed=12)[0]
+    suffixes = prompts([1, 9, 4, 15, 7, 2], seed=13)
+    batch = [system + s for s in suffixes]
+    assert len({s[0] for s in suffixes}) == len(suffixes)  # no block beyond the prefix is shared
+    want = tiny["ref"](batch, n)
+    total = sum(len(p) for p in batch)
+    decode = len(batch) * (n - 1)  # the first new token of each comes from its prefill
+    for caching, computed in ((True, total - (len(batch) - 1) * k * bs + decode), (False, total + decode)):
+        engine = Engine(tiny["model"], block_size=bs, num_blocks=256, enable_prefix_caching=caching)
+        outs = engine.generate([Request(p, greedy(n)) for p in batch])
+        assert [o.token_ids for o in outs] == want, f"prefix caching {caching}"
+        assert engine.num_computed_tokens == computed, f"prefix caching {caching}"
+        assert engine.num_steps == n  # one batch
+    # a later batch hits the blocks its finished predecessors left: each prompt's full blocks, last token excepted
+    engine = Engine(tiny["model"], block_size=bs, num_blocks=256)
+    engine.generate([Request(p, greedy(n)) for p in batch])
+    before = engine.num_computed_tokens
+    outs = engine.generate([Request(p, greedy(n)) for p in batch])
+    assert [o.token_ids for o in outs] == want
+    assert engine.num_computed_tokens - before == sum(len(p) - (len(p) - 1) // bs * bs for p in batch) + decode
+
+
+# ---- requests that cannot run ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("max_new_tokens", -1), ("max_new_tokens", 0), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5),
+    ("top_k", -1), ("min_new_tokens", -2), ("seed", -1), ("stop_token_ids", (5, -3)), ("stop", ("",)),
+])
+def test_invalid_sampling_params_name_the_field(field, value):
+    with pytest.raises(ValidationError) as e:
+        SamplingParams(**{field: value})
+    assert field in str(e.value)
+
+
+def test_min_new_tokens_above_max_new_tokens_is_refused_naming_both():
+    with pytest.raises(ValidationError) as e:
+        SamplingParams(max_new_tokens=4, min_new_tokens=9)
+    assert "min_new_tokens" in str(e.value) and "max_new_tokens" in str(e.value)
+
+
+def test_unknown_sampling_field_is_refused_by_name():
+    with pytest.raises(ValidationError) as e:
+        SamplingParams(max_tokens=5)
+    assert "max_tokens" in str(e.value)
+
+
+def test_prompts_too_long_for_the_context_fail_alone(tiny):
+    engine = Engine(tiny["model"], block_size=8, num_blocks=256, max_model_len=64)
+    long, edge = prompts([64, 63], seed=14)
+    with pytest.raises(RequestError, match="64 tokens.*context is 64"):
+        engine.add_request(Request(long, greedy()))
+    outs = engine.generate([Request(tiny["batch"][0], greedy()), Request(long, greedy()),
+                            Request(edge, greedy()), Request([], greedy()), Request([5, 448], greedy())])
+    assert outs[0].token_ids == tiny["want"][0]
+    assert outs[1].finish_reason == "error" and "64 tokens" in outs[1].error and outs[1].token_ids == []
+    assert outs[2].token_ids == tiny["ref"]([edge], 1)[0] and outs[2].finish_reason == "length"  # context full
+    assert outs[3].finish_reason == "error" and "empty" in outs[3].error
+    assert outs[4].finish_reason == "error" and "448" in outs[4].error
+
+
+def test_a_request_larger_than_the_whole_kv_pool_fails_alone(tiny):
+    engine = Engine(tiny["model"], block_size=8, num_blocks=8)  # 64 tokens
+    big = Request(tiny["batch"][1], greedy(40))  # 30 + 40 tokens
+    outs = engine.generate([Request(tiny["batch"][0], greedy()), big, Request(tiny["batch"][2], greedy())])
+    assert outs[1].finish_reason == "error" and "70 tokens" in outs[1].error and "64" in outs[1].error
+    assert [outs[0].token_ids, outs[2].token_ids] == [tiny["want"][0], tiny["want"][2]]
+
+
+def test_bad_stop_settings_fail_alone(tiny):
+    engine = Engine(tiny["model"], block_size=8, num_blocks=256)  # no tokenizer: no stop strings
+    outs = engine.generate([Request(tiny["batch"][0], greedy(stop=("x",))),
+                            Request(tiny["batch"][1], greedy(stop_token_ids=(448,), min_new_tokens=2)),
+                            Request(tiny["batch"][2], greedy())])
+    assert outs[0].finish_reason == "error" and "stop strings" in outs[0].error
+    assert outs[1].finish_reason == "error" and "448" in outs[1].error
+    assert outs[2].token_ids == tiny["want"][2]
