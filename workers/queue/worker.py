@@ -273,8 +273,8 @@ class QueueWorker:
                     log.warning("redis at %s: %s; retrying with backoff (at most %.1f s apart)",
                                 redact(self.cfg.url), redact(f"{type(e).__name__}: {e}"), self.cfg.backoff_max_s)
                 failing = True
-            except ResponseError as e:
-                if "NOGROUP" not in str(e):
+            except ResponseError as e:  # UNBLOCKED: the stream vanished under a blocking read
+                if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
                     raise
                 log.warning("consumer group %r of %r is gone (Redis restarted empty or was flushed); recreating it",
                             self.names.group, self.names.requests)

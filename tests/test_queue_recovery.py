@@ -1,0 +1,187 @@
+"""Scenarios 4, 5, 6, 8, 9, 10, 11 and 12 of shared/reference/queue.md with in-process workers on the native
+engine (tiny model) against the real Redis server, which the tests restart, flush, trim, or reach through a proxy
+that drops a connection. Each ends with the exactly-once audit."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.fixtures.redis_server import FaultProxy, audit, worker_config
+from workers.queue import QueueClient, QueueWorker
+
+
+def requests(n: int, hook: str | None = None, tag: str = "r", tokens: int = 3):
+    meta = {"metadata": {"_test": hook}} if hook else {}
+    return [{"id": f"{tag}{i}", "prompt_token_ids": [1, 5 + i % 50, 9], "max_new_tokens": tokens, **meta}
+            for i in range(n)]
+
+
+async def enqueue(url, prefix, reqs) -> list[tuple[str, str]]:
+    async with QueueClient(url, prefix) as client:
+        return await client.add(reqs)
+
+
+async def until(predicate, timeout: float, what: str):
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_4_redis_restart_with_persistence_loses_nothing(redis_server, redis_url, queue_prefix, queue_engine,
+                                                        monkeypatch):
+    monkeypatch.setenv("PHI3_BATCH_TEST_HOOKS", "1")
+    r = redis_server.client()
+
+    async def go():
+        ids = [i for i, _ in await enqueue(redis_url, queue_prefix, requests(10, hook="sleep:1"))]
+        worker = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, until_empty=False))
+        serving = asyncio.create_task(worker.run())
+        await until(lambda: len(worker.active) == 10, 60, "10 requests held")
+        await asyncio.to_thread(redis_server.restart, True, 1.0)  # down for 1 s; AOF flushed on SHUTDOWN
+        async with QueueClient(redis_url, queue_prefix) as client:
+            got = await client.results(ids, timeout=60)
+        worker.stop()
+        return ids, got, await serving
+    ids, got, counters = asyncio.run(go())
+    assert all(got[i].status == "ok" for i in ids)
+    assert 0 < counters.reconnects < 60  # backed off, not spinning through the outage
+    assert counters.processed == 10 and counters.groups_created == 1  # the group came back from the AOF
+    audit(r, queue_prefix, ids)
+
+
+@pytest.mark.parametrize("how", ["restart_empty", "flushall"])
+def test_5_redis_restarted_empty_recreates_the_group_once_without_a_hot_loop(
+        redis_server, redis_url, queue_prefix, queue_engine, how):
+    async def go():
+        worker = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, until_empty=False))
+        serving = asyncio.create_task(worker.run())
+        first = [i for i, _ in await enqueue(redis_url, queue_prefix, requests(3, tag="a"))]
+        async with QueueClient(redis_url, queue_prefix) as client:
+            await client.results(first, timeout=60)
+        if how == "flushall":
+            redis_server.client().flushall()
+        else:
+            await asyncio.to_thread(redis_server.restart, False)
+        redis_server.client().config_resetstat()
+        await asyncio.sleep(2.0)
+        stats = redis_server.client().info("commandstats")
+        errors = redis_server.client().info("errorstats")
+        second = [i for i, _ in await enqueue(redis_url, queue_prefix, requests(3, tag="b"))]
+        async with QueueClient(redis_url, queue_prefix) as client:
+            await client.results(second, timeout=60)
+        worker.stop()
+        return second, stats, errors, await serving
+    second, stats, errors, counters = asyncio.run(go())
+    assert counters.groups_created == 2
+    assert stats["cmdstat_xreadgroup"]["calls"] < 60  # blocking reads of 100 ms, not a spin
+    assert errors.get("errorstat_NOGROUP", {"count": 0})["count"] <= 3  # one per task that noticed
+    audit(redis_server.client(), queue_prefix, second)
+
+
+def test_6_request_that_always_raises_is_dead_lettered_with_its_error_and_others_flow(
+        redis_server, redis_url, queue_prefix, queue_engine, monkeypatch):
+    monkeypatch.setenv("PHI3_BATCH_TEST_HOOKS", "1")
+    reqs = requests(6) + requests(1, hook="raise", tag="bad")
+    ids = [i for i, _ in asyncio.run(enqueue(redis_url, queue_prefix, reqs))]
+    counters = asyncio.run(QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, claim_idle_s=0.5)).run())
+    r = redis_server.client()
+    letters = [json.loads(f[b"letter"]) for _, f in r.xrange(f"{queue_prefix}:dead")]
+    assert [(d["id"], d["deliveries"]) for d in letters] == [("bad0", 3)]
+    assert "failed on each of 3 deliveries; last error: RuntimeError: test hook: raise" in letters[0]["error"]
+    assert counters.failed == 3 and counters.processed == 6 and r.hlen(f"{queue_prefix}:errors") == 0
+    audit(r, queue_prefix, ids)
+
+
+def test_8_heartbeat_keeps_a_batch_longer_than_the_idle_time_from_being_reclaimed(
+        redis_server, redis_url, queue_prefix, queue_engine, monkeypatch):
+    monkeypatch.setenv("PHI3_BATCH_TEST_HOOKS", "1")
+    r = redis_server.client()
+
+    async def go():
+        ids = [i for i, _ in await enqueue(redis_url, queue_prefix, requests(4, hook="sleep:3.5"))]
+        a = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, name="A", until_empty=False))
+        b = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, name="B", until_empty=False))
+        running_a = asyncio.create_task(a.run())
+        await until(lambda: len(a.active) == 4, 30, "A to hold the batch")
+        running_b = asyncio.create_task(b.run())
+        deliveries = []
+        for _ in range(30):  # 3 s, three times the claim idle time
+            await asyncio.sleep(0.1)
+            deliveries += [p["times_delivered"] for p in r.xpending_range(
+                f"{queue_prefix}:requests", f"{queue_prefix}:workers", "-", "+", 10)]
+        async with QueueClient(redis_url, queue_prefix) as client:
+            got = await client.results(ids, timeout=30)
+        a.stop(), b.stop()
+        return ids, got, deliveries, await running_a, await running_b
+    ids, got, deliveries, ca, cb = asyncio.run(go())
+    assert set(deliveries) == {1}
+    assert all(got[i].worker == "A" and got[i].deliveries == 1 for i in ids)
+    assert (ca.processed, ca.stolen, cb.reclaimed, cb.processed) == (4, 0, 0, 0)
+    audit(r, queue_prefix, ids)
+
+
+def test_9_two_reclaimers_over_many_stale_entries_process_each_once(redis_server, redis_url, queue_prefix,
+                                                                    queue_engine):
+    r = redis_server.client()
+    ids = [i for i, _ in asyncio.run(enqueue(redis_url, queue_prefix, requests(200, tokens=2)))]
+    r.xgroup_create(f"{queue_prefix}:requests", f"{queue_prefix}:workers", id="0")
+    stale = r.xreadgroup(f"{queue_prefix}:workers", "dead-worker", {f"{queue_prefix}:requests": ">"}, count=500)
+    assert len(stale[0][1]) == 200
+
+    async def go():
+        cfg = dict(claim_idle_s=0.3, max_in_flight=64)
+        a = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, name="A", **cfg))
+        b = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, name="B", **cfg))
+        return await asyncio.gather(a.run(), b.run())
+    ca, cb = asyncio.run(go())
+    assert ca.reclaimed + cb.reclaimed == 200 and ca.reclaimed > 0 and cb.reclaimed > 0
+    assert ca.processed + cb.processed == 200 and ca.duplicates == cb.duplicates == 0
+    audit(r, queue_prefix, ids)
+
+
+@pytest.mark.parametrize("owner", ["dead-worker", "w1"])  # another consumer's entries, or the worker's own
+def test_10_entries_trimmed_while_pending_are_reported_lost(redis_server, redis_url, queue_prefix, queue_engine,
+                                                            owner):
+    r = redis_server.client()
+    stream = f"{queue_prefix}:requests"
+    trimmed = asyncio.run(enqueue(redis_url, queue_prefix, requests(5, tag="t")))
+    r.xgroup_create(stream, f"{queue_prefix}:workers", id="0")
+    r.xreadgroup(f"{queue_prefix}:workers", owner, {stream: ">"}, count=5)
+    r.xtrim(stream, maxlen=0)  # e.g. producers pushing past MAXLEN while these were pending
+    fresh = asyncio.run(enqueue(redis_url, queue_prefix, requests(3, tag="f")))
+    counters = asyncio.run(QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, claim_idle_s=0.3)).run())
+    letters = {f[b"entry"].decode(): json.loads(f[b"letter"]) for _, f in r.xrange(f"{queue_prefix}:dead")}
+    assert sorted(letters) == sorted(e for _, e in trimmed)
+    assert all(d["error"].startswith("lost: the entry was trimmed") for d in letters.values())
+    assert counters.lost == 5 and counters.processed == 3
+    audit(r, queue_prefix, [i for i, _ in trimmed + fresh], entries={e: i for i, e in trimmed})
+
+
+def test_11_requests_enqueued_before_any_worker_or_group_existed_are_all_processed(
+        redis_server, redis_url, queue_prefix, queue_engine):
+    r = redis_server.client()
+    ids = [i for i, _ in asyncio.run(enqueue(redis_url, queue_prefix, requests(10)))]
+    assert r.xinfo_groups(f"{queue_prefix}:requests") == []
+    counters = asyncio.run(QueueWorker(queue_engine, worker_config(redis_url, queue_prefix)).run())
+    assert counters.processed == 10 and counters.groups_created == 1
+    audit(r, queue_prefix, ids)
+
+
+def test_12_transient_connection_error_on_xack_is_retried_without_double_processing(
+        redis_server, redis_url, queue_prefix, queue_engine):
+    proxy = FaultProxy(redis_server.port, "XACK", times=1)
+    try:
+        ids = [i for i, _ in asyncio.run(enqueue(redis_url, queue_prefix, requests(10)))]
+        counters = asyncio.run(QueueWorker(queue_engine, worker_config(proxy.url, queue_prefix)).run())
+    finally:
+        proxy.close()
+    assert proxy.dropped == 1 and counters.reconnects >= 1
+    assert (counters.processed, counters.duplicates, counters.skipped, counters.reclaimed) == (10, 0, 0, 0)
+    r = redis_server.client()
+    results = [json.loads(v) for v in r.mget([f"{queue_prefix}:result:{i}" for i in ids])]
+    assert all(v["deliveries"] == 1 and v["worker"] == "w1" for v in results)
+    audit(r, queue_prefix, ids)
