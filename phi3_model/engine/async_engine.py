@@ -37,6 +37,7 @@ class AsyncEngine:
 
     async def start(self) -> None:
         if self._thread is None:
+            self._stop = False  # a closed engine can be started again
             self._thread = threading.Thread(target=self._run, name="phi3-engine", daemon=True)
             self._thread.start()
 
@@ -114,5 +115,19 @@ class AsyncEngine:
                 self._seqs.pop(seq.seq_id, None)
                 if waiter is not None:
                     self._resolve(*waiter, result=self.engine.completion(seq))
-        for fut, loop in self._waiters.values():
-            self._resolve(fut, loop, error=RuntimeError("engine closed"))
+        self._fail_all(RuntimeError("engine closed"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Closing: every request in flight or still in the inbox gets `error`; the engine keeps none of them."""
+        for sid, (fut, loop) in self._waiters.items():
+            self._resolve(fut, loop, error=error)
+            self.engine.abort(self._seqs[sid])
+        self._waiters.clear()
+        self._seqs.clear()
+        while True:
+            try:
+                kind, a, b, c = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._resolve(b, c, error=error)
