@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from tests.fixtures.tiny import CORPUS
 
@@ -52,3 +55,17 @@ def read_outputs(directory: str, names=tuple(FILES)) -> list[dict]:
 
 def job(input: str, output: str, model: str, **kw) -> dict:
     return dict(input=input, output=output, model=model, dtype="float32", device="cpu", progress="off", **kw)
+
+
+def manifest_events(directory: str) -> list[dict]:
+    with open(os.path.join(directory, "_manifest.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    """The single-process API on the tiny model, greedy sampler (import this fixture into a test module)."""
+    from phi3_model.causal_lm import Phi3CausalLM
+    model = Phi3CausalLM.from_preset(tiny_model_dir, dtype="float32", device="cpu")
+    model.compile(sampler="greedy")
+    return model

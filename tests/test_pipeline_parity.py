@@ -16,18 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline
-from phi3_model.causal_lm import Phi3CausalLM
 from phi3_model.engine import Request, SamplingParams
-from tests.pipeline_helpers import FILES, PROMPTS, job, read_outputs, reference_generate, write_prompts
+from tests.pipeline_helpers import FILES, PROMPTS, job, lm, read_outputs, reference_generate, write_prompts  # noqa: F401
 
 NEW = 8
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir):
-    lm = Phi3CausalLM.from_preset(tiny_model_dir, dtype="float32", device="cpu")
-    lm.compile(sampler="greedy")
-    return lm
 
 
 @pytest.fixture(scope="module")
