@@ -4,12 +4,13 @@ that drops a connection. Each ends with the exactly-once audit."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 import pytest
 
 from tests.fixtures.redis_server import FaultProxy, audit, worker_config
-from workers.queue import QueueClient, QueueWorker
+from workers.queue import QueueClient, QueueWorker, scripts
 
 
 def requests(n: int, hook: str | None = None, tag: str = "r", tokens: int = 3):
@@ -173,7 +174,8 @@ def test_11_requests_enqueued_before_any_worker_or_group_existed_are_all_process
 
 def test_12_transient_connection_error_on_xack_is_retried_without_double_processing(
         redis_server, redis_url, queue_prefix, queue_engine):
-    proxy = FaultProxy(redis_server.port, "XACK", times=1)
+    ack_script = hashlib.sha1(scripts.ACK.encode()).hexdigest().encode()  # the worker's XACK + XDEL call
+    proxy = FaultProxy(redis_server.port, ack_script, times=1)
     try:
         ids = [i for i, _ in asyncio.run(enqueue(redis_url, queue_prefix, requests(10)))]
         counters = asyncio.run(QueueWorker(queue_engine, worker_config(proxy.url, queue_prefix)).run())

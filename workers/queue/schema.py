@@ -9,14 +9,16 @@ Parquet job's (greedy, 256 new tokens, stop_token_ids "auto" = the tokenizer's e
 from __future__ import annotations
 
 import dataclasses
+from operator import attrgetter
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
 
 from phi3_model.engine.sampling_params import SamplingParams
 from workers import rows
 
 SAMPLING_FIELDS = rows.OVERRIDES + ("min_new_tokens", "ignore_eos")
+_sampling_values = attrgetter(*SAMPLING_FIELDS)
 
 
 class Message(BaseModel):
@@ -33,7 +35,7 @@ class QueueRequest(BaseModel):
     id: str = Field(..., min_length=1, max_length=256)
     prompt: str | None = None
     messages: list[Message] | None = Field(None, min_length=1)
-    prompt_token_ids: list[int] | None = Field(None, min_length=1)
+    prompt_token_ids: list[NonNegativeInt] | None = Field(None, min_length=1)
     max_new_tokens: int | None = None
     temperature: float | None = None
     top_k: int | None = None
@@ -47,16 +49,18 @@ class QueueRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_input(self):
+        if (self.prompt is None) + (self.messages is None) + (self.prompt_token_ids is None) == 2:
+            return self
         given = [k for k in ("prompt", "messages", "prompt_token_ids") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"request {self.id!r}: give exactly one of prompt, messages, prompt_token_ids "
-                             f"(got {', '.join(given) or 'none'})")
-        if self.prompt_token_ids is not None and min(self.prompt_token_ids) < 0:
-            raise ValueError(f"request {self.id!r}: prompt_token_ids must be non-negative")
-        return self
+        raise ValueError(f"request {self.id!r}: give exactly one of prompt, messages, prompt_token_ids "
+                         f"(got {', '.join(given) or 'none'})")
 
     def sampling_key(self) -> tuple:
-        return tuple(tuple(v) if isinstance(v, list) else v for v in (getattr(self, k) for k in SAMPLING_FIELDS))
+        """The sampling fields, hashable (requests with equal keys share one SamplingParams)."""
+        values = _sampling_values(self)
+        if self.stop is None and not isinstance(self.stop_token_ids, list):
+            return values
+        return tuple(tuple(v) if isinstance(v, list) else v for v in values)
 
     @property
     def test_hook(self) -> str | None:

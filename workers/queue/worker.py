@@ -126,7 +126,9 @@ class QueueWorker:
                 continue
             block = min(self.cfg.block_ms, 200 if self.cfg.until_empty else self.cfg.block_ms,
                         max(1, int((self._next_claim - now) * 1000)))
-            entries = await self._redis(lambda: self.ops.read(">", min(self.room, self.cfg.read_count), block))
+            entries = await self._redis(lambda: self.ops.read(min(self.room, self.cfg.read_count)))
+            if not entries:
+                entries = await self._redis(lambda: self.ops.wait(block))
             if entries:
                 await self._admit(entries, {})
             elif self.cfg.until_empty and not self.active and not self.solo:
@@ -208,8 +210,8 @@ class QueueWorker:
             if results:
                 flags = await self._redis(lambda: self.ops.write_results(
                     [(p[0], p[1]) for _, p in results], self.cfg.result_ttl_s, self.cfg.results_maxlen))
-                for flag, (_, p) in zip(flags, results):
-                    if not flag:
+                for flag, (_, p) in zip(flags.decode(), results):
+                    if flag == "0":
                         self.counters.duplicates += 1
                     else:
                         self.counters.processed += 1
@@ -224,7 +226,7 @@ class QueueWorker:
                 await self._redis(lambda: self.ops.record_errors(released))
             acks = [e for kind, e, _ in batch if kind in ("result", "skip")]
             if acks:
-                await self._redis(lambda: self.ops.ack(acks, clear_errors=True))
+                await self._redis(lambda: self.ops.ack(acks))
             for _, e, _ in batch:
                 self.active.discard(e)
             self._changed.set()

@@ -1,0 +1,127 @@
+"""The queue's Lua scripts. Each runs atomically in Redis; the writing ones are idempotent, so a worker that lost
+its connection mid-call simply runs them again. Replies the worker reads in bulk are single strings: redis-py's pure-Python RESP
+parser costs tens of microseconds per array element, a string is one read.
+
+Key names a script derives from a prefix (results) are not declared in KEYS: the queue needs a single Redis
+instance (or one Cluster hash slot), not a Cluster spread over slots.
+"""
+
+# KEYS: requests stream. ARGV: group, consumer, count. Non-blocking XREADGROUP of new entries, replied as one
+# string of records `<entry id> <kind> <length> <payload>`: kind `r` = the request JSON (field `r`), kind `x` =
+# an entry without that field (payload: its field names, comma-separated).
+READ = """
+local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
+if not reply then return '' end
+local out = {}
+for _, e in ipairs(reply[1][2]) do
+  local f, body, names = e[2], nil, {}
+  for j = 1, #f, 2 do
+    if f[j] == 'r' then body = f[j + 1] end
+    names[#names + 1] = f[j]
+  end
+  if not body then body = table.concat(names, ','); out[#out + 1] = e[1] .. ' x ' .. #body .. ' ' .. body
+  else out[#out + 1] = e[1] .. ' r ' .. #body .. ' ' .. body end
+end
+return table.concat(out)
+"""
+
+# KEYS: results stream. ARGV: ttl s, results maxlen, result key prefix, then (request id, result json) pairs.
+# SET NX: a result already written (by a worker that died before acking) is kept, and announced only once.
+# Returns one character per result: 1 = written now, 0 = existed.
+WRITE_RESULTS = """
+local out = {}
+for j = 4, #ARGV, 2 do
+  if redis.call('SET', ARGV[3] .. ARGV[j], ARGV[j + 1], 'NX', 'EX', ARGV[1]) then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'id', ARGV[j])
+    out[#out + 1] = '1'
+  else
+    out[#out + 1] = '0'
+  end
+end
+return table.concat(out)
+"""
+
+# KEYS: requests stream, errors hash. ARGV: group, then entry ids. XACK before XDEL: an entry is never absent
+# from the stream while still pending, which a reclaimer would report as lost.
+ACK = """
+for i = 2, #ARGV, 4000 do
+  local ids = {unpack(ARGV, i, math.min(i + 3999, #ARGV))}
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+  redis.call('XDEL', KEYS[1], unpack(ids))
+  redis.call('HDEL', KEYS[2], unpack(ids))
+end
+return #ARGV - 1
+"""
+
+# KEYS: requests stream, dead stream, errors hash, then one result key per letter ('' when the request has no id).
+# ARGV: group, result ttl s, then (entry id, request id, dead-letter json, result json) per letter.
+DEAD_LETTER = """
+local n = 0
+for i = 4, #KEYS do
+  local j = 4 * (i - 4) + 3
+  local entry, id, letter, result = ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3]
+  local fresh = true
+  if id ~= '' then fresh = redis.call('SET', KEYS[i], result, 'NX', 'EX', ARGV[2]) end
+  if fresh then redis.call('XADD', KEYS[2], '*', 'id', id, 'entry', entry, 'letter', letter); n = n + 1 end
+  redis.call('XACK', KEYS[1], ARGV[1], entry)
+  redis.call('XDEL', KEYS[1], entry)
+  redis.call('HDEL', KEYS[3], entry)
+end
+return n
+"""
+
+# KEYS: requests stream. ARGV: group, consumer, entry ids. Resets the idle time of the ids this consumer still
+# owns (XCLAIM JUSTID keeps the delivery count); returns the ids it no longer owns. A plain XCLAIM would steal
+# entries another worker reclaimed meanwhile, and two workers would run them.
+HEARTBEAT = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""
+
+# Reclaim without charging a delivery to entries that cannot run yet. XAUTOCLAIM (and a restarted consumer's
+# XREADGROUP of its own history) claims every idle entry it scans and bumps each one's delivery count; but an
+# entry on its last allowed delivery must run alone (it may be the request that kills workers), so a worker
+# claims at most one such entry, and only when it holds nothing else. This script lists idle pending entries
+# with their counts (XPENDING IDLE), claims the ones to run (XCLAIM, atomic against other claimers), and
+# reports entries trimmed from the stream while pending as lost (acking them), as XAUTOCLAIM would.
+# KEYS: requests stream. ARGV: group, consumer, min idle ms, start ('-' or '(id'), scan count, max deliveries,
+# take a last-chance entry (1/0), owner ('' = any consumer).
+# Returns {last scanned id or '', {id, new delivery count, fields, ...}, {lost ids}}.
+CLAIM = """
+local group, me, idle, maxd = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[6])
+local rows
+if ARGV[8] ~= '' then
+  rows = redis.call('XPENDING', KEYS[1], group, 'IDLE', idle, ARGV[4], '+', ARGV[5], ARGV[8])
+else
+  rows = redis.call('XPENDING', KEYS[1], group, 'IDLE', idle, ARGV[4], '+', ARGV[5])
+end
+local claimed, lost, last, solo_left = {}, {}, '', ARGV[7] == '1'
+for _, row in ipairs(rows) do
+  local id, n = row[1], row[4] + 1
+  last = id
+  if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+    redis.call('XACK', KEYS[1], group, id)
+    lost[#lost + 1] = id
+  else
+    local last_chance = n > 1 and n == maxd
+    if not last_chance or solo_left then
+      if last_chance then solo_left = false end
+      local got = redis.call('XCLAIM', KEYS[1], group, me, idle, id)
+      if got[1] then
+        claimed[#claimed + 1] = id
+        claimed[#claimed + 1] = n
+        claimed[#claimed + 1] = got[1][2]
+      end
+    end
+  end
+end
+return {last, claimed, lost}
+"""
