@@ -1,0 +1,292 @@
+"""Phi3CausalLM: KerasHub's `generate` semantics (shared/reference/phi3.md) over the native engine.
+
+Expected texts are built from HF transformers' greedy tokens (fp32) decoded with KerasHub's output rule (drop <s>,
+<|endoftext|> and padding; keep <|end|>). On the tiny checkpoint, "Paris is the capital of" greedily emits <|end|>
+and "data Redis" emits <|endoftext|> within a few tokens; the fixture checks that before any test relies on it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from phi3_model.causal_lm import Phi3CausalLM
+from phi3_model.checkpoint import load_checkpoint
+from phi3_model.samplers import GreedySampler, RandomSampler, TopKSampler, TopPSampler
+from phi3_model.tokenizer import Phi3Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+ENDOFTEXT, END = 400, 407
+END_TEXT, EOT_TEXT = "Paris is the capital of", "data Redis"
+TEXTS = ["The quick brown fox", END_TEXT, "Batch inference reads prompts", EOT_TEXT, "def add(a, b):"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: threads only add contention on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Reference:
+    def __init__(self, directory: str):
+        self.hf = transformers.Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+        self.hf.generation_config.eos_token_id = None
+        self.tok = Phi3Tokenizer.from_dir(directory)
+
+    def ids(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_bos=True)
+
+    @torch.no_grad()
+    def greedy(self, ids: list[int], n: int, stops=()) -> list[int]:
+        out = self.hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0]
+        new = out[len(ids):].tolist()
+        cut = [new.index(s) + 1 for s in stops if s in new]
+        return new[:min(cut)] if cut else new
+
+    def text(self, ids: list[int]) -> str:
+        return self.tok.decode([t for t in ids if t not in (1, ENDOFTEXT)])
+
+    def visible(self, t: int) -> bool:
+        return self.text([t]) != ""
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_model_dir):
+    r = Reference(tiny_model_dir)
+    end = r.greedy(r.ids(END_TEXT), 16)
+    assert END in end and ENDOFTEXT not in end[:end.index(END)], f"{END_TEXT!r} no longer emits <|end|>: {end}"
+    eot = r.greedy(r.ids(EOT_TEXT), 16)
+    assert ENDOFTEXT in eot and END not in eot[:eot.index(ENDOFTEXT)], f"{EOT_TEXT!r}: {eot}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    model = Phi3CausalLM.from_preset(tiny_model_dir, block_size=8, num_blocks=512)
+    model.compile(sampler="greedy")
+    return model
+
+
+def informative_length(ref: Reference, ids: list[int], lo: int = 8) -> int:
+    """A number of new tokens n whose text differs from that of n - 1 and n + 1 tokens (both ends visible)."""
+    new = ref.greedy(ids, 40)
+    return next(n for n in range(lo, 39) if ref.visible(new[n - 1]) and ref.visible(new[n]))
+
+
+# ---- lengths, stops, text --------------------------------------------------------------------------------------
+
+def test_max_length_is_the_total_length_including_bos(lm, ref):
+    text = TEXTS[0]
+    ids = ref.ids(text)
+    n = informative_length(ref, ids)
+    want = ref.greedy(ids, n)
+    out = lm.generate(text, max_length=len(ids) + n, stop_token_ids=None)
+    assert out == ref.text(ids + want)
+    assert out != ref.text(ids + want[:-1]) and out != ref.text(ids + ref.greedy(ids, n + 1))
+    assert lm.generate(text, max_length=len(ids) + n, stop_token_ids=None, strip_prompt=True) == ref.text(want)
+
+
+def test_max_length_defaults_to_the_preprocessor_sequence_length(tiny_model_dir, ref):
+    ids = ref.ids(TEXTS[2])
+    n = informative_length(ref, ids)
+    model = Phi3CausalLM.from_preset(tiny_model_dir, sequence_length=len(ids) + n, num_blocks=256, block_size=8)
+    model.compile(sampler="greedy")
+    assert model.generate(TEXTS[2], stop_token_ids=None) == ref.text(ids + ref.greedy(ids, n))
+
+
+def test_auto_stops_on_end_and_keeps_it(lm, ref):
+    ids = ref.ids(END_TEXT)
+    want = ref.greedy(ids, 30, stops=(ENDOFTEXT, END))
+    assert want[-1] == END
+    out = lm.generate(END_TEXT, max_length=len(ids) + 30)
+    assert out == ref.text(ids + want) and out.endswith("<|end|>")
+    assert lm.generate(END_TEXT, max_length=len(ids) + 30, strip_prompt=True) == ref.text(want)
+
+
+def test_auto_stops_on_endoftext_and_drops_it(lm, ref):
+    ids = ref.ids(EOT_TEXT)
+    want = ref.greedy(ids, 30, stops=(ENDOFTEXT, END))
+    assert want[-1] == ENDOFTEXT
+    out = lm.generate(EOT_TEXT, max_length=len(ids) + 30)
+    assert out == ref.text(ids + want) and "<|endoftext|>" not in out
+    assert out != ref.text(ids + ref.greedy(ids, 30))  # it stopped: running on would add text
+
+
+def test_none_runs_to_max_length_through_end_tokens(lm, ref):
+    ids = ref.ids(END_TEXT)
+    want = ref.greedy(ids, 20)
+    assert END in want[:-3]
+    out = lm.generate(END_TEXT, max_length=len(ids) + 20, stop_token_ids=None)
+    assert out == ref.text(ids + want) and not out.endswith("<|end|>")
+
+
+def test_a_tuple_of_ids_stops_on_any_of_them(lm, ref):
+    ids = ref.ids(TEXTS[4])
+    full = ref.greedy(ids, 30)
+    j = next(j for j in range(4, 30) if full[j] not in full[:j] and ref.visible(full[j]))
+    out = lm.generate(TEXTS[4], max_length=len(ids) + 30, stop_token_ids=(3, full[j]), strip_prompt=True)
+    assert out == ref.text(full[:j + 1]) and out != ref.text(full)
+
+
+def test_a_list_gives_a_list_and_an_iterable_of_batches_is_concatenated_in_order(lm, ref):
+    L = 30
+    want = [lm.generate(t, max_length=L) for t in TEXTS]
+    assert want[1] == ref.text(ref.ids(END_TEXT) + ref.greedy(ref.ids(END_TEXT), L - len(ref.ids(END_TEXT)),
+                                                              stops=(ENDOFTEXT, END)))
+    assert lm.generate(list(TEXTS), max_length=L) == want
+    batches = (batch for batch in (TEXTS[3:], TEXTS[:1], TEXTS[1:3]))  # a one-shot iterable, like a dataset
+    assert lm.generate(batches, max_length=L) == want[3:] + want[:1] + want[1:3]
+
+
+def test_a_prompt_that_fills_max_length_is_refused(lm, ref):
+    ids = ref.ids(TEXTS[0])
+    with pytest.raises(ValueError, match="max_length"):
+        lm.generate(TEXTS[0], max_length=len(ids))
+
+
+# ---- samplers ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, cls", [("greedy", GreedySampler), ("top_k", TopKSampler), ("top_p", TopPSampler),
+                                       ("random", RandomSampler)])
+def test_compile_accepts_keras_hub_sampler_names(tiny_model_dir, name, cls):
+    model = Phi3CausalLM.from_preset(tiny_model_dir, num_blocks=64, block_size=8)
+    model.compile(sampler=name)
+    assert type(model.sampler) is cls
+    assert isinstance(model.generate(TEXTS[0], max_length=24), str)
+
+
+@pytest.mark.parametrize("name", ["beam", "contrastive", "nucleus"])
+def test_compile_refuses_unsupported_and_unknown_names(lm, name):
+    with pytest.raises(ValueError, match=name) as e:
+        lm.compile(sampler=name)
+    assert "greedy" in str(e.value)  # says what would work
+
+
+def test_compile_takes_sampler_objects(tiny_model_dir, lm):
+    model = Phi3CausalLM.from_preset(tiny_model_dir, num_blocks=64, block_size=8)
+    model.compile(sampler=TopKSampler(k=1, temperature=0.7))  # top-1 sampling is argmax
+    assert model.generate(TEXTS, max_length=30) == lm.generate(TEXTS, max_length=30)
+
+
+def test_the_default_sampler_is_top_k_5(tiny_model_dir, ref):
+    backbone = load_checkpoint(tiny_model_dir)
+    model = Phi3CausalLM(backbone, None)
+    ids = [ref.ids(t) for t in TEXTS]
+    T = 40
+    out = model.generate(padded(ids, T), stop_token_ids=None)["token_ids"]
+    with torch.no_grad():
+        logits = ref.hf(input_ids=torch.tensor(out), use_cache=False).logits  # [B, T, V]
+    top5 = logits.topk(5, dim=-1).indices
+    not_argmax = 0
+    for b, p in enumerate(ids):
+        for t in range(len(p), T):
+            assert out[b, t] in top5[b, t - 1].tolist(), f"row {b} position {t}: outside the top 5"
+            not_argmax += int(out[b, t] != top5[b, t - 1, 0])
+    assert not_argmax > 0  # it samples: not every token is the argmax
+
+
+# ---- backbone inputs without a preprocessor ----------------------------------------------------------------------
+
+def padded(rows: list[list[int]], T: int) -> dict:
+    ids = np.zeros((len(rows), T), dtype=np.int64)
+    mask = np.zeros((len(rows), T), dtype=bool)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)], mask[b, :len(r)] = r, True
+    return {"token_ids": ids, "padding_mask": mask}
+
+
+def test_backbone_inputs_without_a_preprocessor_equal_the_string_path(tiny_model_dir, lm, ref):
+    model = Phi3CausalLM(load_checkpoint(tiny_model_dir), None)
+    model.compile(sampler="greedy")
+    rows = [ref.ids(t) for t in TEXTS]
+    T = 32
+    out = model.generate(padded(rows, T), stop_token_ids=None)
+    strings = lm.generate(TEXTS, max_length=T, stop_token_ids=None)
+    for b, r in enumerate(rows):
+        want = r + ref.greedy(r, T - len(r))
+        assert out["token_ids"][b].tolist() == want and out["padding_mask"][b].all()
+        assert ref.text(out["token_ids"][b].tolist()) == strings[b]
+
+
+def test_backbone_rows_stop_alone_and_are_padded_after_the_stop(tiny_model_dir, ref):
+    model = Phi3CausalLM(load_checkpoint(tiny_model_dir), None)
+    model.compile(sampler="greedy")
+    rows = [ref.ids(TEXTS[0]), ref.ids(END_TEXT)]
+    T = 32
+    out = model.generate(padded(rows, T), stop_token_ids=(END,))
+    stopped = rows[1] + ref.greedy(rows[1], T - len(rows[1]), stops=(END,))
+    assert stopped[-1] == END and len(stopped) < T
+    assert out["token_ids"][1].tolist() == stopped + [0] * (T - len(stopped))
+    assert out["padding_mask"][1].tolist() == [True] * len(stopped) + [False] * (T - len(stopped))
+    assert out["token_ids"][0].tolist() == rows[0] + ref.greedy(rows[0], T - len(rows[0]), stops=(END,))
+
+
+def test_auto_stop_without_a_preprocessor_is_refused(tiny_model_dir, ref):
+    model = Phi3CausalLM(load_checkpoint(tiny_model_dir), None)
+    with pytest.raises(ValueError, match="preprocessor"):
+        model.generate(padded([ref.ids(TEXTS[0])], 24))
+
+
+# ---- presets -----------------------------------------------------------------------------------------------------
+
+def test_presets_lists_the_built_in_architectures():
+    assert set(Phi3CausalLM.presets) == {"phi3_mini_4k_instruct_en", "phi3_mini_128k_instruct_en"}
+    assert all("3.82B" in d for d in Phi3CausalLM.presets.values())  # 3,821,079,552 parameters
+
+
+def fake_hf_cache(root, repo: str, source: str) -> str:
+    """The layout huggingface_hub writes: models--owner--name/{refs/main, snapshots/<rev>/...}."""
+    base = os.path.join(root, "models--" + repo.replace("/", "--"))
+    shutil.copytree(source, os.path.join(base, "snapshots", "0123abcd"))
+    os.makedirs(os.path.join(base, "snapshots", "ffff-older"))  # sorts last; refs/main must win over it
+    with open(os.path.join(base, "snapshots", "ffff-older", "config.json"), "w") as f:
+        f.write("{}")
+    os.makedirs(os.path.join(base, "refs"))
+    with open(os.path.join(base, "refs", "main"), "w") as f:
+        f.write("0123abcd")
+    return base
+
+
+def test_hf_handles_and_built_in_names_resolve_from_the_local_hf_cache(tiny_model_dir, lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    fake_hf_cache(tmp_path, "acme/tiny-phi3", tiny_model_dir)
+    fake_hf_cache(tmp_path, "microsoft/Phi-3-mini-4k-instruct", tiny_model_dir)
+    want = lm.generate(TEXTS, max_length=30)
+    for preset in ("hf://acme/tiny-phi3", "phi3_mini_4k_instruct_en"):
+        model = Phi3CausalLM.from_preset(preset, num_blocks=128, block_size=8)
+        model.compile(sampler="greedy")
+        assert model.backbone.config.hidden_size == 64
+        assert model.generate(TEXTS, max_length=30) == want, preset
+
+
+def test_presets_that_cannot_be_found_say_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ValueError) as e:
+        Phi3CausalLM.from_preset("phi3_mini_128k_instruct_en")
+    assert "microsoft/Phi-3-mini-128k-instruct" in str(e.value) and "load_weights=False" in str(e.value)
+    with pytest.raises(ValueError, match="models--acme--missing"):
+        Phi3CausalLM.from_preset("hf://acme/missing")
+    with pytest.raises(ValueError, match="Kaggle"):
+        Phi3CausalLM.from_preset("kaggle://keras/phi3/keras/phi3_mini_4k_instruct_en")
+    with pytest.raises(ValueError, match="phi3_mini_4k_instruct_en"):
+        Phi3CausalLM.from_preset("phi3_tiny_en")
+
+
+def test_load_weights_false_gives_the_architecture_with_random_weights(tiny_model_dir, ref):
+    model = Phi3CausalLM.from_preset(tiny_model_dir, load_weights=False, num_blocks=64, block_size=8)
+    trained = load_checkpoint(tiny_model_dir)
+    assert model.backbone.config == trained.config
+    assert not torch.equal(model.backbone.lm_head.weight, trained.lm_head.weight)
+    assert model.tokenizer is not None
+    model.compile(sampler="greedy")
+    ids = ref.ids(TEXTS[0])
+    assert model.generate(TEXTS[0], max_length=len(ids) + 8, stop_token_ids=None) != \
+        ref.text(ids + ref.greedy(ids, 8))
