@@ -9,18 +9,17 @@ import logging
 import math
 import os
 import time
-from collections import deque
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayTaskError
 
 from workers.actor import spawn
 
 from .config import ConfigError, JobConfig
+from .dispatch import Dispatcher, Flight
 from .manifest import Manifest
 from .plan import Plan, make_plan
 from .progress import Progress
@@ -35,14 +34,6 @@ MAX_RESTARTS = 4
 
 class JobError(RuntimeError):
     """The job could not run at all (the engine failed to start, no actor left)."""
-
-
-@dataclass
-class Flight:
-    shard: Shard
-    actor: int
-    attempt: int
-    rows: pa.Table      # the shard's input rows (kept columns are copied from here into the output)
 
 
 def claim_output(plan: Plan, sink: Sink) -> Manifest:
@@ -190,73 +181,28 @@ def _dispatch(plan: Plan, todo: list[Shard], manifest: Manifest, sink: Sink, pro
         manifest.record(dict(event="actors", actors=infos))
         t0 = time.monotonic()
         progress.restart_clock()
-        _loop(plan, todo, actors, manifest, sink, progress, failed, remaining, assemble)
+
+        def done(f: Flight, results: pa.Table) -> None:
+            _finish(plan, f, results, manifest, sink, progress)
+            remaining[f.shard.file] -= 1
+            if remaining[f.shard.file] == 0:
+                assemble(f.shard.file)
+
+        def fail(shard: Shard, attempts: int, error: str) -> None:
+            failed[shard.key] = dict(error=error, attempts=attempts)
+            manifest.record(dict(event="shard", key=shard.key, status="failed", error=error, attempts=attempts))
+            progress.advance(0, 0, failed=True)
+
+        reader = ShardReader(plan.fs, plan.files, plan.read_columns, config.shard_rows)
+        try:
+            Dispatcher(actors, reader, plan.row_columns, config.row_spec(), config.shards_per_actor,
+                       config.max_attempts, done, fail, progress.tick).run(todo)
+        finally:
+            reader.close()
         return infos, time.monotonic() - t0
     finally:
         for a in actors:
             ray.kill(a)
-
-
-def _loop(plan, todo, actors, manifest, sink, progress, failed, remaining, assemble) -> None:
-    config, spec = plan.config, plan.config.row_spec()
-    reader = ShardReader(plan.fs, plan.files, plan.read_columns, config.shard_rows)
-    queue: deque[tuple[Shard, int]] = deque((s, 1) for s in todo)
-    flights: dict[ray.ObjectRef, Flight] = {}
-    load, faults = [0] * len(actors), [0] * len(actors)
-
-    def fault(shard: Shard, attempt: int, error: str) -> None:
-        log.warning("shard %s attempt %d/%d failed: %s", shard.key, attempt, config.max_attempts, error)
-        if attempt < config.max_attempts:
-            queue.appendleft((shard, attempt + 1))
-            return
-        failed[shard.key] = dict(error=error, attempts=attempt)
-        manifest.record(dict(event="shard", key=shard.key, status="failed", error=error, attempts=attempt))
-        progress.advance(0, 0, failed=True)
-
-    try:
-        while queue or flights:
-            alive = [i for i in range(len(actors)) if faults[i] <= MAX_RESTARTS + 1]
-            if not alive:
-                while queue:
-                    shard, attempt = queue.popleft()
-                    fault(shard, config.max_attempts, "no engine actor left alive")
-                break
-            for i in sorted(alive, key=load.__getitem__):
-                while load[i] < config.shards_per_actor and queue:
-                    shard, attempt = queue.popleft()
-                    try:
-                        rows = reader.read(shard)
-                    except (OSError, pa.ArrowException) as e:
-                        fault(shard, attempt, f"reading rows {shard.start}..{shard.stop} of "
-                                              f"{plan.files[shard.file].path}: {e}")
-                        continue
-                    ref = actors[i].run.remote(rows.select(plan.row_columns[shard.file]), spec,
-                                               f"{shard.key}/{attempt}")
-                    flights[ref] = Flight(shard, i, attempt, rows)
-                    load[i] += 1
-            if not flights:
-                continue
-            ready, _ = ray.wait(list(flights), num_returns=1, timeout=0.5)
-            for ref in ready:
-                f = flights.pop(ref)
-                load[f.actor] -= 1
-                try:
-                    results = ray.get(ref)
-                except RayActorError as e:
-                    faults[f.actor] += 1
-                    fault(f.shard, f.attempt, f"engine actor {f.actor} died: {type(e).__name__}")
-                    continue
-                except RayTaskError as e:
-                    fault(f.shard, f.attempt, f"{type(e.cause).__name__ if e.cause else 'error'}: {e.cause or e}")
-                    continue
-                faults[f.actor] = 0
-                _finish(plan, f, results, manifest, sink, progress)
-                remaining[f.shard.file] -= 1
-                if remaining[f.shard.file] == 0:
-                    assemble(f.shard.file)
-            progress.tick()
-    finally:
-        reader.close()
 
 
 def _finish(plan: Plan, f: Flight, results: pa.Table, manifest: Manifest, sink: Sink, progress: Progress) -> None:

@@ -1,0 +1,114 @@
+"""Crashes in the middle of a Parquet job: an engine actor's process killed mid-shard, the driver process killed
+and the command rerun. Real local Ray, real processes killed with SIGKILL, the native engine on the tiny model."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+import pipeline
+from tests.pipeline_helpers import (FILES, PROMPTS, job, lm, manifest_events, read_outputs,  # noqa: F401
+                                    reference_generate, write_prompts)
+
+NEW = 24
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_for(predicate, timeout: float = 180.0, every: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError("condition not reached")
+
+
+def events_or_empty(out: str) -> list[dict]:
+    try:
+        return manifest_events(out)
+    except (OSError, ValueError):
+        return []
+
+
+def done_keys(events: list[dict]) -> list[str]:
+    return [e["key"] for e in events if e.get("event") == "shard" and e["status"] == "done"]
+
+
+@pytest.fixture(scope="module")
+def prompts_dir(tmp_path_factory):
+    return write_prompts(str(tmp_path_factory.mktemp("prompts")))
+
+
+@pytest.fixture(scope="module")
+def expected(lm):
+    return reference_generate(lm, PROMPTS, NEW)
+
+
+def test_actor_killed_mid_shard_every_row_exactly_once(ray_local, tiny_model_dir, prompts_dir, expected, tmp_path):
+    out = str(tmp_path / "out")
+    config = job(prompts_dir, out, tiny_model_dir, max_new_tokens=NEW, shard_rows=2, actors=1, shards_per_actor=2)
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(summary=pipeline.run(config)))
+    runner.start()
+
+    def ready():
+        events = events_or_empty(out)
+        actors = [e for e in events if e["event"] == "actors"]
+        return actors and done_keys(events) and actors[0]["actors"][0]["pid"]
+    pid = wait_for(ready)
+    os.kill(pid, signal.SIGKILL)       # shards are in flight on it: shards_per_actor=2 and more are queued
+    runner.join(timeout=300)
+    summary = result["summary"]
+    assert summary.ok and summary.rows_ok == len(PROMPTS)
+
+    rows = read_outputs(out)
+    assert [r["id"] for r in rows] == [f"{n}:{i}" for n, (p, _) in FILES.items() for i in range(len(p))]
+    assert [r["completion"] for r in rows] == expected
+    shard_events = [e for e in manifest_events(out) if e["event"] == "shard"]
+    assert all(e["status"] == "done" for e in shard_events)
+    assert Counter(e["key"] for e in shard_events) == Counter(set(e["key"] for e in shard_events))
+    assert any(e["attempts"] >= 2 for e in shard_events), "the killed actor had a shard in flight"
+
+
+def test_driver_killed_then_rerun_gives_identical_files_and_no_shard_twice(
+        ray_local, tiny_model_dir, prompts_dir, tmp_path):
+    """The uninterrupted run and both halves of the interrupted one run the same job (output-dir independent)."""
+    reference = str(tmp_path / "reference")
+    settings = dict(max_new_tokens=NEW, shard_rows=2)
+    assert pipeline.run(job(prompts_dir, reference, tiny_model_dir, **settings)).ok
+
+    out = str(tmp_path / "out")
+    command = [sys.executable, "-m", "pipeline.cli", "run", "-i", prompts_dir, "-o", out, "--model", tiny_model_dir,
+               "--max-new-tokens", str(NEW), "--shard-rows", "2", "--dtype", "float32", "--device", "cpu",
+               "--address", ray_local, "--cpus-per-actor", "1", "--progress", "log"]
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(done_keys(events_or_empty(out))) >= 2)
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.wait(timeout=60)
+    first = events_or_empty(out)
+    finished_first = set(done_keys(first))
+    total = first[0]["shards"]
+    assert 2 <= len(finished_first) < total and not os.path.exists(os.path.join(out, "_summary.json"))
+
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for name in FILES:
+        with open(os.path.join(out, name), "rb") as a, open(os.path.join(reference, name), "rb") as b:
+            assert a.read() == b.read(), name
+    events = manifest_events(out)
+    done = done_keys(events)
+    assert sorted(done) == sorted(set(done)) and len(done) == total       # each shard finished exactly once
+    runs = [e["run"] for e in events if e["event"] == "run"]
+    assert len(runs) == 2
+    rerun_done = {e["key"] for e in events if e.get("event") == "shard" and e["run"] == runs[1]}
+    assert rerun_done.isdisjoint(finished_first) and rerun_done | finished_first == set(done)
+    assert f"({len(finished_first)} from earlier runs)" in rerun.stdout
