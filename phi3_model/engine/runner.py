@@ -67,7 +67,7 @@ class ModelRunner:
         ctx = PagedContext(self.cache, torch.tensor(slots, device=dev), decode, prefill, long_rope,
                            self.sliding_window)
         return (torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), ctx,
-                torch.tensor(sample_rows, device=dev))
+                torch.tensor(sample_rows, dtype=torch.long, device=dev))
 
     def _decode_group(self, rows, lens, tables, members: list[int]) -> DecodeGroup:
         bs, dev = self.block_size, self.device
