@@ -48,6 +48,7 @@ class Phi3CausalLM:
         self.preprocessor = preprocessor
         self.engine_config = engine_config or EngineConfig()
         self.sampler = get_sampler("top_k")
+        self.optimizer = ("adamw", 1e-3, 0.01)
         self._engine: Engine | None = None
 
     @property
@@ -64,13 +65,34 @@ class Phi3CausalLM:
         pre = Phi3CausalLMPreprocessor(tokenizer, sequence_length) if tokenizer is not None else None
         return cls(model, pre, EngineConfig(**engine_config))
 
-    def compile(self, sampler="top_k", **kwargs) -> None:
-        self.sampler = get_sampler(sampler)
+    def compile(self, sampler=None, optimizer="adamw", learning_rate: float = 1e-3, weight_decay: float = 0.01,
+                **kwargs) -> None:
+        """sampler: greedy | top_k | top_p | random or a Sampler object (generate). optimizer: adamw (default) |
+        adam | sgd or a torch optimizer, with learning_rate and weight_decay (fit)."""
         if kwargs:
-            self._compile_training(**kwargs)
+            raise TypeError(f"compile() got unexpected argument(s) {', '.join(kwargs)}; expected sampler, "
+                            f"optimizer, learning_rate, weight_decay")
+        if sampler is not None:
+            self.sampler = get_sampler(sampler)
+        self.optimizer = (optimizer, learning_rate, weight_decay)  # built by fit()
 
-    def _compile_training(self, **kwargs) -> None:
-        raise TypeError(f"compile() got unexpected argument(s) {', '.join(kwargs)}; expected sampler")
+    def fit(self, x, y=None, batch_size: int = 8, epochs: int = 1, validation_data=None, callbacks=None,
+            **kwargs):
+        """Pre-train or fine-tune; see phi3_model.training. Returns a History with per-epoch losses."""
+        from .training import fit
+        return fit(self, x, y, batch_size=batch_size, epochs=epochs, validation_data=validation_data,
+                   callbacks=callbacks, **kwargs)
+
+    def save_to_preset(self, directory: str, dtype=None) -> None:
+        """Write the checkpoint (config.json, safetensors) and tokenizer files that from_preset reads."""
+        from .checkpoint import save_checkpoint
+        save_checkpoint(self.backbone, directory, dtype=dtype)
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
+
+    def reset_engine(self) -> None:
+        """Drop the engine (and its prefix cache): needed after the weights change."""
+        self._engine = None
 
     @property
     def engine(self) -> Engine:
