@@ -1,0 +1,120 @@
+"""Shared benchmark plumbing: rows run in child processes (clean memory, one engine each), measured side by side
+in one run, printed as one table and optionally written as JSON with stable row names."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    for mod in ("torch", "transformers", "vllm", "ray", "redis", "pyarrow"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    return out
+
+
+def have(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+class PeakRSS:
+    """Samples the resident memory of a process tree (children included) every 0.1 s."""
+
+    def __init__(self, pid: int):
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                procs = [self.proc] + self.proc.children(recursive=True)
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            self._stop.wait(0.1)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        return self.peak / 2**20
+
+
+def run_row(module: str, row: str, args: dict, timeout: float = 900) -> dict:
+    """Run `python -m module --child row --args JSON` and return the dict it writes, plus peak_rss_mb."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as f:
+        out_path = f.name
+    cmd = [sys.executable, "-m", module, "--child", row, "--child-args", json.dumps(args), "--child-out", out_path]
+    proc = subprocess.Popen(cmd)
+    rss = PeakRSS(proc.pid)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = -9
+    peak = rss.stop()
+    try:
+        with open(out_path) as f:
+            result = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        result = {"error": f"row process exited {rc} without a result"}
+    os.unlink(out_path)
+    result.update(name=row, peak_rss_mb=round(peak, 1))
+    return result
+
+
+def write_child_result(path: str, result: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f)
+
+
+def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format)."""
+    base = next((r for r in rows if r.get("output_tokens_per_s")), None)
+    print(f"\n{title}")
+    headers = [h for _, h, _ in columns] + ["vs first"]
+    table = []
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("-" if v is None else (fmt.format(v) if fmt else str(v)))
+        ratio = "-"
+        if base and r.get("output_tokens_per_s"):
+            ratio = f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}x"
+        cells.append(ratio if not r.get("error") else "error: " + str(r["error"])[:60])
+        table.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in table)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for cells in table:
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
+
+
+def write_json(path: str, rows: list[dict], workload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"rows": rows, "workload": workload, "versions": versions()}, f, indent=2)
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *a):
+        self.seconds = time.perf_counter() - self.t0
