@@ -135,14 +135,16 @@ def test_context_length_ends_generation(vllm_loop, vllm_backend, hf):
 def test_invalid_requests_fail_alone_with_errors_naming_the_input(vllm_loop, vllm_backend, prompts, reference):
     vocab = vllm_backend.model_config.vocab_size
 
-    async def one(ids):
+    async def one(ids, **params):
         try:
-            return await vllm_backend.generate(ids, SamplingParams(**GREEDY))
+            return await vllm_backend.generate(ids, SamplingParams(**GREEDY, **params))
         except RequestError as e:
             return e
-    empty, outside, too_long, good = vllm_loop.gather([one([]), one([5, vocab]), one([5] * 512), one(prompts[3])])
+    empty, outside, stop_outside, too_long, good = vllm_loop.gather([
+        one([]), one([5, vocab]), one([5], stop_token_ids=(vocab + 1,)), one([5] * 512), one(prompts[3])])
     assert isinstance(empty, RequestError) and "empty" in str(empty)
     assert isinstance(outside, RequestError) and f"token id {vocab}" in str(outside)
+    assert isinstance(stop_outside, RequestError) and f"stop_token_ids: {vocab + 1}" in str(stop_outside)
     assert isinstance(too_long, RequestError) and "512 tokens" in str(too_long)
     assert good.token_ids == reference[3]
 

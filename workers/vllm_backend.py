@@ -21,7 +21,6 @@ max to get the native (and HF) results for short sequences, at the cost of refus
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import os
@@ -154,39 +153,46 @@ class VLLMBackend(EngineBackend):
             raise RuntimeError(f"vLLM resolved architectures {built}, expected [{ARCH!r}]")
         return engine
 
-    def validate(self, prompt_token_ids: list[int]) -> None:
-        """The native engine's request checks, with its messages."""
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """The native engine's request checks, with its messages (the KV pool check is vLLM's own)."""
         n, vocab = len(prompt_token_ids), self.model_config.vocab_size
         if n == 0:
             raise RequestError("prompt is empty: at least one token is needed")
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise RequestError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab})")
         if n >= self.max_model_len:
             raise RequestError(f"prompt has {n} tokens, model context is {self.max_model_len} "
                                f"(at most {self.max_model_len - 1} prompt tokens leave room for one new token)")
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> Completion:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
         if self.engine is None:
             await self.start()
         prompt = list(prompt_token_ids)
-        self.validate(prompt)
+        self.validate(prompt, params)
         eos = self.model_config.eos_token_id
         stopper = Stopper(params, eos, self.tokenizer, self.max_model_len, len(prompt))
         sp = vllm_sampling_params(params, eos, stopper.max_new)
         vllm_id = f"{request_id or 'req'}-{uuid.uuid4().hex}"  # unique even when callers reuse ids
         ended = None
         stream = self.engine.generate(TokensPrompt(prompt_token_ids=prompt), sp, vllm_id)
-        async with aclosing(stream):  # leaving early closes the stream, which aborts the vLLM request
-            async for out in stream:
-                step = out.outputs[0]
-                if any(stopper.append(t) for t in step.token_ids):
-                    break
-                if out.finished:
-                    ended = step.finish_reason
+        try:
+            async with aclosing(stream):  # leaving early closes the stream, which aborts the vLLM request
+                async for out in stream:
+                    step = out.outputs[0]
+                    if any(stopper.append(t) for t in step.token_ids):
+                        break
+                    if out.finished:
+                        ended = step.finish_reason
+        except VLLMClientError as e:  # vLLM refused the request itself (e.g. more KV than the pool holds)
+            raise RequestError(str(e)) from e
         if not stopper.finished:  # vLLM ended the request for a reason of its own (abort, error)
             c = stopper.to_completion(len(prompt), request_id)
             c.finish_reason, c.error = "error", f"vLLM ended the request early (finish_reason {ended!r})"
@@ -200,8 +206,6 @@ class VLLMBackend(EngineBackend):
             if handler is not None:  # stop reading outputs first, or it reports the engine core's exit as a crash
                 handler.cancel()
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
-            del engine
-            gc.collect()  # AsyncLLM.__del__ shuts down again; let it run now, not at interpreter exit
         if self._generation_dir:
             shutil.rmtree(self._generation_dir, ignore_errors=True)
             self._generation_dir = None
