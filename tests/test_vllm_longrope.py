@@ -1,6 +1,7 @@
 """LongRoPE through vLLM: the factor set is decided once per engine, by max_model_len against original max.
 
-Checkpoint: original max 64, max 256, partial rotary 0.75 (24 of 32 channels rotated, 12 factors per set).
+Checkpoint: original max 64, max 256, partial rotary 0.75 (24 of 32 channels rotated, 12 factors per set), and an
+explicit attention_factor 1.25 (derived would be sqrt(1 + ln 4 / ln 64) = 1.155; vLLM's own class would ignore it).
 - max_model_len 64 (= original): every token short, exactly as HF and the native engine for these sequences.
 - max_model_len 256: every token long. For sequences of at most 64 tokens that is NOT what HF and the native engine
   compute (they use the short factors there); it equals HF with short_factor := long_factor. For prompts longer
@@ -29,7 +30,8 @@ def longrope_dir(tmp_path_factory, tiny_tokenizer_dir):
     config = tiny_config(**HEAD_DIM_32, partial_rotary_factor=0.75, max_position_embeddings=MAX,
                          original_max_position_embeddings=ORIGINAL,
                          rope_scaling=RopeScaling(short_factor=[1.0 + 0.05 * i for i in range(half)],
-                                                  long_factor=[1.5 + 0.5 * i for i in range(half)]))
+                                                  long_factor=[1.5 + 0.5 * i for i in range(half)],
+                                                  attention_factor=1.25))
     return write_tiny_checkpoint(str(tmp_path_factory.mktemp("vllm_longrope")), config, tiny_tokenizer_dir, seed=5)
 
 

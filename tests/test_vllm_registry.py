@@ -78,3 +78,21 @@ def test_known_options_pass_through_without_starting_an_engine():
     assert (b.options.gpu_memory_utilization, b.options.max_num_seqs, b.options.tensor_parallel_size,
             b.options.enforce_eager, b.options.kv_cache_space_gib, b.options.max_model_len) == (0.5, 8, 2, True, 1.5,
                                                                                                  1024)
+
+
+@pytest.mark.vllm
+def test_sampling_params_map_to_vllm_per_request_parameters():
+    pytest.importorskip("vllm")
+    from vllm.sampling_params import RequestOutputKind
+
+    from phi3_model.engine.sampling_params import SamplingParams
+    from workers.vllm_backend import vllm_sampling_params
+    sp = vllm_sampling_params(SamplingParams(temperature=0.7, top_k=0, top_p=0.9, seed=11, stop_token_ids=(5, 9),
+                                             stop=("###",), min_new_tokens=2, max_new_tokens=40), 400, 30)
+    assert (sp.temperature, sp.top_k, sp.top_p, sp.seed) == (0.7, 0, 0.9, 11)  # top_k 0: off in vLLM too
+    assert (sp.max_tokens, sp.min_tokens) == (30, 2)  # max_new_tokens capped by the context
+    assert sorted(sp.stop_token_ids) == [5, 9, 400] and not sp.ignore_eos  # the model's end token stops
+    assert not sp.stop and not sp.detokenize  # stop strings are matched on our own decoded text
+    assert sp.output_kind == RequestOutputKind.DELTA
+    no_eos = vllm_sampling_params(SamplingParams(ignore_eos=True, stop_token_ids=(5,)), 400, 256)
+    assert no_eos.stop_token_ids == [5] and no_eos.ignore_eos

@@ -9,6 +9,13 @@ Tokens in, `Completion` out, exactly as the native backend:
   both), top-p and `max_new_tokens` are also handed to vLLM's per-request sampling so it stops and masks on its own.
 - The model's generation_config.json is not read (vLLM would add its extra end ids, e.g. Phi-3's <|end|>, as stops):
   the only end token is config.eos_token_id, as in the native engine.
+- Greedy tokens are the same in both backends; sampled ones come from each engine's own generator (a seeded request
+  is reproducible within a backend, not across backends).
+
+vLLM spawns its engine core (and on CPU a worker) process: a script that starts this backend needs the
+`if __name__ == "__main__":` guard, and the project must be installed (its `vllm.general_plugins` entry point is
+how those processes learn the architecture). On CPU, vLLM binds the model's threads to one core and keeps one for
+its scheduler (VLLM_CPU_OMP_THREADS_BIND).
 
 LongRoPE. vLLM fixes the factor set once per engine: every token of every sequence is rotated with the long factors
 iff max_model_len > original_max_position_embeddings (128k Phi-3: 4096). The native engine follows Hugging Face:
