@@ -8,6 +8,7 @@ decoding. It also says, per token, whether LongRoPE's long factors apply.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Protocol
 
 import torch
@@ -23,23 +24,24 @@ class AttentionContext(Protocol):
         ...
 
 
-_CTX: AttentionContext | None = None
+_local = threading.local()  # per thread: two engines in one process (each stepping in its own thread) never mix
 
 
 @contextlib.contextmanager
 def attention_context(ctx: AttentionContext):
-    global _CTX
-    prev, _CTX = _CTX, ctx
+    prev = getattr(_local, "ctx", None)
+    _local.ctx = ctx
     try:
         yield ctx
     finally:
-        _CTX = prev
+        _local.ctx = prev
 
 
 def current_context() -> AttentionContext:
-    if _CTX is None:
+    ctx = getattr(_local, "ctx", None)
+    if ctx is None:
         raise RuntimeError("Phi-3 forward called outside attention_context(...)")
-    return _CTX
+    return ctx
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:

@@ -20,12 +20,19 @@ class NativeBackend(EngineBackend):
         self.threads = opts.pop("threads", None)
         self.engine_config = EngineConfig(**opts)  # unknown options are errors naming the field
         self._async: AsyncEngine | None = None
+        self._starting: asyncio.Lock | None = None
         self.tokenizer = None
         self.max_model_len = 0
 
     async def start(self) -> None:
-        if self._async is not None:
-            return
+        # concurrent first generate() calls must build one engine, not one each
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._async is None:
+                await self._start()
+
+    async def _start(self) -> None:
         if self.threads:
             import torch
             torch.set_num_threads(int(self.threads))
