@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Iterable
 
+from . import scripts
 from .connection import Names, connect
 from .schema import QueueRequest, QueueResult
 
@@ -26,6 +27,7 @@ class QueueClient:
         self.names, self.maxlen = Names(prefix), maxlen
         self.r = redis or connect(url, socket_timeout=30.0)
         self._own = redis is None
+        self._enqueue = self.r.register_script(scripts.ENQUEUE)
 
     async def close(self) -> None:
         if self._own:
@@ -58,12 +60,11 @@ class QueueClient:
     async def add(self, requests: list[dict | QueueRequest]) -> list[tuple[str, str]]:
         """-> [(request id, stream entry id)]; requests are validated here, so a bad one raises before any is sent."""
         parsed = [_request(x) for x in requests]
-        pipe = self.r.pipeline(transaction=False)
-        for req in parsed:
-            pipe.xadd(self.names.requests, {"r": req.model_dump_json(exclude_none=True)}, maxlen=self.maxlen,
-                      approximate=True)
-        entries = await pipe.execute()
-        return [(req.id, e.decode()) for req, e in zip(parsed, entries)]
+        if not parsed:
+            return []
+        entries = await self._enqueue(keys=[self.names.requests],
+                                      args=[self.maxlen, *(r.model_dump_json(exclude_none=True) for r in parsed)])
+        return list(zip((r.id for r in parsed), entries.decode().split(" ")))
 
     async def _add_when_room(self, batch, max_backlog):
         while max_backlog is not None and await self.r.xlen(self.names.requests) > max_backlog:

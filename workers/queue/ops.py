@@ -38,10 +38,10 @@ class Ops:
         return reply[0][1] if reply else []
 
     async def claim(self, min_idle_ms: int, start: str, count: int, max_deliveries: int, last_chance: bool,
-                    owner: str = ""):
+                    owner: str = "", held=()):
         """-> (next start or None, [(entry id, fields)], {entry id: delivery count}, [lost entry ids])."""
         last, flat, lost = await self._claim(keys=[self.n.requests], args=[
-            self.group, self.consumer, min_idle_ms, start, count, max_deliveries, int(last_chance), owner])
+            self.group, self.consumer, min_idle_ms, start, count, max_deliveries, int(last_chance), owner, *held])
         entries, counts = [], {}
         for i in range(0, len(flat), 3):
             fields = flat[i + 2]

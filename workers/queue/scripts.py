@@ -25,6 +25,15 @@ end
 return table.concat(out)
 """
 
+# KEYS: requests stream. ARGV: approximate maxlen, then request JSONs. Returns the new entry ids, space-separated.
+ENQUEUE = """
+local ids = {}
+for i = 2, #ARGV do
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'r', ARGV[i])
+end
+return table.concat(ids, ' ')
+"""
+
 # KEYS: results stream. ARGV: ttl s, results maxlen, result key prefix, then (request id, result json) pairs.
 # SET NX: a result already written (by a worker that died before acking) is kept, and announced only once.
 # Returns one character per result: 1 = written now, 0 = existed.
@@ -71,19 +80,22 @@ return n
 """
 
 # KEYS: requests stream. ARGV: group, consumer, entry ids. Resets the idle time of the ids this consumer still
-# owns (XCLAIM JUSTID keeps the delivery count); returns the ids it no longer owns. A plain XCLAIM would steal
-# entries another worker reclaimed meanwhile, and two workers would run them.
+# owns (XCLAIM JUSTID keeps the delivery count); returns the ids another consumer owns now. A plain XCLAIM would
+# steal back entries another worker reclaimed meanwhile, and two workers would run them. Ids no longer pending
+# (acked since the caller listed them) are skipped.
 HEARTBEAT = """
-local lost = {}
+local stolen = {}
 for i = 3, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-  else
-    lost[#lost + 1] = ARGV[i]
+  if p[1] then
+    if p[1][2] == ARGV[2] then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    else
+      stolen[#stolen + 1] = ARGV[i]
+    end
   end
 end
-return lost
+return stolen
 """
 
 # Reclaim without charging a delivery to entries that cannot run yet. XAUTOCLAIM (and a restarted consumer's
@@ -93,10 +105,13 @@ return lost
 # with their counts (XPENDING IDLE), claims the ones to run (XCLAIM, atomic against other claimers), and
 # reports entries trimmed from the stream while pending as lost (acking them), as XAUTOCLAIM would.
 # KEYS: requests stream. ARGV: group, consumer, min idle ms, start ('-' or '(id'), scan count, max deliveries,
-# take a last-chance entry (1/0), owner ('' = any consumer).
+# take a last-chance entry (1/0), owner ('' = any consumer), then the ids the caller holds (skipped: a heartbeat
+# delayed past the idle time must not make a worker claim, and charge a delivery to, its own running entries).
 # Returns {last scanned id or '', {id, new delivery count, fields, ...}, {lost ids}}.
 CLAIM = """
 local group, me, idle, maxd = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[6])
+local held = {}
+for i = 9, #ARGV do held[ARGV[i]] = true end
 local rows
 if ARGV[8] ~= '' then
   rows = redis.call('XPENDING', KEYS[1], group, 'IDLE', idle, ARGV[4], '+', ARGV[5], ARGV[8])
@@ -107,7 +122,9 @@ local claimed, lost, last, solo_left = {}, {}, '', ARGV[7] == '1'
 for _, row in ipairs(rows) do
   local id, n = row[1], row[4] + 1
   last = id
-  if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+  if held[id] then
+    -- running here
+  elseif #redis.call('XRANGE', KEYS[1], id, id) == 0 then
     redis.call('XACK', KEYS[1], group, id)
     lost[#lost + 1] = id
   else

@@ -99,8 +99,9 @@ class QueueWorker:
         start = "-"
         while start and self.room > 0 and not self.stopping:
             last_chance = not self.active and not self.solo
+            held = [*self.active, *(j.entry_id for j in self.solo)]
             start, entries, counts, lost = await self._redis(lambda: self.ops.claim(
-                int(min_idle_s * 1000), start, self.room, self.cfg.max_deliveries, last_chance, owner))
+                int(min_idle_s * 1000), start, self.room, self.cfg.max_deliveries, last_chance, owner, held))
             for entry_id in lost:
                 self.active.add(entry_id)
                 self.counters.lost += 1
@@ -239,7 +240,6 @@ class QueueWorker:
             if not held:
                 continue
             gone = await self._redis(lambda: self.ops.heartbeat(held))
-            gone = [e for e in gone if e in self.active]
             if gone:
                 self.counters.stolen += len(gone)
                 log.warning("%d held entries were reclaimed by another worker; their results may be computed "

@@ -1,0 +1,59 @@
+"""Scenario 13 of shared/reference/queue.md: 100k requests through one in-process worker on the immediate backend
+(the queue's own mechanics, no model) while the stream's length and memory are sampled."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tests.fixtures.redis_server import worker_config
+from workers.queue import QueueClient, QueueWorker
+from workers.queue.immediate import ImmediateBackend
+
+N, BACKLOG, CHUNK = 100_000, 5_000, 1_000
+
+
+def request(i: int) -> dict:
+    return {"id": f"m{i:06d}", "prompt_token_ids": [1, 2, 3 + i % 7], "max_new_tokens": 1}
+
+
+def test_13_stream_memory_stays_bounded_over_100k_requests(redis_server, redis_url, queue_prefix):
+    r = redis_server.client()
+    stream = f"{queue_prefix}:requests"
+    # reference: a plain stream holding the most entries the bounded one may ever hold
+    ceiling = BACKLOG + 2 * CHUNK
+    pipe = r.pipeline(transaction=False)
+    for i in range(ceiling):
+        pipe.xadd(f"{queue_prefix}:reference", {"r": json.dumps(request(i))})
+    pipe.execute()
+    reference_bytes = r.memory_usage(f"{queue_prefix}:reference", samples=0)
+    r.delete(f"{queue_prefix}:reference")
+
+    async def go():
+        cfg = worker_config(redis_url, queue_prefix, until_empty=False, max_in_flight=2048, read_count=1024,
+                            results_maxlen=10_000, result_ttl_s=600)
+        worker = QueueWorker(ImmediateBackend(), cfg)
+        serving = asyncio.create_task(worker.run())
+        samples = []
+        async with QueueClient(redis_url, queue_prefix, maxlen=4 * ceiling) as client:
+            async def monitor():
+                while True:
+                    samples.append((await client.r.xlen(stream),
+                                    await client.r.memory_usage(stream, samples=0) or 0))
+                    await asyncio.sleep(0.05)
+            sampling = asyncio.create_task(monitor())
+            ids = await client.submit_many(map(request, range(N)), chunk=CHUNK, max_backlog=BACKLOG)
+            while worker.counters.processed < N:
+                await asyncio.sleep(0.05)
+            sampling.cancel()
+            await asyncio.gather(sampling, return_exceptions=True)
+        worker.stop()
+        return ids, samples, await serving
+    ids, samples, counters = asyncio.run(go())
+    assert len(samples) > 20
+    assert max(n for n, _ in samples) <= ceiling
+    assert max(m for _, m in samples) <= 3 * reference_bytes  # + deleted entries in partly acked listpack nodes
+    assert r.xlen(stream) == 0 and r.xpending(stream, f"{queue_prefix}:workers")["pending"] == 0
+    assert r.xlen(f"{queue_prefix}:results") < 2 * 10_000 and r.xlen(f"{queue_prefix}:dead") == 0
+    assert (counters.processed, counters.duplicates, counters.lost) == (N, 0, 0)
+    keys = [f"{queue_prefix}:result:{i}" for i in ids]
+    assert sum(r.exists(*keys[i:i + 10_000]) for i in range(0, N, 10_000)) == N  # one result per id
