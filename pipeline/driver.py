@@ -66,8 +66,8 @@ def connect(config: JobConfig) -> bool:
         ray.init(address=config.address, logging_level=logging.WARNING)
     elif os.environ.get("RAY_ADDRESS"):          # inside `ray job submit`
         ray.init(logging_level=logging.WARNING)
-    else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    else:                                         # a new local Ray, never one found on the machine
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 

@@ -1,0 +1,130 @@
+"""The Parquet job on other shapes of Ray: logical GPUs, a cluster started with `ray start` and a job submitted to it
+with `ray job submit`, and the vLLM backend in an actor. Each cluster here is its own, started in a subprocess, so
+the session's Ray is never disturbed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.pipeline_helpers import PROMPTS, job, read_outputs, reference_generate, write_prompts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+def env() -> dict:
+    paths = [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != ROOT]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths), RAY_USAGE_STATS_ENABLED="0")
+
+
+def phi3_batch() -> list[str]:
+    """The installed console script, or the module when the checkout is not installed."""
+    script = os.path.join(BIN, "phi3-batch")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "pipeline.cli"]
+
+
+def test_two_actors_with_one_gpu_each_get_distinct_gpu_ids(tiny_model_dir, tmp_path):
+    src = write_prompts(str(tmp_path / "in"))
+    config = job(src, str(tmp_path / "out"), tiny_model_dir, max_new_tokens=2, shard_rows=4, actors="auto",
+                 gpus_per_actor=1)
+    script = textwrap.dedent(f"""
+        import json, ray, pipeline
+        ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR")
+        summary = pipeline.run({config!r})
+        print("SUMMARY " + json.dumps(dict(ok=summary.ok, actors=summary.actors)))
+        """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.split("SUMMARY ", 1)[1])
+    gpus = [a["gpu_ids"] for a in summary["actors"]]
+    assert summary["ok"] and len(gpus) == 2                       # auto: 2 GPUs / 1 per actor
+    assert all(len(g) == 1 for g in gpus) and sorted(g[0] for g in gpus) == ["0", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dashboard_missing() -> str | None:
+    from ray._private.utils import get_dashboard_dependency_error
+    error = get_dashboard_dependency_error()
+    return None if error is None else f"ray job submission needs ray[default] (dashboard): {error}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(dashboard_missing() is not None, reason=str(dashboard_missing()))
+def test_ray_job_submit_to_a_head_started_with_ray_start(tiny_model_dir, tmp_path):
+    """`ray start --head` on free ports, `ray job submit -- phi3-batch run ...`, SUCCEEDED, outputs checked, head
+    stopped. The head is stopped through its own `ray start --block` process (SIGINT makes it take its processes
+    down) rather than `ray stop`, which kills every Ray on the machine, the session's included."""
+    src = write_prompts(str(tmp_path / "in"))
+    out = str(tmp_path / "out")
+    names = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "node-manager-port", "object-manager-port", "runtime-env-agent-port", "metrics-export-port",
+             "ray-client-server-port")
+    ports = {name: free_port() for name in names}
+    temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")     # short: Ray's socket paths must stay under 108 bytes
+    ray = os.path.join(BIN, "ray")
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
+                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", temp,
+                             "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]],
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(address + "/api/version", timeout=2)
+                break
+            except OSError:
+                assert head.poll() is None and time.monotonic() < deadline, "the head did not come up"
+                time.sleep(1)
+        submit = subprocess.run(
+            [ray, "job", "submit", "--address", address, "--submission-id", "phi3-batch-test", "--",
+             *phi3_batch(), "run", "-i", src, "-o", out, "--model", tiny_model_dir, "--max-new-tokens", "4",
+             "--shard-rows", "8", "--dtype", "float32", "--device", "cpu", "--progress", "log"],
+            env=env(), capture_output=True, text=True, timeout=400)
+        status = subprocess.run([ray, "job", "status", "--address", address, "phi3-batch-test"], env=env(),
+                                capture_output=True, text=True, timeout=60)
+        assert "SUCCEEDED" in status.stdout, submit.stdout[-3000:] + submit.stderr[-3000:]
+    finally:
+        head.send_signal(signal.SIGINT)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+    summary = json.load(open(os.path.join(out, "_summary.json")))
+    assert summary["ok"] and summary["rows_ok"] == len(PROMPTS)
+    assert [r["prompt"] for r in read_outputs(out)] == PROMPTS
+
+
+@pytest.mark.vllm
+def test_vllm_backend_in_an_actor_equals_generate(ray_local, vllm_model_dir, tmp_path):
+    """The same job on the vLLM backend: completions equal Phi3CausalLM.generate (native engine, greedy) on the
+    same checkpoint, whose greedy tokens the vLLM tests check against HF transformers."""
+    pytest.importorskip("vllm")
+    from phi3_model.causal_lm import Phi3CausalLM
+    lm = Phi3CausalLM.from_preset(vllm_model_dir, dtype="float32", device="cpu")
+    lm.compile(sampler="greedy")
+    prompts = PROMPTS[:8]
+    src = write_prompts(str(tmp_path / "in"), {"p.parquet": (prompts, 3)})
+    summary = __import__("pipeline").run(job(
+        src, str(tmp_path / "out"), vllm_model_dir, backend="vllm", max_new_tokens=8, shard_rows=3,
+        engine_options=dict(max_model_len=512, max_num_seqs=16, kv_cache_space_gib=1)))
+    assert summary.ok and summary.actors[0]["backend"] == "vllm"
+    rows = pq.read_table(str(tmp_path / "out" / "p.parquet")).to_pylist()
+    assert [r["completion"] for r in rows] == reference_generate(lm, prompts, 8)
