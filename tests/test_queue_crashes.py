@@ -8,10 +8,14 @@ import json
 import signal
 import time
 
+import pytest
+
 from tests.fixtures.redis_server import audit, spawn_worker, wait_for, worker_config
 from workers.queue import QueueClient, QueueWorker
 
-FLAGS = ("--claim-idle", "1", "--block-ms", "100", "--max-deliveries", "3")
+pytestmark = pytest.mark.timeout(400)  # a hang fails the test with every thread's stack
+
+FLAGS = ("--claim-idle", "1", "--block-ms", "100")
 START_S = 180  # a worker process imports torch and loads the model; the 2-core machine may be busy
 
 

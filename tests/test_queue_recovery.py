@@ -12,6 +12,8 @@ import pytest
 from tests.fixtures.redis_server import FaultProxy, audit, worker_config
 from workers.queue import QueueClient, QueueWorker, scripts
 
+pytestmark = pytest.mark.timeout(180)  # a hang fails the test with every thread's stack
+
 
 def requests(n: int, hook: str | None = None, tag: str = "r", tokens: int = 3):
     meta = {"metadata": {"_test": hook}} if hook else {}

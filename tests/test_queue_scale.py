@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from tests.fixtures.redis_server import worker_config
 from workers.queue import QueueClient, QueueWorker
 from workers.queue.immediate import ImmediateBackend
+
+pytestmark = pytest.mark.timeout(240)  # a hang fails the test with every thread's stack
 
 N, BACKLOG, CHUNK = 100_000, 5_000, 1_000
 

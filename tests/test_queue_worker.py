@@ -14,6 +14,8 @@ from pipeline.queue_cli import queue_app
 from tests.fixtures.redis_server import audit, wait_for, worker_config, worker_health
 from workers.queue import QueueClient, QueueWorker
 
+pytestmark = pytest.mark.timeout(180)  # a hang fails the test with every thread's stack
+
 PROMPTS = ["The quick brown fox", "Phi-3 is a small language model", "Redis streams deliver each request",
            "def add(a, b):", "What is the capital of France?"]
 

@@ -14,11 +14,10 @@ class ImmediateBackend(EngineBackend):
 
     @classmethod
     def from_dir(cls, path: str | None) -> "ImmediateBackend":
-        """With a tokenizer from `path` (a model or tokenizer directory), or none (requests send token ids)."""
-        if not path:
-            return cls()
-        from phi3_model.tokenizer import Phi3Tokenizer
-        return cls(Phi3Tokenizer.from_dir(path))
+        """With the tokenizer of `path` (a model or tokenizer directory) if it has one; without, requests must
+        send prompt_token_ids."""
+        from phi3_model.presets import load_tokenizer
+        return cls(load_tokenizer(path) if path else None)
 
     async def start(self) -> None:
         pass

@@ -70,10 +70,10 @@ class QueueWorker:
             while self.solo:
                 await self._run_solo()
             await self._until(lambda: not self.active)
-        finally:
-            for t in background:
+        finally:  # no engine call outlives the worker (its loop may close next)
+            for t in background + list(self._tasks):
                 t.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*background, *self._tasks, return_exceptions=True)
             self.state = "stopped"
             try:
                 await self.health.publish(self.state, 0)
