@@ -1,0 +1,222 @@
+"""Queue throughput: the same requests through the engine called directly, one queue worker, two queue workers;
+and the queue's own ceiling with a backend that answers at once.
+
+    python -m bench.queue [--json PATH] [--requests N] [--ceiling-requests N]
+
+Model: a tiny Phi-3 (vocab 32064, hidden 64, 2 layers, GQA 4/2 heads, random weights, no tokenizer: requests carry
+token ids). Workload: prompts of 8-64 tokens, 8-48 new tokens each (greedy, no stop tokens), fixed seed. Rows:
+  engine_direct     NativeBackend.generate for every request at once (asyncio.gather), engine threads = cores
+  queue_1_worker    one `phi3-batch queue worker` process (same engine, threads = cores): from the first enqueue
+                    (all requests in bulk, worker already running) to the last result written
+  queue_2_workers   two worker processes, one engine thread each, consuming the same group
+  queue_ceiling     ImmediateBackend (bench-only: answers at once, no model), one in-process worker draining
+                    pre-enqueued requests: requests/s is the queue's own per-worker ceiling
+One redis-server (append-only, fsync every second) serves all rows; it is not counted in peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from .common import Timer, print_table, run_row, write_child_result, write_json
+
+ROWS = ["engine_direct", "queue_1_worker", "queue_2_workers", "queue_ceiling"]
+
+
+def checkpoint() -> str:
+    from phi3_model.checkpoint import build_model, save_checkpoint
+    from phi3_model.config import Phi3Config
+    import torch
+    d = os.path.join(os.environ.get("PHI3_BENCH_DIR", "/tmp/phi3_bench"), "queue_tiny")
+    if not os.path.exists(os.path.join(d, "model.safetensors")):
+        cfg = Phi3Config(vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         original_max_position_embeddings=512, sliding_window=None)
+        save_checkpoint(build_model(cfg, torch.float32, "cpu", seed=0), d + ".tmp")
+        os.replace(d + ".tmp", d) if not os.path.exists(d) else None
+    return d
+
+
+def workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(3, 32000) for _ in range(rng.randint(8, 64))], rng.randint(8, 48)) for _ in range(n)]
+
+
+def requests(work, tag: str) -> list[dict]:
+    return [{"id": f"{tag}{i}", "prompt_token_ids": p, "max_new_tokens": n, "stop_token_ids": "none"}
+            for i, (p, n) in enumerate(work)]
+
+
+def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
+                             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                             "--logfile", os.path.join(directory, "redis.log")])
+    import redis
+    for _ in range(200):
+        try:
+            if redis.Redis(port=port).ping():
+                return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError(f"redis-server on port {port} did not start; see {directory}/redis.log")
+
+
+# ---- rows (each runs in a child process) ---------------------------------------------------------------------
+
+def row_direct(a) -> dict:
+    from phi3_model.engine import SamplingParams
+    from workers.backend import BackendConfig
+    from workers.native_backend import NativeBackend
+
+    async def go():
+        backend = NativeBackend(BackendConfig(model=a["ckpt"], dtype="float32", device="cpu",
+                                              options={"threads": a["threads"]}))
+        await backend.start()
+        params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for _, n in a["work"]]
+        await backend.generate(a["work"][0][0], params[0])  # warm-up
+        with Timer() as t:
+            outs = await asyncio.gather(*(backend.generate(p, sp) for (p, _), sp in zip(a["work"], params)))
+        await backend.close()
+        return t.seconds, sum(len(o.token_ids) for o in outs)
+    seconds, tokens = asyncio.run(go())
+    return {"seconds": seconds, "output_tokens": tokens, "requests": len(a["work"])}
+
+
+def row_workers(a, n_workers: int) -> dict:
+    """Worker processes started first (each reports state=running in its health hash once its engine is up);
+    timed from the first enqueue to the last result written."""
+    import redis
+    from workers.queue import QueueClient
+    prefix = f"bench{n_workers}"
+    r = redis.Redis.from_url(a["url"])
+    threads = max(1, a["threads"] // n_workers)
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.queue_cli", "worker", "--model", a["ckpt"],
+                               "--dtype", "float32", "--device", "cpu", "--option", f"threads={threads}",
+                               "--name", f"w{i}", "--url", a["url"], "--prefix", prefix, "--max-in-flight", "256",
+                               "--health-interval", "1"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+             for i in range(n_workers)]
+
+    async def submit(reqs):
+        async with QueueClient(a["url"], prefix) as client:
+            return await client.submit_many(reqs, chunk=1000)
+    try:
+        while any(r.hget(f"{prefix}:workers:w{i}", "state") != b"running" for i in range(n_workers)):
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a worker process exited before it was ready")
+            time.sleep(0.05)
+        with Timer() as t:
+            ids = asyncio.run(submit(requests(a["work"], "r")))
+            while r.xlen(f"{prefix}:results") < len(ids):
+                time.sleep(0.01)
+        values = r.mget([f"{prefix}:result:{i}" for i in ids])
+        tokens = sum(json.loads(v)["completion_tokens"] for v in values)
+        per_worker = {}
+        for v in values:
+            w = json.loads(v)["worker"]
+            per_worker[w] = per_worker.get(w, 0) + 1
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(60)
+    return {"seconds": t.seconds, "output_tokens": tokens, "requests": len(ids), "per_worker": per_worker}
+
+
+def row_ceiling(a) -> dict:
+    from workers.queue import QueueClient, QueueWorker, WorkerConfig
+    from workers.queue.immediate import ImmediateBackend
+    prefix, n = "ceiling", a["ceiling_requests"]
+
+    async def go():
+        async with QueueClient(a["url"], prefix) as client:
+            await client.submit_many(({"id": f"c{i}", "prompt_token_ids": [1, 2, 3 + i % 5], "max_new_tokens": 1}
+                                      for i in range(n)), chunk=2000)
+            worker = QueueWorker(ImmediateBackend(), WorkerConfig(url=a["url"], prefix=prefix, name="c0",
+                                                                  max_in_flight=2048, read_count=1024))
+            with Timer() as t:
+                serving = asyncio.create_task(worker.run())
+                while worker.counters.processed < n:
+                    await asyncio.sleep(0.002)
+            worker.stop()
+            await serving
+            return t.seconds, worker.counters.processed
+    seconds, done = asyncio.run(go())
+    return {"seconds": seconds, "requests": done, "output_tokens": done}
+
+
+def child(row: str, args: dict, out: str) -> None:
+    fn = {"engine_direct": row_direct, "queue_1_worker": lambda a: row_workers(a, 1),
+          "queue_2_workers": lambda a: row_workers(a, 2), "queue_ceiling": row_ceiling}[row]
+    try:
+        r = fn(args)
+        r["requests_per_s"] = round(r["requests"] / r["seconds"], 1)
+        r["output_tokens_per_s"] = round(r["output_tokens"] / r["seconds"], 1) if row != "queue_ceiling" else None
+        if row == "queue_ceiling":
+            r["requests_per_s_per_worker"] = r["requests_per_s"]
+    except Exception as e:  # reported in the table, the other rows still run
+        r = {"error": f"{type(e).__name__}: {e}"}
+    write_child_result(out, r)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write the rows as JSON here")
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--ceiling-requests", type=int, default=50_000)
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--child"), ap.add_argument("--child-args"), ap.add_argument("--child-out")
+    a = ap.parse_args(argv)
+    if a.child:
+        return child(a.child, json.loads(a.child_args), a.child_out)
+    if shutil.which("redis-server") is None:
+        sys.exit("bench.queue needs redis-server on PATH")
+    work = workload(a.requests)
+    tmp = tempfile.mkdtemp(prefix="bench_queue_")
+    server, url = start_redis(tmp)
+    try:
+        args = {"ckpt": checkpoint(), "work": work, "threads": a.threads, "url": url,
+                "ceiling_requests": a.ceiling_requests}
+        rows = []
+        for row in a.rows.split(","):
+            rows.append(run_row("bench.queue", row, args))
+            print(f"  {row}: {rows[-1].get('output_tokens_per_s') or rows[-1].get('requests_per_s')} "
+                  f"{'tok/s' if rows[-1].get('output_tokens_per_s') else 'req/s'} {rows[-1].get('error', '')}",
+                  file=sys.stderr)
+    finally:
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    direct = next((r for r in rows if r["name"] == "engine_direct" and r.get("output_tokens_per_s")), None)
+    for r in rows:
+        if direct and r.get("output_tokens_per_s"):
+            r["vs_direct"] = round(r["output_tokens_per_s"] / direct["output_tokens_per_s"], 3)
+    wl = {"model": "phi3 tiny (hidden 64, 2 layers, vocab 32064), random weights, fp32, CPU",
+          "requests": a.requests, "prompt_tokens": sum(len(p) for p, _ in work),
+          "output_tokens": sum(n for _, n in work), "prompt_len": "8-64", "output_len": "8-48 (greedy, no stops)",
+          "ceiling_requests": a.ceiling_requests, "threads": a.threads,
+          "targets": {"queue_1_worker_vs_direct": 0.95, "ceiling_requests_per_s_per_worker": 10_000}}
+    print_table(f"bench.queue: {a.requests} requests, {wl['output_tokens']} output tokens; ceiling over "
+                f"{a.ceiling_requests} requests", rows,
+                [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
+                 ("requests_per_s", "req/s", "{:.1f}"), ("seconds", "s", "{:.2f}"),
+                 ("peak_rss_mb", "peak MB", "{:.0f}")])
+    if a.json:
+        write_json(a.json, rows, wl)
+
+
+if __name__ == "__main__":
+    main()
