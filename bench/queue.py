@@ -10,7 +10,8 @@ token ids). Workload: prompts of 8-64 tokens, 8-48 new tokens each (greedy, no s
                     (all requests in bulk, worker already running) to the last result written
   queue_2_workers   two worker processes, one engine thread each, consuming the same group
   queue_ceiling     ImmediateBackend (bench-only: answers at once, no model), one in-process worker draining
-                    pre-enqueued requests: requests/s is the queue's own per-worker ceiling
+                    pre-enqueued requests: requests/s is the queue's own per-worker ceiling; also requests per
+                    CPU-second of that process (the ceiling on an otherwise idle core)
 One redis-server (append-only, fsync every second) serves all rows; it is not counted in peak RSS.
 """
 from __future__ import annotations
@@ -138,23 +139,28 @@ def row_workers(a, n_workers: int) -> dict:
 def row_ceiling(a) -> dict:
     from workers.queue import QueueClient, QueueWorker, WorkerConfig
     from workers.queue.immediate import ImmediateBackend
+    from workers.queue.process import tune_gc
     prefix, n = "ceiling", a["ceiling_requests"]
 
     async def go():
         async with QueueClient(a["url"], prefix) as client:
             await client.submit_many(({"id": f"c{i}", "prompt_token_ids": [1, 2, 3 + i % 5], "max_new_tokens": 1}
                                       for i in range(n)), chunk=2000)
+            tune_gc()  # as the worker CLI does once its engine is up
             worker = QueueWorker(ImmediateBackend(), WorkerConfig(url=a["url"], prefix=prefix, name="c0",
                                                                   max_in_flight=2048, read_count=1024))
+            cpu0 = time.process_time()
             with Timer() as t:
                 serving = asyncio.create_task(worker.run())
                 while worker.counters.processed < n:
                     await asyncio.sleep(0.002)
+            cpu = time.process_time() - cpu0
             worker.stop()
             await serving
-            return t.seconds, worker.counters.processed
-    seconds, done = asyncio.run(go())
-    return {"seconds": seconds, "requests": done, "output_tokens": done}
+            return t.seconds, cpu, worker.counters.processed
+    seconds, cpu, done = asyncio.run(go())
+    return {"seconds": seconds, "requests": done, "output_tokens": done,
+            "requests_per_cpu_s": round(done / cpu, 1)}
 
 
 def child(row: str, args: dict, out: str) -> None:
@@ -212,7 +218,8 @@ def main(argv=None) -> None:
     print_table(f"bench.queue: {a.requests} requests, {wl['output_tokens']} output tokens; ceiling over "
                 f"{a.ceiling_requests} requests", rows,
                 [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
-                 ("requests_per_s", "req/s", "{:.1f}"), ("seconds", "s", "{:.2f}"),
+                 ("requests_per_s", "req/s", "{:.1f}"), ("requests_per_cpu_s", "req/cpu-s", "{:.0f}"),
+                 ("seconds", "s", "{:.2f}"),
                  ("peak_rss_mb", "peak MB", "{:.0f}")])
     if a.json:
         write_json(a.json, rows, wl)

@@ -153,9 +153,11 @@ def worker(model: str = _W["model"], backend: str = _W["backend"], dtype: str = 
 
     async def go():
         from workers.queue.backends import make_backend
+        from workers.queue.process import tune_gc
         from workers.queue.worker import QueueWorker
         engine = make_backend(bc)
         await engine.start()
+        tune_gc()
         try:
             return await QueueWorker(engine, wc).run(install_signals=True)
         finally:

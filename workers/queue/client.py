@@ -7,7 +7,6 @@ cannot leave a waiter hanging while the result exists.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import Any, AsyncIterator, Iterable
@@ -114,7 +113,7 @@ class QueueClient:
         for i in range(0, len(ids), 1000):
             part = ids[i:i + 1000]
             values = await self.r.mget([self.names.result(x) for x in part])
-            out += [QueueResult.model_validate(json.loads(v)) for v in values if v is not None]
+            out += [QueueResult.model_validate_json(v) for v in values if v is not None]
         return out
 
     async def _last_id(self, stream: str):

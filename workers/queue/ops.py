@@ -49,16 +49,17 @@ class Ops:
             counts[flat[i]] = flat[i + 1]
         return ("(" + last.decode() if last else None), entries, counts, lost
 
-    async def write_results(self, items: list[tuple[str, str]], ttl_s: int, maxlen: int) -> bytes:
+    async def write_results(self, items: list[tuple[str, bytes]], ttl_s: int, maxlen: int) -> bytes:
         """items: (request id, result json). -> b'1' per result written now, b'0' per result that existed."""
-        args = [ttl_s, maxlen, self.n.result("")]
+        parts = []
         for rid, body in items:
-            args += (rid, body)
-        return await self._write(keys=[self.n.results], args=args)
+            rid = rid.encode()
+            parts += (b"%d %d " % (len(rid), len(body)), rid, body)
+        return await self._write(keys=[self.n.results], args=[ttl_s, maxlen, self.n.result(""), b"".join(parts)])
 
     async def ack(self, ids: list[bytes]) -> None:
         """XACK, XDEL, and forget any recorded error of these entries."""
-        await self._ack(keys=[self.n.requests, self.n.errors], args=[self.group, *ids])
+        await self._ack(keys=[self.n.requests, self.n.errors], args=[self.group, b" ".join(ids)])
 
     async def dead_letter(self, letters: list[dict], ttl_s: int) -> int:
         """letters: {entry, id, error, ...}; the request's result key gets a status=dead result."""

@@ -15,6 +15,7 @@ from workers.backend import BackendConfig
 
 from .backends import make_backend
 from .config import WorkerConfig
+from .process import tune_gc
 from .worker import QueueWorker
 
 
@@ -31,6 +32,7 @@ class QueueActor:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         backend = make_backend(self.backend_config)
         await backend.start()
+        tune_gc()
         try:
             self.worker = QueueWorker(backend, self.worker_config)
             if self.stopped:

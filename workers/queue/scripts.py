@@ -34,32 +34,43 @@ end
 return table.concat(ids, ' ')
 """
 
-# KEYS: results stream. ARGV: ttl s, results maxlen, result key prefix, then (request id, result json) pairs.
+# KEYS: results stream. ARGV: ttl s, results maxlen, result key prefix, then one string of records
+# `<id length> <json length> <id><json>` (one argument: redis-py packs each argument in Python).
 # SET NX: a result already written (by a worker that died before acking) is kept, and announced only once.
 # Returns one character per result: 1 = written now, 0 = existed.
 WRITE_RESULTS = """
-local out = {}
-for j = 4, #ARGV, 2 do
-  if redis.call('SET', ARGV[3] .. ARGV[j], ARGV[j + 1], 'NX', 'EX', ARGV[1]) then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'id', ARGV[j])
+local blob, pos, out = ARGV[4], 1, {}
+while pos <= #blob do
+  local _, e, il, bl = string.find(blob, '^(%d+) (%d+) ', pos)
+  il, bl = tonumber(il), tonumber(bl)
+  local id = string.sub(blob, e + 1, e + il)
+  if redis.call('SET', ARGV[3] .. id, string.sub(blob, e + il + 1, e + il + bl), 'NX', 'EX', ARGV[1]) then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'id', id)
     out[#out + 1] = '1'
   else
     out[#out + 1] = '0'
   end
+  pos = e + il + bl + 1
 end
 return table.concat(out)
 """
 
-# KEYS: requests stream, errors hash. ARGV: group, then entry ids. XACK before XDEL: an entry is never absent
-# from the stream while still pending, which a reclaimer would report as lost.
+# KEYS: requests stream, errors hash. ARGV: group, entry ids separated by spaces. XACK before XDEL: an entry is
+# never absent from the stream while still pending, which a reclaimer would report as lost.
 ACK = """
-for i = 2, #ARGV, 4000 do
-  local ids = {unpack(ARGV, i, math.min(i + 3999, #ARGV))}
+local ids = {}
+local function flush()
   redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
   redis.call('XDEL', KEYS[1], unpack(ids))
   redis.call('HDEL', KEYS[2], unpack(ids))
+  ids = {}
 end
-return #ARGV - 1
+for id in string.gmatch(ARGV[2], '%S+') do
+  ids[#ids + 1] = id
+  if #ids == 4000 then flush() end
+end
+if #ids > 0 then flush() end
+return 1
 """
 
 # KEYS: requests stream, dead stream, errors hash, then one result key per letter ('' when the request has no id).

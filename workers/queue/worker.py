@@ -9,13 +9,13 @@ runs alone, so a request that kills the process cannot take its batch neighbours
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
 import time
 from collections import deque
 
+from pydantic_core import to_json  # 5x faster than json.dumps for the result dict
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
 
@@ -26,6 +26,7 @@ from .config import WorkerConfig
 from .connection import Names, connect, redact
 from .health import Counters, Health
 from .ops import Ops, entry_time
+from .process import apply_hook
 from .schema import row_spec
 
 log = logging.getLogger("phi3.queue")
@@ -45,7 +46,8 @@ class QueueWorker:
         self.hooks = os.environ.get("PHI3_BATCH_TEST_HOOKS") == "1"
         self.active: set[bytes] = set()  # running, or finished and awaiting the acker
         self.solo: deque[Job] = deque()  # last-chance deliveries, run one at a time
-        self.done: asyncio.Queue = asyncio.Queue()
+        self.done: deque = deque()  # finished outcomes for the acker: (kind, entry id, payload)
+        self._done_added = asyncio.Event()
         self.stopping = False
         self.state = "starting"
         self._changed = asyncio.Event()
@@ -105,7 +107,7 @@ class QueueWorker:
             for entry_id in lost:
                 self.active.add(entry_id)
                 self.counters.lost += 1
-                self.done.put_nowait(("dead", entry_id, self._lost_letter(entry_id)))
+                self._finish(("dead", entry_id, self._lost_letter(entry_id)))
             if entries:
                 self.counters.reclaimed += len(entries) if not owner else 0
                 log.info("claimed %d pending entries%s", len(entries), " of this consumer" if owner else "")
@@ -147,15 +149,13 @@ class QueueWorker:
             self.active.add(i)
         runnable, finished = await admit_entries(self, entries, counts)
         for item in finished:
-            self.done.put_nowait(item)
+            self._finish(item)
         for job in runnable:
             if job.deliveries > 1 and job.deliveries >= self.cfg.max_deliveries:
                 self.active.discard(job.entry_id)
                 self.solo.append(job)
             else:
-                task = asyncio.create_task(self._run(job))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._tasks.add(asyncio.create_task(self._run(job)))
 
     async def _run_solo(self) -> None:
         """A claimed last-chance entry runs even when stopping: its delivery is already counted."""
@@ -173,7 +173,7 @@ class QueueWorker:
         req, started = job.request, time.time()
         try:
             if job.hook:
-                await _apply_hook(job.hook)
+                await apply_hook(job.hook)
             if len(job.prompt_ids) >= self.backend.max_model_len:
                 raise RequestError(f"prompt has {len(job.prompt_ids)} tokens; the model's context is "
                                    f"{self.backend.max_model_len} (max_model_len), leaving no room to generate")
@@ -191,22 +191,26 @@ class QueueWorker:
             log.warning("request %r (entry %s, delivery %d) failed: %s", req.id, job.entry_id.decode(),
                         job.deliveries, error)
             if job.deliveries >= self.cfg.max_deliveries:
-                self.done.put_nowait(("dead", job.entry_id, dead_letter(
+                self._finish(("dead", job.entry_id, dead_letter(
                     job.entry_id, job.raw, f"failed on each of {job.deliveries} deliveries; last error: {error}",
                     job.deliveries, self.cfg.name, req.id, req.metadata)))
             else:
-                self.done.put_nowait(("release", job.entry_id, error))
+                self._finish(("release", job.entry_id, error))
             return
+        finally:
+            self._tasks.discard(asyncio.current_task())
         body.update(worker=self.cfg.name, deliveries=job.deliveries, enqueued_at=entry_time(job.entry_id),
                     started_at=started, finished_at=time.time(), metadata=req.metadata)
-        self.done.put_nowait(("result", job.entry_id, (req.id, json.dumps(body), body["status"], job.hook)))
+        self._finish(("result", job.entry_id, (req.id, to_json(body), body["status"], job.hook)))
 
     async def _acker(self) -> None:
         """Batches finished entries: results written (one script call), then acked and deleted (one pipeline)."""
         while True:
-            batch = [await self.done.get()]
-            while not self.done.empty() and len(batch) < 4096:
-                batch.append(self.done.get_nowait())
+            await self._done_added.wait()
+            self._done_added.clear()
+            batch = [self.done.popleft() for _ in range(min(len(self.done), 4096))]
+            if len(self.done):
+                self._done_added.set()
             results = [(e, p) for kind, e, p in batch if kind == "result"]
             if results:
                 flags = await self._redis(lambda: self.ops.write_results(
@@ -254,6 +258,10 @@ class QueueWorker:
             await asyncio.sleep(self.cfg.health_interval_s)
 
     # ---- plumbing -----------------------------------------------------------------------------------------------
+    def _finish(self, item: tuple) -> None:
+        self.done.append(item)
+        self._done_added.set()
+
     async def _until(self, ready) -> None:
         while not ready():
             self._changed.clear()
@@ -295,13 +303,3 @@ class QueueWorker:
             signal.signal(sig, lambda *_: os._exit(128 + signal.SIGTERM))  # a second signal exits without acking
         log.warning("stopping: finishing %d held entries (signal again to exit at once)", len(self.active))
         self.stop()
-
-
-async def _apply_hook(hook: str) -> None:
-    """Test hooks, honoured only with PHI3_BATCH_TEST_HOOKS=1 in the worker's environment."""
-    if hook.startswith("sleep:"):
-        await asyncio.sleep(float(hook.split(":", 1)[1]))
-    elif hook == "raise":
-        raise RuntimeError("test hook: raise")
-    elif hook == "exit":
-        os._exit(3)
