@@ -1,6 +1,10 @@
 """Session-wide fixtures live in tests/fixtures/*: one module per concern, registered here."""
 import os
 
+# One intra-op thread per process: test processes (engines, Ray workers, vLLM, redis) share 2 cores, and
+# OpenMP threads spinning on a busy core made small ops 50x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,10 +1,12 @@
 """Paged attention in plain torch: one KV pool per layer, block tables per sequence.
 
+Pool layout per layer: [Hkv, num_blocks, block_size, D] (heads outermost), so one `index_select` of a group's
+blocks lands as [Hkv, B, T, D] and batched matmuls read it in place as [Hkv*B, T, D] with no further copy.
 Per layer and step: the step's new keys/values are written into their slots first, then
-- decoding sequences (1 query each) attend in one batched SDPA over their blocks gathered into a padded
-  [B, Hkv, T, D] view, bucketed by context length to bound padding;
-- prefilling sequences attend one by one: straight over the fresh keys when nothing is cached, else over their
-  blocks gathered from the pool (prefix-cache hits, chunked prefill).
+- decoding sequences (1 query each) attend in bucketed groups: their blocks gathered into a reused scratch
+  buffer (no fresh multi-MB allocation per layer: page faults dominated on CPU), then bmm, masked softmax, bmm;
+- prefilling sequences attend one by one with SDPA: straight over the fresh keys when nothing is cached, else
+  over their blocks gathered from the pool (prefix-cache hits, chunked prefill).
 Writing every key of the step before any read is what lets sequences share blocks computed in the same step.
 """
 from __future__ import annotations
@@ -18,14 +20,16 @@ from ..attention import causal_mask
 
 
 class KVCache:
-    """k, v: [layers, num_blocks, block_size, Hkv, D]."""
+    """k, v: [layers, Hkv, num_blocks, block_size, D]."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device):
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.num_blocks = num_blocks
+        self._scratch = torch.empty(0, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
@@ -35,13 +39,19 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def scratch(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two reused buffers of `numel` elements (grown by 1.5x when short)."""
+        if self._scratch.numel() < 2 * numel:
+            self._scratch = torch.empty(int(2 * numel * 1.5), dtype=self.k.dtype, device=self.k.device)
+        return self._scratch[:numel], self._scratch[numel:2 * numel]
+
 
 @dataclass
 class DecodeGroup:
     token_idx: torch.Tensor  # [B] row of each query in the flat step
-    slots: torch.Tensor  # [B, T] slot of each key (flattened block_table * block_size + offset)
-    key_pos: torch.Tensor  # [B, T] position of each key
-    valid: torch.Tensor  # [B, 1, 1, T] bool mask (context length, sliding window)
+    blocks: torch.Tensor  # [B*nb] block ids, row-major per sequence (padded with block 0)
+    num_blocks: int  # nb: blocks per sequence in this group
+    masked: torch.Tensor  # [B, T] bool: key position not visible (past the context or outside the window)
 
 
 @dataclass
@@ -65,31 +75,47 @@ class PagedContext:
     def attend(self, layer: int, q, k, v):
         N, H, D = q.shape
         Hkv = k.shape[1]
-        kc = self.cache.k[layer].view(-1, Hkv, D)  # [num_blocks*block_size, Hkv, D]
-        vc = self.cache.v[layer].view(-1, Hkv, D)
-        kc[self.slot_mapping] = k
-        vc[self.slot_mapping] = v
+        bs, nblocks = self.cache.block_size, self.cache.num_blocks
+        kc = self.cache.k[layer].view(Hkv, nblocks * bs, D)
+        vc = self.cache.v[layer].view(Hkv, nblocks * bs, D)
+        kc[:, self.slot_mapping] = k.transpose(0, 1)
+        vc[:, self.slot_mapping] = v.transpose(0, 1)
         out = torch.empty_like(q)
-        gqa = H != Hkv
         for g in self.decode:
-            B, T = g.slots.shape
-            qd = q[g.token_idx].unsqueeze(2)  # [B, H, 1, D]
-            kd = kc[g.slots].permute(0, 2, 1, 3)  # [B, Hkv, T, D]
-            vd = vc[g.slots].permute(0, 2, 1, 3)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.valid, enable_gqa=gqa)
-            out[g.token_idx] = o.squeeze(2)
+            out[g.token_idx] = self._decode(q[g.token_idx], kc, vc, g)
         for p in self.prefill:
             qp = q[p.token_slice].transpose(0, 1)  # [H, q, D]
             if p.slots is None:
                 kp, vp = k[p.token_slice].transpose(0, 1), v[p.token_slice].transpose(0, 1)  # [Hkv, q, D]
                 k_pos = p.q_pos
             else:
-                kp, vp = kc[p.slots].transpose(0, 1), vc[p.slots].transpose(0, 1)  # [Hkv, k, D]
+                kp, vp = kc[:, p.slots], vc[:, p.slots]  # [Hkv, k, D]
                 k_pos = p.k_pos
             if self.sliding_window is None and p.slots is None:
-                o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa)
+                o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=H != Hkv)
             else:
                 mask = causal_mask(p.q_pos, k_pos, self.sliding_window)
-                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=gqa)
+                o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=H != Hkv)
             out[p.token_slice] = o.transpose(0, 1)
         return out
+
+    def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, g: DecodeGroup) -> torch.Tensor:
+        """q [B, H, D] -> [B, H, D] over the group's blocks."""
+        B, H, D = q.shape
+        Hkv = kc.shape[0]
+        G = H // Hkv
+        bs = self.cache.block_size
+        T = g.num_blocks * bs
+        kbuf, vbuf = self.cache.scratch(Hkv * B * T * D)
+        src_k = kc.view(Hkv, -1, bs * D)  # [Hkv, num_blocks, bs*D]
+        src_v = vc.view(Hkv, -1, bs * D)
+        torch.index_select(src_k, 1, g.blocks, out=kbuf.view(Hkv, B * g.num_blocks, bs * D))
+        torch.index_select(src_v, 1, g.blocks, out=vbuf.view(Hkv, B * g.num_blocks, bs * D))
+        keys = kbuf.view(Hkv * B, T, D)
+        values = vbuf.view(Hkv * B, T, D)
+        qh = q.view(B, Hkv, G, D).transpose(0, 1).reshape(Hkv * B, G, D)
+        scores = torch.bmm(qh, keys.transpose(1, 2)).float() * D ** -0.5  # [Hkv*B, G, T]
+        scores.view(Hkv, B, G, T).masked_fill_(g.masked[None, :, None, :], float("-inf"))
+        probs = scores.softmax(-1).to(q.dtype)
+        o = torch.bmm(probs, values)  # [Hkv*B, G, D]
+        return o.view(Hkv, B, G, D).transpose(0, 1).reshape(B, H, D)

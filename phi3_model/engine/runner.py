@@ -73,15 +73,14 @@ class ModelRunner:
         bs, dev = self.block_size, self.device
         T = max(lens[i] for i in members)
         nb = -(-T // bs)
-        bt = torch.tensor([tables[i][:nb] + [0] * (nb - len(tables[i][:nb])) for i in members], device=dev)
-        t = torch.arange(T, device=dev)
-        key_slots = bt[:, t // bs] * bs + t % bs  # [B, T]
+        blocks = [b for i in members for b in tables[i][:nb] + [0] * (nb - len(tables[i][:nb]))]
+        t = torch.arange(nb * bs, device=dev)
         ctx_len = torch.tensor([lens[i] for i in members], device=dev)[:, None]
-        valid = t[None, :] < ctx_len  # [B, T]
+        masked = t[None, :] >= ctx_len  # [B, T]
         if self.sliding_window is not None:
-            valid &= t[None, :] > (ctx_len - 1) - self.sliding_window
-        return DecodeGroup(torch.tensor([rows[i] for i in members], device=dev), key_slots,
-                           t[None, :].expand(len(members), T), valid[:, None, None, :])
+            masked |= t[None, :] <= (ctx_len - 1) - self.sliding_window
+        return DecodeGroup(torch.tensor([rows[i] for i in members], device=dev),
+                           torch.tensor(blocks, dtype=torch.long, device=dev), nb, masked)
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
