@@ -164,6 +164,7 @@ def row_ceiling(a) -> dict:
 
 
 def child(row: str, args: dict, out: str) -> None:
+    args["work"] = workload(args["requests"])  # regenerated (seeded): a command line cannot carry it
     fn = {"engine_direct": row_direct, "queue_1_worker": lambda a: row_workers(a, 1),
           "queue_2_workers": lambda a: row_workers(a, 2), "queue_ceiling": row_ceiling}[row]
     try:
@@ -194,7 +195,7 @@ def main(argv=None) -> None:
     tmp = tempfile.mkdtemp(prefix="bench_queue_")
     server, url = start_redis(tmp)
     try:
-        args = {"ckpt": checkpoint(), "work": work, "threads": a.threads, "url": url,
+        args = {"ckpt": checkpoint(), "requests": a.requests, "threads": a.threads, "url": url,
                 "ceiling_requests": a.ceiling_requests}
         rows = []
         for row in a.rows.split(","):

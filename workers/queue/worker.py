@@ -204,7 +204,7 @@ class QueueWorker:
         self._finish(("result", job.entry_id, (req.id, to_json(body), body["status"], job.hook)))
 
     async def _acker(self) -> None:
-        """Batches finished entries: results written (one script call), then acked and deleted (one pipeline)."""
+        """Batches finished entries: results written (one script call), then acked and deleted (another)."""
         while True:
             await self._done_added.wait()
             self._done_added.clear()
