@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.fixtures.redis_server import audit, spawn_worker, wait_for, worker_config
+from tests.fixtures.redis_server import audit, run_bounded, spawn_worker, wait_for, worker_config
 from workers.queue import QueueClient, QueueWorker
 
 pytestmark = pytest.mark.timeout(400)  # a hang fails the test with every thread's stack
@@ -44,7 +44,7 @@ def survivor(url, prefix, engine, monkeypatch, hooks: bool = True, **overrides):
         monkeypatch.setenv("PHI3_BATCH_TEST_HOOKS", "1")
     else:
         monkeypatch.delenv("PHI3_BATCH_TEST_HOOKS", raising=False)
-    return asyncio.run(QueueWorker(engine, worker_config(url, prefix, name="B", **overrides)).run())
+    return asyncio.run(run_bounded(QueueWorker(engine, worker_config(url, prefix, name="B", **overrides))))
 
 
 def requests(n: int, hook: str | None = None, tag: str = "r"):

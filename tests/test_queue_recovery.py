@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.fixtures.redis_server import FaultProxy, audit, worker_config
+from tests.fixtures.redis_server import FaultProxy, audit, run_bounded, worker_config
 from workers.queue import QueueClient, QueueWorker, scripts
 
 pytestmark = pytest.mark.timeout(180)  # a hang fails the test with every thread's stack
@@ -90,7 +90,7 @@ def test_6_request_that_always_raises_is_dead_lettered_with_its_error_and_others
     monkeypatch.setenv("PHI3_BATCH_TEST_HOOKS", "1")
     reqs = requests(6) + requests(1, hook="raise", tag="bad")
     ids = [i for i, _ in asyncio.run(enqueue(redis_url, queue_prefix, reqs))]
-    counters = asyncio.run(QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, claim_idle_s=0.5)).run())
+    counters = asyncio.run(run_bounded(QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, claim_idle_s=0.5))))
     r = redis_server.client()
     letters = [json.loads(f[b"letter"]) for _, f in r.xrange(f"{queue_prefix}:dead")]
     assert [(d["id"], d["deliveries"]) for d in letters] == [("bad0", 3)]
@@ -106,8 +106,9 @@ def test_8_heartbeat_keeps_a_batch_longer_than_the_idle_time_from_being_reclaime
 
     async def go():
         ids = [i for i, _ in await enqueue(redis_url, queue_prefix, requests(4, hook="sleep:3.5"))]
-        a = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, name="A", until_empty=False))
-        b = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, name="B", until_empty=False))
+        cfg = dict(until_empty=False, claim_idle_s=1.0, heartbeat_s=0.2)
+        a = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, name="A", **cfg))
+        b = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, name="B", **cfg))
         running_a = asyncio.create_task(a.run())
         await until(lambda: len(a.active) == 4, 30, "A to hold the batch")
         running_b = asyncio.create_task(b.run())
@@ -136,10 +137,10 @@ def test_9_two_reclaimers_over_many_stale_entries_process_each_once(redis_server
     assert len(stale[0][1]) == 200
 
     async def go():
-        cfg = dict(claim_idle_s=0.3, max_in_flight=64)
+        cfg = dict(claim_idle_s=1.0, heartbeat_s=0.2, max_in_flight=64)
         a = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, name="A", **cfg))
         b = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, name="B", **cfg))
-        return await asyncio.gather(a.run(), b.run())
+        return await asyncio.gather(run_bounded(a), run_bounded(b))
     ca, cb = asyncio.run(go())
     assert ca.reclaimed + cb.reclaimed == 200 and ca.reclaimed > 0 and cb.reclaimed > 0
     assert ca.processed + cb.processed == 200 and ca.duplicates == cb.duplicates == 0
@@ -156,7 +157,7 @@ def test_10_entries_trimmed_while_pending_are_reported_lost(redis_server, redis_
     r.xreadgroup(f"{queue_prefix}:workers", owner, {stream: ">"}, count=5)
     r.xtrim(stream, maxlen=0)  # e.g. producers pushing past MAXLEN while these were pending
     fresh = asyncio.run(enqueue(redis_url, queue_prefix, requests(3, tag="f")))
-    counters = asyncio.run(QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, claim_idle_s=0.3)).run())
+    counters = asyncio.run(run_bounded(QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, claim_idle_s=0.3))))
     letters = {f[b"entry"].decode(): json.loads(f[b"letter"]) for _, f in r.xrange(f"{queue_prefix}:dead")}
     assert sorted(letters) == sorted(e for _, e in trimmed)
     assert all(d["error"].startswith("lost: the entry was trimmed") for d in letters.values())
@@ -169,7 +170,7 @@ def test_11_requests_enqueued_before_any_worker_or_group_existed_are_all_process
     r = redis_server.client()
     ids = [i for i, _ in asyncio.run(enqueue(redis_url, queue_prefix, requests(10)))]
     assert r.xinfo_groups(f"{queue_prefix}:requests") == []
-    counters = asyncio.run(QueueWorker(queue_engine, worker_config(redis_url, queue_prefix)).run())
+    counters = asyncio.run(run_bounded(QueueWorker(queue_engine, worker_config(redis_url, queue_prefix))))
     assert counters.processed == 10 and counters.groups_created == 1
     audit(r, queue_prefix, ids)
 
@@ -180,7 +181,7 @@ def test_12_transient_connection_error_on_xack_is_retried_without_double_process
     proxy = FaultProxy(redis_server.port, ack_script, times=1)
     try:
         ids = [i for i, _ in asyncio.run(enqueue(redis_url, queue_prefix, requests(10)))]
-        counters = asyncio.run(QueueWorker(queue_engine, worker_config(proxy.url, queue_prefix)).run())
+        counters = asyncio.run(run_bounded(QueueWorker(queue_engine, worker_config(proxy.url, queue_prefix))))
     finally:
         proxy.close()
     assert proxy.dropped == 1 and counters.reconnects >= 1

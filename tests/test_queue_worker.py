@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.queue_cli import queue_app
-from tests.fixtures.redis_server import audit, wait_for, worker_config, worker_health
+from tests.fixtures.redis_server import audit, run_bounded, wait_for, worker_config, worker_health
 from workers.queue import QueueClient, QueueWorker
 
 pytestmark = pytest.mark.timeout(180)  # a hang fails the test with every thread's stack
@@ -21,7 +21,7 @@ PROMPTS = ["The quick brown fox", "Phi-3 is a small language model", "Redis stre
 
 
 def run_worker(engine, url, prefix, **overrides):
-    return asyncio.run(QueueWorker(engine, worker_config(url, prefix, **overrides)).run())
+    return asyncio.run(run_bounded(QueueWorker(engine, worker_config(url, prefix, **overrides))))
 
 
 def test_results_through_the_queue_equal_phi3causallm_generate(redis_server, redis_url, queue_prefix, queue_engine,
@@ -36,7 +36,7 @@ def test_results_through_the_queue_equal_phi3causallm_generate(redis_server, red
     async def go():
         async with QueueClient(redis_url, queue_prefix) as client:
             ids = await client.submit_many({"prompt": p, "max_new_tokens": n} for p in PROMPTS)
-            await QueueWorker(queue_engine, worker_config(redis_url, queue_prefix)).run()
+            await run_bounded(QueueWorker(queue_engine, worker_config(redis_url, queue_prefix)))
             return ids, await client.results(ids, timeout=10)
     ids, got = asyncio.run(go())
     assert [got[i].completion for i in ids] == expected
@@ -105,7 +105,7 @@ def test_a_prompt_longer_than_the_context_gets_an_error_result(redis_server, red
     async def go():
         async with QueueClient(redis_url, queue_prefix) as client:
             rid = await client.submit(prompt_token_ids=[5] * queue_engine.max_model_len, max_new_tokens=2)
-            await QueueWorker(queue_engine, worker_config(redis_url, queue_prefix)).run()
+            await run_bounded(QueueWorker(queue_engine, worker_config(redis_url, queue_prefix)))
             return rid, await client.result(rid, timeout=5)
     rid, res = asyncio.run(go())
     assert res.status == "error" and f"prompt has {queue_engine.max_model_len} tokens" in res.error

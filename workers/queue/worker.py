@@ -15,7 +15,6 @@ import signal
 import time
 from collections import deque
 
-from pydantic_core import to_json  # 5x faster than json.dumps for the result dict
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
 
@@ -24,12 +23,14 @@ from phi3_model.engine.sampling_params import RequestError
 from .admit import Job, admit_entries, dead_letter
 from .config import WorkerConfig
 from .connection import Names, connect, redact
+from .finish import dump, settle
 from .health import Counters, Health
 from .ops import Ops, entry_time
 from .process import apply_hook
 from .schema import row_spec
 
 log = logging.getLogger("phi3.queue")
+
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -54,6 +55,7 @@ class QueueWorker:
         self.spec = row_spec(config.defaults)  # the Parquet job's request semantics, with this worker's defaults
         self._params: dict = {}  # sampling fields -> SamplingParams (built once per distinct set)
         self._tasks: set[asyncio.Task] = set()
+        self._fatal: BaseException | None = None  # a background loop died: the worker must not go on
 
     # ---- public -------------------------------------------------------------------------------------------------
     async def run(self, install_signals: bool = False) -> Counters:
@@ -61,7 +63,7 @@ class QueueWorker:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._on_term)
             asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._on_term)
         log.info("worker %s on %s, prefix %r", self.cfg.name, redact(self.cfg.url), self.cfg.prefix)
-        background = [asyncio.create_task(f()) for f in (self._acker, self._beat_loop, self._health_loop)]
+        background = [asyncio.create_task(self._guard(f)) for f in (self._acker, self._beat_loop, self._health_loop)]
         try:
             if await self._redis(self.ops.ensure_group):
                 self.counters.groups_created += 1
@@ -116,6 +118,7 @@ class QueueWorker:
     async def _serve(self) -> None:
         self._next_claim = 0.0
         while not self.stopping:
+            self._check()
             if self.solo:
                 await self._run_solo()
                 continue
@@ -170,21 +173,26 @@ class QueueWorker:
 
     # ---- running ------------------------------------------------------------------------------------------------
     async def _run(self, job: Job) -> None:
+        """Never leaves its entry held: any failure, even after the engine call, releases it for redelivery."""
         req, started = job.request, time.time()
         try:
-            if job.hook:
-                await apply_hook(job.hook)
-            if len(job.prompt_ids) >= self.backend.max_model_len:
-                raise RequestError(f"prompt has {len(job.prompt_ids)} tokens; the model's context is "
-                                   f"{self.backend.max_model_len} (max_model_len), leaving no room to generate")
-            c = await self.backend.generate(job.prompt_ids, job.params, request_id=req.id)
-            body = {"id": req.id, "status": "error" if c.finish_reason == "error" else "ok", "completion": c.text,
-                    "token_ids": list(c.token_ids), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                    "prompt_tokens": c.prompt_tokens or len(job.prompt_ids),
-                    "completion_tokens": c.completion_tokens or len(c.token_ids), "error": c.error}
-        except RequestError as e:
-            body = {"id": req.id, "status": "error", "completion": None, "finish_reason": "error",
-                    "prompt_tokens": len(job.prompt_ids), "completion_tokens": 0, "error": str(e)}
+            try:
+                if job.hook:
+                    await apply_hook(job.hook)
+                if len(job.prompt_ids) >= self.backend.max_model_len:
+                    raise RequestError(f"prompt has {len(job.prompt_ids)} tokens; the model's context is "
+                                       f"{self.backend.max_model_len} (max_model_len), leaving no room to generate")
+                c = await self.backend.generate(job.prompt_ids, job.params, request_id=req.id)
+                body = {"id": req.id, "status": "error" if c.finish_reason == "error" else "ok",
+                        "completion": c.text, "token_ids": list(c.token_ids), "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason, "prompt_tokens": c.prompt_tokens or len(job.prompt_ids),
+                        "completion_tokens": c.completion_tokens or len(c.token_ids), "error": c.error}
+            except RequestError as e:
+                body = {"id": req.id, "status": "error", "completion": None, "finish_reason": "error",
+                        "prompt_tokens": len(job.prompt_ids), "completion_tokens": 0, "error": str(e)}
+            body.update(worker=self.cfg.name, deliveries=job.deliveries, enqueued_at=entry_time(job.entry_id),
+                        started_at=started, finished_at=time.time(), metadata=req.metadata)
+            self._finish(("result", job.entry_id, (req.id, dump(body), body["status"], job.hook)))
         except Exception as e:  # noqa: BLE001 - any engine failure is retried via redelivery
             self.counters.failed += 1
             error = f"{type(e).__name__}: {e}"
@@ -196,42 +204,18 @@ class QueueWorker:
                     job.deliveries, self.cfg.name, req.id, req.metadata)))
             else:
                 self._finish(("release", job.entry_id, error))
-            return
         finally:
             self._tasks.discard(asyncio.current_task())
-        body.update(worker=self.cfg.name, deliveries=job.deliveries, enqueued_at=entry_time(job.entry_id),
-                    started_at=started, finished_at=time.time(), metadata=req.metadata)
-        self._finish(("result", job.entry_id, (req.id, to_json(body), body["status"], job.hook)))
 
     async def _acker(self) -> None:
-        """Batches finished entries: results written (one script call), then acked and deleted (another)."""
+        """Hands finished outcomes to Redis in batches (whatever finished while the previous batch was written)."""
         while True:
             await self._done_added.wait()
             self._done_added.clear()
             batch = [self.done.popleft() for _ in range(min(len(self.done), 4096))]
             if len(self.done):
                 self._done_added.set()
-            results = [(e, p) for kind, e, p in batch if kind == "result"]
-            if results:
-                flags = await self._redis(lambda: self.ops.write_results(
-                    [(p[0], p[1]) for _, p in results], self.cfg.result_ttl_s, self.cfg.results_maxlen))
-                for flag, (_, p) in zip(flags.decode(), results):
-                    if flag == "0":
-                        self.counters.duplicates += 1
-                    else:
-                        self.counters.processed += 1
-                        self.counters.errors += p[2] == "error"
-                if self.hooks and any(p[3] == "exit_after_write" for _, p in results):
-                    os._exit(3)
-            dead = [p for kind, _, p in batch if kind == "dead"]
-            if dead:
-                self.counters.dead += await self._redis(lambda: self.ops.dead_letter(dead, self.cfg.result_ttl_s))
-            released = {e: p for kind, e, p in batch if kind == "release"}
-            if released:
-                await self._redis(lambda: self.ops.record_errors(released))
-            acks = [e for kind, e, _ in batch if kind in ("result", "skip")]
-            if acks:
-                await self._redis(lambda: self.ops.ack(acks))
+            await settle(self, batch)
             for _, e, _ in batch:
                 self.active.discard(e)
             self._changed.set()
@@ -264,8 +248,25 @@ class QueueWorker:
 
     async def _until(self, ready) -> None:
         while not ready():
+            self._check()
             self._changed.clear()
             await self._changed.wait()
+
+    def _check(self) -> None:
+        if self._fatal is not None:
+            raise RuntimeError(f"worker {self.cfg.name}: a background loop failed") from self._fatal
+
+    async def _guard(self, loop) -> None:
+        """A dead acker would leave held entries unacked forever: its failure stops the worker (which exits
+        non-zero; what it held is reclaimed)."""
+        try:
+            await loop()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001
+            log.exception("worker %s: %s failed", self.cfg.name, loop.__name__)
+            self._fatal = e
+            self._changed.set()
 
     async def _redis(self, call):
         """Run `call()` until it succeeds: connection errors (Redis down, restarting, loading) and NOGROUP (Redis

@@ -1,0 +1,44 @@
+"""Finished outcomes -> Redis, one batch at a time: results written (idempotent, announced once), then the
+entries acked and deleted; dead letters written, acked and deleted atomically; errors of released entries
+recorded for whoever runs them next."""
+from __future__ import annotations
+
+import json
+import os
+
+from pydantic_core import PydanticSerializationError, to_json
+
+
+def dump(body: dict) -> bytes:
+    try:
+        return to_json(body)  # 5x faster than json.dumps for the result dict
+    except PydanticSerializationError:  # e.g. a lone surrogate in a text: json escapes it
+        return json.dumps(body).encode()
+
+
+async def settle(w, batch: list[tuple]) -> None:
+    """batch: (kind, entry id, payload) with kind result | dead | release | skip. `w` is the QueueWorker.
+    The result write and the ack are two calls on purpose: a worker that dies between them leaves results whose
+    redelivery is acked without running (counted `skipped`)."""
+    cfg, c = w.cfg, w.counters
+    results = [p for kind, _, p in batch if kind == "result"]  # (request id, json, status, test hook)
+    if results:
+        flags = await w._redis(lambda: w.ops.write_results([(p[0], p[1]) for p in results], cfg.result_ttl_s,
+                                                           cfg.results_maxlen))
+        for flag, p in zip(flags.decode(), results):
+            if flag == "0":
+                c.duplicates += 1
+            else:
+                c.processed += 1
+                c.errors += p[2] == "error"
+        if w.hooks and any(p[3] == "exit_after_write" for p in results):
+            os._exit(3)
+    dead = [p for kind, _, p in batch if kind == "dead"]
+    if dead:
+        c.dead += await w._redis(lambda: w.ops.dead_letter(dead, cfg.result_ttl_s))
+    released = {e: p for kind, e, p in batch if kind == "release"}
+    if released:
+        await w._redis(lambda: w.ops.record_errors(released))
+    acks = [e for kind, e, _ in batch if kind in ("result", "skip")]
+    if acks:
+        await w._redis(lambda: w.ops.ack(acks))
