@@ -1,0 +1,277 @@
+"""Parquet job throughput: the same model and rows through the engine alone and through `phi3-batch run`.
+
+    python -m bench.pipeline [--json PATH] [--rows N] [--memory-rows N]
+
+Model: a Phi-3 with the real vocabulary (32064), hidden 256, 4 layers, 8 heads of 32, random weights, and a small
+trained tokenizer. Workload: N prompts of 16-96 tokens from Parquet, per-row max_new_tokens 8-48 (a column),
+greedy, run to length (stop_token_ids none). Rows (stable names; each in its own process):
+  engine_direct               the native Engine in one process: encode, Engine.generate over all rows
+  pipeline_1_actor            pipeline.run (what `phi3-batch run` calls), embedded local Ray, one actor
+  pipeline_max_actors         the same with as many actors as the machine sensibly holds: one per GPU, or on CPU
+                              cores / --threads-per-actor
+  ..._vllm                    the three rows again with the vLLM backend, when vLLM is installed
+  driver_memory_small/_large  with --memory-rows N: N/100 and N rows, max_new_tokens 1 on a tiny model; the
+                              driver's own peak RSS does not grow with the input
+Rates exclude model loading: the pipeline's time runs from its engines being ready to its last shard written
+(reading, tokenizing, generating, writing, assembling included). Ratios are to the same backend's engine_direct.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+
+from .common import Timer, have, run_row, write_child_result, write_json
+
+WORDS = ("batch inference reads prompts from parquet files and writes completions back the quick brown fox jumps "
+         "over lazy dog continuous batching keeps the engine busy while requests come and go phi small language "
+         "model trained on synthetic and filtered web data redis streams deliver each request at least once").split()
+BENCH_DIR = os.environ.get("PHI3_BENCH_DIR", "/tmp/phi3_bench")
+
+
+def model_dir(name: str, **shape) -> str:
+    """An HF-format checkpoint with a trained tokenizer, cached between runs."""
+    from phi3_model.checkpoint import build_model, save_checkpoint
+    from phi3_model.config import Phi3Config
+    from phi3_model.tokenizer import train_tokenizer
+    d = os.path.join(BENCH_DIR, name)
+    if os.path.exists(os.path.join(d, "model.safetensors")):
+        return d
+    tmp = d + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    rng = random.Random(0)
+    train_tokenizer([" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(400)], tmp, vocab_size=600)
+    kw = dict(vocab_size=32064, max_position_embeddings=1024, original_max_position_embeddings=1024,
+              sliding_window=None)
+    import torch
+    save_checkpoint(build_model(Phi3Config(**{**kw, **shape}), torch.float32, "cpu", seed=0), tmp)
+    os.replace(tmp, d)
+    return d
+
+
+def bench_model() -> str:
+    return model_dir("pipeline_256x4", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=4)
+
+
+def tiny_model() -> str:
+    return model_dir("pipeline_64x2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+
+
+def write_input(directory: str, rows: int, files: int, with_lengths: bool, seed: int = 0) -> dict:
+    """Prompts of 3-24 words (16-96 tokens with this tokenizer) and, if asked, a max_new_tokens column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(directory, exist_ok=True)
+    rng = random.Random(seed)
+    per = -(-rows // files)
+    new_total = 0
+    for f in range(files):
+        n = min(per, rows - f * per)
+        data = {"prompt": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 24))) for _ in range(n)]}
+        if with_lengths:
+            data["max_new_tokens"] = [rng.randint(8, 48) for _ in range(n)]
+            new_total += sum(data["max_new_tokens"])
+        pq.write_table(pa.table(data), os.path.join(directory, f"part-{f:03d}.parquet"))
+    return {"rows": rows, "files": files, "output_tokens": new_total}
+
+
+# ---- rows (each runs in a child process) ---------------------------------------------------------------------
+
+def row_engine_direct(a: dict) -> dict:
+    import pyarrow.dataset as ds
+    import torch
+    from phi3_model.engine import Engine, Request, SamplingParams
+    torch.set_num_threads(a["threads"])
+    engine = Engine.from_pretrained(a["model"], dtype="float32", device="cpu", **a["engine"])
+    table = ds.dataset(a["input"]).to_table()
+    prompts, news = table.column("prompt").to_pylist(), table.column("max_new_tokens").to_pylist()
+    tok = engine.tokenizer
+    engine.generate([Request(tok.encode(p, add_bos=True), SamplingParams(max_new_tokens=2, temperature=0))
+                     for p in prompts[:2]])  # warm-up
+    with Timer() as t:
+        reqs = [Request(tok.encode(p, add_bos=True), SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+                for p, n in zip(prompts, news)]
+        outs = engine.generate(reqs)
+    return {"seconds": t.seconds, "output_tokens": sum(len(o.token_ids) for o in outs), "rows": len(outs),
+            "actors": 0}
+
+
+def row_vllm_direct(a: dict) -> dict:
+    import asyncio
+
+    import pyarrow.dataset as ds
+    from phi3_model.engine import SamplingParams
+    from workers.backend import BackendConfig
+    from workers.vllm_backend import VLLMBackend
+    table = ds.dataset(a["input"]).to_table()
+    prompts, news = table.column("prompt").to_pylist(), table.column("max_new_tokens").to_pylist()
+
+    async def go():
+        backend = VLLMBackend(BackendConfig(name="vllm", model=a["model"], dtype="float32", device="cpu",
+                                            options=a["vllm"]))
+        await backend.start()
+        tok = backend.tokenizer
+        with Timer() as t:
+            outs = await asyncio.gather(*(backend.generate(tok.encode(p, add_bos=True), SamplingParams(
+                max_new_tokens=n, temperature=0, ignore_eos=True)) for p, n in zip(prompts, news)))
+        await backend.close()
+        return {"seconds": t.seconds, "output_tokens": sum(len(o.token_ids) for o in outs), "rows": len(outs),
+                "actors": 0}
+    return asyncio.run(go())
+
+
+def driver_rss_sampler() -> tuple[threading.Event, list[int]]:
+    import psutil
+    me, stop, peak = psutil.Process(), threading.Event(), [0]
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss)
+            stop.wait(0.05)
+    threading.Thread(target=sample, daemon=True).start()
+    return stop, peak
+
+
+def row_pipeline(a: dict) -> dict:
+    import ray
+
+    import pipeline
+    stop, peak = driver_rss_sampler()
+    ray.init(address="local", num_cpus=a["ray_cpus"], include_dashboard=False, logging_level="ERROR")
+    out = tempfile.mkdtemp(prefix="bench_pipeline_", dir=BENCH_DIR)
+    try:
+        s = pipeline.run(dict(input=a["input"], output=out, model=a["model"], backend=a["backend"], dtype="float32",
+                              device="cpu", actors=a["actors"], cpus_per_actor=a["cpus_per_actor"],
+                              engine_options=a["options"], max_new_tokens=a.get("max_new_tokens", 64),
+                              stop_token_ids="none", shard_rows=a["shard_rows"], batch_size=a["batch_size"],
+                              progress="off"))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        stop.set()
+    assert s.ok, s.failed_shards
+    return {"seconds": s.generate_s, "wall_s": round(s.wall_s, 1), "output_tokens": s.run_completion_tokens,
+            "rows": s.run_rows, "actors": len(s.actors), "driver_peak_rss_mb": round(peak[0] / 2**20, 1)}
+
+
+def child(row: str, args: dict, out: str) -> None:
+    fn = {"engine_direct": row_engine_direct, "vllm_direct": row_vllm_direct}.get(row, row_pipeline)
+    try:
+        r = fn(args)
+        r["output_tokens_per_s"] = round(r["output_tokens"] / r["seconds"], 1)
+        r["requests_per_s"] = round(r["rows"] / r["seconds"], 2)
+    except Exception as e:  # reported in the table, the other rows still run
+        r = {"error": f"{type(e).__name__}: {e}"}
+    write_child_result(out, r)
+
+
+# ---- parent ---------------------------------------------------------------------------------------------------
+
+def max_actors(threads_per_actor: int) -> int:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+    except ImportError:
+        pass
+    return max(1, (os.cpu_count() or 1) // threads_per_actor)
+
+
+def print_rows(title: str, rows: list[dict]) -> None:
+    cols = [("name", "row", "{}"), ("actors", "actors", "{}"), ("rows", "rows", "{}"),
+            ("output_tokens_per_s", "out tok/s", "{:.1f}"), ("requests_per_s", "rows/s", "{:.1f}"),
+            ("ratio_to_direct", "vs direct", "{:.2f}x"), ("seconds", "s", "{:.1f}"),
+            ("peak_rss_mb", "peak MB", "{:.0f}"), ("driver_peak_rss_mb", "driver MB", "{:.0f}")]
+    table = [[("-" if r.get(k) is None else f.format(r[k])) for k, _, f in cols] +
+             ([f"error: {r['error'][:80]}"] if r.get("error") else []) for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in table)) for i, (_, h, _) in enumerate(cols)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for (_, h, _), w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for cells in table:
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths + [0])))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write the rows as JSON here")
+    ap.add_argument("--rows", type=int, default=2000, help="rows of the throughput workload")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the direct engine and "
+                                                                        "of the single actor")
+    ap.add_argument("--threads-per-actor", type=int, default=1, help="torch threads per actor in pipeline_max_actors")
+    ap.add_argument("--backends", default="native,vllm", help="native and/or vllm (vllm skipped when not "
+                                                              "installed; empty: only the memory rows)")
+    ap.add_argument("--memory-rows", type=int, default=0, help="add the driver memory rows (e.g. 1000000)")
+    ap.add_argument("--child"), ap.add_argument("--child-args"), ap.add_argument("--child-out")
+    a = ap.parse_args(argv)
+    if a.child:
+        return child(a.child, json.loads(a.child_args), a.child_out)
+    os.makedirs(BENCH_DIR, exist_ok=True)
+    engine = dict(max_num_seqs=128, max_num_batched_tokens=2048)
+    data = os.path.join(BENCH_DIR, f"input_{a.rows}")
+    shutil.rmtree(data, ignore_errors=True)
+    wl = write_input(data, a.rows, files=4, with_lengths=True)
+    n = max_actors(a.threads_per_actor)
+    model = bench_model()
+    common = dict(input=data, model=model, ray_cpus=os.cpu_count(), shard_rows=250, batch_size=256)
+    rows: list[dict] = []
+    for backend in [b for b in a.backends.split(",") if b]:
+        if backend not in ("native", "vllm"):
+            ap.error(f"--backends: {backend!r} is not a backend; expected native and/or vllm")
+        if backend == "vllm" and not have("vllm"):
+            continue
+        suffix = "" if backend == "native" else "_vllm"
+        if backend == "native":
+            plan = [("engine_direct", dict(common, threads=a.threads, engine=engine))]
+            one = dict(engine, threads=a.threads)
+            many = dict(engine, threads=a.threads_per_actor)
+        else:
+            vllm = dict(max_num_seqs=128, kv_cache_space_gib=1, max_model_len=1024)
+            plan = [("vllm_direct", dict(common, vllm=vllm))]
+            one = many = vllm
+        plan += [(f"pipeline_1_actor{suffix}", dict(common, backend=backend, actors=1, cpus_per_actor=a.threads,
+                                                    options=one)),
+                 (f"pipeline_max_actors{suffix}", dict(common, backend=backend, actors=n,
+                                                       cpus_per_actor=a.threads_per_actor, options=many))]
+        direct = None
+        for name, args in plan:
+            r = run_row("bench.pipeline", name, args)
+            r["name"] = "engine_direct_vllm" if name == "vllm_direct" else name
+            r["backend"] = backend
+            direct = direct or r.get("output_tokens_per_s")
+            if direct and r.get("output_tokens_per_s"):
+                r["ratio_to_direct"] = round(r["output_tokens_per_s"] / direct, 3)
+            rows.append(r)
+            print(f"  {r['name']}: {r.get('output_tokens_per_s', r.get('error'))} tok/s", file=sys.stderr)
+    if a.memory_rows:
+        big = os.path.join(BENCH_DIR, f"memory_{a.memory_rows}")
+        tiny = tiny_model()
+        for name, count in (("driver_memory_small", max(1, a.memory_rows // 100)), ("driver_memory_large",
+                                                                                     a.memory_rows)):
+            shutil.rmtree(big, ignore_errors=True)
+            write_input(big, count, files=max(1, count // 250_000), with_lengths=False)
+            r = run_row("bench.pipeline", name, dict(input=big, model=tiny, ray_cpus=os.cpu_count(), backend="native",
+                                                     actors=1, cpus_per_actor=a.threads, options=dict(engine),
+                                                     max_new_tokens=1, shard_rows=5000, batch_size=512),
+                        timeout=6 * 3600)
+            r.update(name=name, backend="native")
+            rows.append(r)
+            print(f"  {name}: {count} rows, driver peak {r.get('driver_peak_rss_mb')} MB", file=sys.stderr)
+        shutil.rmtree(big, ignore_errors=True)
+    wl.update(model="phi3 256x4, 8 heads of 32, vocab 32064, random weights", dtype="float32",
+              prompt_words="3-24", max_new_tokens="8-48 per row (column)", stop_token_ids="none",
+              shard_rows=common["shard_rows"], batch_size=common["batch_size"], engine=engine, threads=a.threads,
+              threads_per_actor=a.threads_per_actor, max_actors=n, memory_rows=a.memory_rows)
+    print_rows(f"bench.pipeline: {a.rows} rows, {wl['output_tokens']} output tokens, {n} actors max", rows)
+    if a.json:
+        write_json(a.json, rows, wl)
+
+
+if __name__ == "__main__":
+    main()
