@@ -121,7 +121,8 @@ def corrupt_row_group(path: str, group: int) -> None:
         f.write(bytes(b ^ 0xFF for b in data))
 
 
-def test_a_shard_failing_every_attempt_is_recorded_and_the_exit_names_it(ray_local, tiny_model_dir, lm, tmp_path):
+def test_a_shard_failing_every_attempt_is_recorded_and_the_exit_names_it(ray_local, tiny_model_dir, lm, tmp_path,
+                                                                         caplog):
     src = tmp_path / "in"
     os.makedirs(src)
     bad = str(src / "bad.parquet")
@@ -131,9 +132,12 @@ def test_a_shard_failing_every_attempt_is_recorded_and_the_exit_names_it(ray_loc
     pq.write_table(pa.table({"prompt": PROMPTS[12:]}), str(src / "good.parquet"))
     out = str(tmp_path / "out")
     result = cli("-i", str(src), "-o", out, "--model", tiny_model_dir, "--max-new-tokens", str(NEW), "--shard-rows",
-                 "4", "--max-attempts", "2", "--dtype", "float32", "--device", "cpu", "--progress", "off")
+                 "4", "--max-attempts", "2", "--dtype", "float32", "--device", "cpu", "--progress", "log",
+                 "--log-every-s", "0.01")
     assert result.exit_code == 1
     assert "1 shard(s) failed: bad.parquet#1" in result.output
+    assert "rows     17 ok, 4 failed, of 21" in result.output             # the summary, printed
+    assert "17/21 rows, 6/6 shards (1 failed)" in caplog.text             # periodic progress lines
     events = [e for e in manifest_events(out) if e["event"] == "shard"]
     assert [(e["key"], e["attempts"]) for e in events if e["status"] == "failed"] == [("bad.parquet#1", 2)]
     good_shards = [f"good.parquet#{i}" for i in range(3)]     # one row group of 9 rows: 3 slices of 3

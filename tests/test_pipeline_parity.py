@@ -9,6 +9,7 @@ by the engine's own tests.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pyarrow as pa
@@ -48,6 +49,12 @@ def test_completions_equal_generate_whatever_the_actors_shards_and_batch(
     assert all(r["error"] is None and r["finish_reason"] in ("stop", "length") for r in rows)
     assert all(r["completion_tokens"] == NEW for r in rows if r["finish_reason"] == "length")
     assert sorted(os.listdir(out)) == ["_manifest.jsonl", "_summary.json", "a.parquet", "b.parquet"]
+    with open(os.path.join(out, "_summary.json")) as f:
+        written = json.load(f)
+    assert written["ok"] and (written["rows_ok"], written["rows_failed"]) == (len(PROMPTS), 0)
+    assert written["shards_ok"] == written["shards"] and written["failed_shards"] == []
+    assert written["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
+    assert written["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows)
 
 
 def _first_new(tokens: list[int], skip: set[int]) -> int:
