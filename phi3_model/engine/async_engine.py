@@ -70,7 +70,10 @@ class AsyncEngine:
         def settle():
             if not fut.done():
                 fut.set_exception(error) if error is not None else fut.set_result(result)
-        loop.call_soon_threadsafe(settle)
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the caller's event loop is closed: nobody is waiting, the engine thread lives on
+            pass
 
     def _drain_inbox(self) -> None:
         while True:
