@@ -29,10 +29,10 @@ def demo_questions(n: int, seed: int = 7) -> list[tuple[str, str]]:
     for i in range(n):
         kind = ("reverse", "add", "sort")[i % 3]
         if kind == "add":
-            a, b = rng.randrange(100), rng.randrange(100)
+            a, b = rng.randrange(20), rng.randrange(20)
             out.append((f"add: {a} + {b}", str(a + b)))
         else:
-            w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
+            w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6 if kind == "reverse" else 5)))
             out.append((f"{kind}: {w}", w[::-1] if kind == "reverse" else "".join(sorted(w))))
     return out
 

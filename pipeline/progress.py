@@ -30,10 +30,6 @@ class Progress:
             self.bar.start()
         self._render()
 
-    def restart_clock(self) -> None:
-        """Rates count from now (the engines are ready)."""
-        self.t0 = self.last = time.monotonic()
-
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / max(time.monotonic() - self.t0, 1e-9)

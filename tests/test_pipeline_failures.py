@@ -145,3 +145,12 @@ def test_a_shard_failing_every_attempt_is_recorded_and_the_exit_names_it(ray_loc
     assert not os.path.exists(os.path.join(out, "bad.parquet"))
     good = pq.read_table(os.path.join(out, "good.parquet")).to_pylist()
     assert [r["completion"] for r in good] == reference_generate(lm, PROMPTS[12:], NEW)
+
+
+def test_an_engine_that_cannot_start_fails_the_job_and_writes_nothing(ray_local, tmp_path):
+    src = write_prompts(str(tmp_path / "in"))
+    os.makedirs(tmp_path / "empty_model")
+    out = str(tmp_path / "out")
+    result = cli("-i", src, "-o", out, "--model", str(tmp_path / "empty_model"), "--progress", "off")
+    assert result.exit_code == 1 and "native engine failed to start" in result.output
+    assert "empty_model" in result.output and not os.path.exists(out)
