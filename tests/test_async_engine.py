@@ -12,15 +12,6 @@ from phi3_model.checkpoint import load_checkpoint
 from phi3_model.engine import AsyncEngine, Engine, Request, RequestError, SamplingParams
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return load_checkpoint(tiny_model_dir)

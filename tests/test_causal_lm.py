@@ -25,15 +25,6 @@ END_TEXT, EOT_TEXT = "Paris is the capital of", "data Redis"
 TEXTS = ["The quick brown fox", END_TEXT, "Batch inference reads prompts", EOT_TEXT, "def add(a, b):"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Reference:
     def __init__(self, directory: str):
         self.hf = transformers.Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32,

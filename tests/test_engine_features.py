@@ -18,15 +18,6 @@ N = 32  # new tokens per reference
 LENGTHS = [12, 30, 5, 21, 40, 9, 17, 26]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def greedy(n: int = N, **kw) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0.0, **{"ignore_eos": True, **kw})
 

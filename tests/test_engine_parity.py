@@ -23,15 +23,6 @@ transformers = pytest.importorskip("transformers")
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def hf_model(directory: str):
     hf = transformers.Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32,
                                                       attn_implementation="eager").eval()
