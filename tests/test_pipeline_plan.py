@@ -196,3 +196,21 @@ def test_bad_configuration_exits_2_naming_the_key(tmp_path):
     result = runner.invoke(app, ["run", "-i", "x", "-o", str(tmp_path / "out"), "--model", "m", "--top-p", "0"])
     assert result.exit_code == 2 and "top_p" in result.output
     assert not (tmp_path / "out").exists()
+
+
+# ---- progress ---------------------------------------------------------------------------------------------------
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(capsys, caplog):
+    from pipeline.progress import Progress
+    bar = Progress(100, 4, 0, 0, mode="bar")
+    for _ in range(4):
+        bar.advance(25, 50)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "100/100 rows" in err and "4/4 shards" in err and "tok/s" in err
+    caplog.set_level("INFO", logger="phi3_batch")
+    lines = Progress(100, 4, 50, 2, mode="log", every_s=3600)
+    lines.advance(25, 50)                       # within the interval: no line
+    lines.advance(25, 50, failed=False)         # the last shard: always a line
+    assert [r.getMessage().split(",")[:2] for r in caplog.records] == [["50/100 rows", " 2/4 shards"],
+                                                                      ["100/100 rows", " 4/4 shards"]]
