@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -214,3 +215,26 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(capsys, caplog)
     lines.advance(25, 50, failed=False)         # the last shard: always a line
     assert [r.getMessage().split(",")[:2] for r in caplog.records] == [["50/100 rows", " 2/4 shards"],
                                                                       ["100/100 rows", " 4/4 shards"]]
+
+
+# ---- row semantics ----------------------------------------------------------------------------------------------
+
+def test_stop_token_ids_follow_generate_auto_none_or_exactly_the_listed_ids():
+    from phi3_model.engine import SamplingParams
+    from workers.rows import RowSpec, sampling
+    ends = (32000, 32007)
+    greedy = dict(max_new_tokens=256, temperature=0.0, ignore_eos=True)
+    assert sampling({}, RowSpec(), ends) == SamplingParams(stop_token_ids=ends, **greedy)
+    assert sampling({}, RowSpec(stop_token_ids="none"), ends) == SamplingParams(stop_token_ids=(), **greedy)
+    assert sampling({}, RowSpec(stop_token_ids=(5,)), ends) == SamplingParams(stop_token_ids=(5,), **greedy)
+    row = dict(stop_token_ids=[9, 10], stop="###", max_new_tokens=None, temperature=0.5, seed=3)
+    assert sampling(row, RowSpec(), ends) == SamplingParams(
+        stop_token_ids=(9, 10), stop=("###",), max_new_tokens=256, temperature=0.5, seed=3, ignore_eos=True)
+
+
+def test_invalid_row_values_name_the_field_and_the_value():
+    from workers.rows import RowError, RowSpec, sampling
+    for row, words in [({"max_new_tokens": -2}, "max_new_tokens=-2"), ({"top_p": 0.0}, "top_p=0.0"),
+                       ({"stop_token_ids": ["a"]}, "stop_token_ids.0='a'"), ({"stop": [""]}, "stop=('',)")]:
+        with pytest.raises(RowError, match=re.escape(words)):
+            sampling(row, RowSpec(), ())

@@ -84,10 +84,12 @@ def sampling(row: dict, spec: RowSpec, end_token_ids: tuple[int, ...]) -> Sampli
         value = row.get(name)
         if value is None:
             continue
+        if name in ("stop", "stop_token_ids"):   # a list, or one value
+            value = (value,) if isinstance(value, (str, int, float)) else tuple(value)
         if name == "stop_token_ids":
-            stop_ids = tuple(value)
+            stop_ids = value
         else:
-            kw[name] = tuple(value) if name == "stop" else value
+            kw[name] = value
     stop_ids = tuple(end_token_ids) if stop_ids == "auto" else () if stop_ids == "none" else tuple(stop_ids)
     kw.update(stop_token_ids=stop_ids, ignore_eos=True)
     try:
