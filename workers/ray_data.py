@@ -20,8 +20,9 @@ from .rows import RESULT_SCHEMA, RowSpec, run_table
 
 class Generate:
     def __init__(self, model: str, backend: str = "native", dtype: str = "auto", device: str = "auto",
-                 engine_options: dict[str, Any] | None = None, concurrency: int = 256, **row_spec: Any):
-        """row_spec: fields of workers.rows.RowSpec (prompt_column, messages_column, max_new_tokens, temperature,
+                 engine_options: dict[str, Any] | None = None, in_flight: int = 256, **row_spec: Any):
+        """in_flight: requests kept in the engine at once (its continuous batch draws from these).
+        row_spec: fields of workers.rows.RowSpec (prompt_column, messages_column, max_new_tokens, temperature,
         top_k, top_p, seed, stop, stop_token_ids, strip_prompt)."""
         if isinstance(row_spec.get("stop_token_ids"), list):
             row_spec["stop_token_ids"] = tuple(row_spec["stop_token_ids"])
@@ -34,7 +35,7 @@ class Generate:
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="phi3-ray-data", daemon=True).start()
         self._call(self.backend.start())
-        self.limit = self._call(self._semaphore(concurrency))
+        self.limit = self._call(self._semaphore(in_flight))
 
     @staticmethod
     async def _semaphore(n: int) -> asyncio.Semaphore:
