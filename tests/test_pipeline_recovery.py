@@ -99,7 +99,10 @@ def test_driver_killed_then_rerun_gives_identical_files_and_no_shard_twice(
     total = first[0]["shards"]
     assert 2 <= len(finished_first) < total and not os.path.exists(os.path.join(out, "_summary.json"))
 
-    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # the rerun finds the cluster as a `ray job submit` entrypoint does: through RAY_ADDRESS
+    address = command.index("--address")
+    rerun = subprocess.run(command[:address] + command[address + 2:], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, RAY_ADDRESS=ray_local))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     for name in FILES:
         with open(os.path.join(out, name), "rb") as a, open(os.path.join(reference, name), "rb") as b:
@@ -112,3 +115,6 @@ def test_driver_killed_then_rerun_gives_identical_files_and_no_shard_twice(
     rerun_done = {e["key"] for e in events if e.get("event") == "shard" and e["run"] == runs[1]}
     assert rerun_done.isdisjoint(finished_first) and rerun_done | finished_first == set(done)
     assert f"({len(finished_first)} from earlier runs)" in rerun.stdout
+    import ray
+    node = ray.get_runtime_context().get_node_id()
+    assert [e["actors"][0]["node_id"] for e in events if e["event"] == "actors"] == [node, node]
