@@ -8,8 +8,8 @@ that row; a null cell keeps the default. A row that cannot run gets its `error` 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import ValidationError
@@ -48,6 +48,7 @@ class RowSpec:
     stop: tuple[str, ...] = ()
     stop_token_ids: Literal["auto", "none"] | tuple[int, ...] = "auto"
     strip_prompt: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # more SamplingParams fields for every row (queue: min_new_tokens)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -78,7 +79,7 @@ def prompt_ids(row: dict, spec: RowSpec, tokenizer) -> list[int]:
 
 def sampling(row: dict, spec: RowSpec, end_token_ids: tuple[int, ...]) -> SamplingParams:
     kw = dict(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_k=spec.top_k,
-              top_p=spec.top_p, seed=spec.seed, stop=tuple(spec.stop))
+              top_p=spec.top_p, seed=spec.seed, stop=tuple(spec.stop), **spec.extra)
     stop_ids = spec.stop_token_ids
     for name in OVERRIDES:
         value = row.get(name)
