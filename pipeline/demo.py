@@ -54,10 +54,11 @@ def parquet_job(model: str, out: str, rows: int) -> None:
                       "messages": [[{"role": "user", "content": q}] for q, _ in qa]})
     pq.write_table(table, os.path.join(src, "demo.parquet"), row_group_size=20)
     dst = os.path.join(out, "completions")
+    shutil.rmtree(dst, ignore_errors=True)  # a fresh run each time (a rerun into it would resume, computing nothing)
     print(f"\n== Parquet job: {rows} chat prompts -> phi3-batch run (embedded local Ray, native engine)")
     t0 = time.time()
-    cli("run", "--input", src, "--output", dst, "--model", model, "--messages-column", "messages",
-        "--max-new-tokens", "16", "--overwrite")
+    cli("run", "--input", src, "--output", dst, "--model", model, "--messages-column", "messages", "--id-column", "id",
+        "--max-new-tokens", "16")
     result = pq.read_table(os.path.join(dst, "demo.parquet")).to_pylist()
     right = sum(answer(r["completion"]) == a for r, (_, a) in zip(result, qa))
     print(f"\n{'prompt':<22} {'completion':<16} expected")

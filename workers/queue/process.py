@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gc
 import os
 
@@ -14,6 +15,7 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
+    atexit.register(gc.unfreeze)  # frozen objects outlive shutdown: native extensions then report them as leaks
 
 
 async def apply_hook(hook: str) -> None:
