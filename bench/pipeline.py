@@ -214,14 +214,15 @@ def main(argv=None) -> None:
         return child(a.child, json.loads(a.child_args), a.child_out)
     os.makedirs(BENCH_DIR, exist_ok=True)
     engine = dict(max_num_seqs=128, max_num_batched_tokens=2048)
+    backends = [b for b in a.backends.split(",") if b]
     data = os.path.join(BENCH_DIR, f"input_{a.rows}")
     shutil.rmtree(data, ignore_errors=True)
-    wl = write_input(data, a.rows, files=4, with_lengths=True)
+    wl = write_input(data, a.rows, files=4, with_lengths=True) if backends else {"rows": 0, "output_tokens": 0}
     n = max_actors(a.threads_per_actor)
-    model = bench_model()
+    model = bench_model() if backends else None
     common = dict(input=data, model=model, ray_cpus=os.cpu_count(), shard_rows=250, batch_size=256)
     rows: list[dict] = []
-    for backend in [b for b in a.backends.split(",") if b]:
+    for backend in backends:
         if backend not in ("native", "vllm"):
             ap.error(f"--backends: {backend!r} is not a backend; expected native and/or vllm")
         if backend == "vllm" and not have("vllm"):
@@ -268,7 +269,9 @@ def main(argv=None) -> None:
               prompt_words="3-24", max_new_tokens="8-48 per row (column)", stop_token_ids="none",
               shard_rows=common["shard_rows"], batch_size=common["batch_size"], engine=engine, threads=a.threads,
               threads_per_actor=a.threads_per_actor, max_actors=n, memory_rows=a.memory_rows)
-    print_rows(f"bench.pipeline: {a.rows} rows, {wl['output_tokens']} output tokens, {n} actors max", rows)
+    title = f"{wl['rows']} rows, {wl['output_tokens']} output tokens, {n} actors max" if backends else \
+        f"driver memory, {a.memory_rows // 100} and {a.memory_rows} rows, max_new_tokens 1"
+    print_rows(f"bench.pipeline: {title}", rows)
     if a.json:
         write_json(a.json, rows, wl)
 
