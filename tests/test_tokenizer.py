@@ -32,6 +32,14 @@ PLAIN = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    re
 
 
 @pytest.fixture(scope="module")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """The tokenizer with the real Phi-3 added-token ids (32000..32010); the session fixture uses compact ids."""
+    d = str(tmp_path_factory.mktemp("reference_ids_tokenizer"))
+    train_tokenizer(CORPUS, d, vocab_size=400)
+    return d
+
+
+@pytest.fixture(scope="module")
 def tok(tiny_tokenizer_dir):
     return Phi3Tokenizer.from_dir(tiny_tokenizer_dir)
 
