@@ -12,6 +12,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.error
 import urllib.request
 
 import pyarrow.parquet as pq
@@ -25,7 +26,8 @@ BIN = os.path.dirname(sys.executable)
 
 def env() -> dict:
     paths = [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != ROOT]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths), RAY_USAGE_STATS_ENABLED="0")
+    # token auth on every side (head, submit, status) so they agree whether or not ~/.ray/auth_token exists yet
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
 
 
 def phi3_batch() -> list[str]:
@@ -90,6 +92,8 @@ def test_ray_job_submit_to_a_head_started_with_ray_start(tiny_model_dir, tmp_pat
             try:
                 urllib.request.urlopen(address + "/api/version", timeout=2)
                 break
+            except urllib.error.HTTPError:  # it answers (401 with Ray's token auth): it is up
+                break
             except OSError:
                 assert head.poll() is None and time.monotonic() < deadline, "the head did not come up"
                 time.sleep(1)
@@ -100,7 +104,8 @@ def test_ray_job_submit_to_a_head_started_with_ray_start(tiny_model_dir, tmp_pat
             env=env(), capture_output=True, text=True, timeout=400)
         status = subprocess.run([ray, "job", "status", "--address", address, "phi3-batch-test"], env=env(),
                                 capture_output=True, text=True, timeout=60)
-        assert "SUCCEEDED" in status.stdout, submit.stdout[-3000:] + submit.stderr[-3000:]
+        said = status.stdout + status.stderr  # `ray job status` logs "Job '<id>' succeeded" (status SUCCEEDED)
+        assert "job 'phi3-batch-test' succeeded" in said.lower(), said[-2000:] + submit.stderr[-2000:]
     finally:
         head.send_signal(signal.SIGINT)
         try:
