@@ -118,28 +118,43 @@ def result(completion: Completion | None, ids: list[int] | None, spec: RowSpec, 
                 prompt_tokens=len(ids), completion_tokens=len(completion.token_ids), error=None)
 
 
-async def run_row(backend, row: dict, spec: RowSpec, limit: asyncio.Semaphore, request_id: str | None = None) -> dict:
-    """One row through the backend. Row faults become an error cell; engine faults propagate (the shard retries)."""
-    tokenizer = backend.tokenizer
+def prepare(row: dict, spec: RowSpec, tokenizer, max_model_len: int) -> tuple[list[int] | None, SamplingParams | str]:
+    """(prompt ids, params) for a row that can run; (ids or None, error message) for one that cannot."""
     ids = None
     try:
         ids = prompt_ids(row, spec, tokenizer)
-        if len(ids) >= backend.max_model_len:
-            raise RowError(f"prompt has {len(ids)} tokens; the model's context is {backend.max_model_len} "
+        if len(ids) >= max_model_len:
+            raise RowError(f"prompt has {len(ids)} tokens; the model's context is {max_model_len} "
                            f"(max_model_len), leaving no room to generate")
-        params = sampling(row, spec, tuple(tokenizer.end_token_ids))
+        return ids, sampling(row, spec, tuple(tokenizer.end_token_ids))
+    except RowError as e:
+        return ids, str(e)
+
+
+async def run_row(backend, ids: list[int] | None, params: SamplingParams | str, spec: RowSpec,
+                  limit: asyncio.Semaphore, request_id: str | None = None) -> dict:
+    """One prepared row through the backend. Row faults become an error cell; engine faults propagate (the
+    shard is retried)."""
+    if isinstance(params, str):
+        return result(None, ids, spec, backend.tokenizer, error=params)
+    try:
         async with limit:
             completion = await backend.generate(ids, params, request_id=request_id)
-    except (RowError, RequestError) as e:
-        return result(None, ids, spec, tokenizer, error=str(e))
-    return result(completion, ids, spec, tokenizer)
+    except RequestError as e:
+        return result(None, ids, spec, backend.tokenizer, error=str(e))
+    return result(completion, ids, spec, backend.tokenizer)
 
 
 async def run_table(backend, table: pa.Table, spec: RowSpec, limit: asyncio.Semaphore,
                     id_prefix: str | None = None) -> pa.Table:
-    """Every row of `table` concurrently (at most `limit` in the engine at once); results in row order."""
+    """Every row of `table` concurrently (at most `limit` in the engine at once); results in row order.
+
+    All rows are tokenized before the first is submitted, so the engine's first steps see a full batch rather
+    than the few requests that arrived while the rest were still being tokenized."""
     present = [c for c in spec.columns if c in table.column_names]
-    rows = table.select(present).to_pylist()
-    ids = [None if id_prefix is None else f"{id_prefix}:{i}" for i in range(len(rows))]
-    results = await asyncio.gather(*(run_row(backend, r, spec, limit, i) for r, i in zip(rows, ids)))
+    prepared = [prepare(row, spec, backend.tokenizer, backend.max_model_len)
+                for row in table.select(present).to_pylist()]
+    names = [None if id_prefix is None else f"{id_prefix}:{i}" for i in range(len(prepared))]
+    results = await asyncio.gather(*(run_row(backend, ids, params, spec, limit, name)
+                                     for (ids, params), name in zip(prepared, names)))
     return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
