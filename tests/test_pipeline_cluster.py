@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ def phi3_batch() -> list[str]:
     return [script] if os.path.exists(script) else [sys.executable, "-m", "pipeline.cli"]
 
 
+@pytest.mark.slow
 def test_two_actors_with_one_gpu_each_get_distinct_gpu_ids(tiny_model_dir, tmp_path):
     src = write_prompts(str(tmp_path / "in"))
     config = job(src, str(tmp_path / "out"), tiny_model_dir, max_new_tokens=2, shard_rows=4, actors="auto",
@@ -112,11 +114,13 @@ def test_ray_job_submit_to_a_head_started_with_ray_start(tiny_model_dir, tmp_pat
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
     summary = json.load(open(os.path.join(out, "_summary.json")))
     assert summary["ok"] and summary["rows_ok"] == len(PROMPTS)
     assert [r["prompt"] for r in read_outputs(out)] == PROMPTS
 
 
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_vllm_backend_in_an_actor_equals_generate(ray_local, vllm_model_dir, tmp_path):
     """The same job on the vLLM backend: completions equal Phi3CausalLM.generate (native engine, greedy) on the

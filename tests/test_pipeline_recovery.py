@@ -51,6 +51,7 @@ def expected(lm):
     return reference_generate(lm, PROMPTS, NEW)
 
 
+@pytest.mark.slow
 def test_actor_killed_mid_shard_every_row_exactly_once(ray_local, tiny_model_dir, prompts_dir, expected, tmp_path):
     out = str(tmp_path / "out")
     config = job(prompts_dir, out, tiny_model_dir, max_new_tokens=NEW, shard_rows=2, actors=1, shards_per_actor=2)
@@ -77,6 +78,7 @@ def test_actor_killed_mid_shard_every_row_exactly_once(ray_local, tiny_model_dir
     assert any(e["attempts"] >= 2 for e in shard_events), "the killed actor had a shard in flight"
 
 
+@pytest.mark.slow
 def test_driver_killed_then_rerun_gives_identical_files_and_no_shard_twice(
         ray_local, tiny_model_dir, prompts_dir, tmp_path):
     """The uninterrupted run and both halves of the interrupted one run the same job (output-dir independent)."""
