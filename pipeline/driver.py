@@ -32,6 +32,7 @@ from .summary import Summary
 
 log = logging.getLogger("phi3_batch")
 MAX_RESTARTS = 4
+RESOURCE_WAIT_S = 300.0   # a joined cluster may still be adding GPU nodes
 
 
 class JobError(RuntimeError):
@@ -49,7 +50,7 @@ def run(config: JobConfig) -> Summary:
     actors, infos = [], []
     try:
         if job.todo:
-            actors, infos = start_actors(config, len(job.todo))
+            actors, infos = start_actors(config, len(job.todo), joined=not owned)
         job.begin(found, infos)
         generate_s = job.dispatch(actors) if job.todo else 0.0
         return job.summarize(time.monotonic() - t0, generate_s, infos)
@@ -92,9 +93,21 @@ def connect(config: JobConfig) -> bool:
     return True
 
 
-def actor_shape(config: JobConfig, shards: int) -> tuple[int, float, float]:
-    """(actors, CPUs each, GPUs each) for this cluster."""
-    res = ray.cluster_resources()
+def actor_shape(config: JobConfig, shards: int, wait_s: float = 0.0) -> tuple[int, float, float]:
+    """(actors, CPUs each, GPUs each) for this cluster. A joined cluster may still be adding nodes: wait up to
+    `wait_s` for the GPUs asked for before refusing."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return _shape(config, shards, ray.cluster_resources())
+        except ConfigError as e:
+            if time.monotonic() >= deadline or not config.gpus_per_actor:
+                raise
+            log.warning("%s; waiting for nodes to join", e)
+            time.sleep(5)
+
+
+def _shape(config: JobConfig, shards: int, res: dict) -> tuple[int, float, float]:
     cpus, gpus = res.get("CPU", 1.0), res.get("GPU", 0.0)
     if config.actors == "auto":
         n = int(gpus // config.gpus_per_actor) if config.gpus_per_actor else 1
@@ -112,9 +125,9 @@ def actor_shape(config: JobConfig, shards: int) -> tuple[int, float, float]:
     return n, each, config.gpus_per_actor
 
 
-def start_actors(config: JobConfig, shards: int) -> tuple[list, list[dict]]:
+def start_actors(config: JobConfig, shards: int, joined: bool) -> tuple[list, list[dict]]:
     """Engine actors with their engines loaded, and where each runs; JobError if an engine cannot start."""
-    n, cpus, gpus = actor_shape(config, shards)
+    n, cpus, gpus = actor_shape(config, shards, wait_s=RESOURCE_WAIT_S if joined else 0.0)
     backend = dict(name=config.backend, model=config.model, dtype=config.dtype, device=config.device,
                    options=config.engine_options)
     actors = [spawn(backend, batch_size=config.batch_size, num_cpus=cpus, num_gpus=gpus, max_restarts=MAX_RESTARTS)

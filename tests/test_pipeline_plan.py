@@ -238,3 +238,22 @@ def test_invalid_row_values_name_the_field_and_the_value():
                        ({"stop_token_ids": ["a"]}, "stop_token_ids.0='a'"), ({"stop": [""]}, "stop=('',)")]:
         with pytest.raises(RowError, match=re.escape(words)):
             sampling(row, RowSpec(), ())
+
+
+# ---- actors -----------------------------------------------------------------------------------------------------
+
+def test_actor_count_and_size_follow_the_cluster():
+    from pipeline.driver import _shape
+    base = JobConfig(input="a", output="b", model="m")
+    cluster = {"CPU": 16.0, "GPU": 4.0}
+    assert _shape(base, 100, cluster) == (1, 16.0, 0.0)                        # CPU only: one actor, every CPU
+    assert _shape(base.model_copy(update=dict(gpus_per_actor=1.0)), 100, cluster) == (4, 1.0, 1.0)
+    assert _shape(base.model_copy(update=dict(gpus_per_actor=2.0)), 100, cluster) == (2, 1.0, 2.0)
+    assert _shape(base.model_copy(update=dict(actors=3)), 100, cluster) == (3, 5.333, 0.0)
+    assert _shape(base.model_copy(update=dict(actors=8)), 2, cluster)[0] == 2   # no more actors than shards
+    with pytest.raises(ConfigError, match="needs 8 GPUs; the Ray cluster has 4"):
+        _shape(base.model_copy(update=dict(actors=4, gpus_per_actor=2.0)), 100, cluster)
+    with pytest.raises(ConfigError, match="needs 1 GPUs; the Ray cluster has 0"):
+        _shape(base.model_copy(update=dict(gpus_per_actor=1.0)), 100, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match="needs 24 CPUs"):
+        _shape(base.model_copy(update=dict(actors=3, cpus_per_actor=8.0)), 100, cluster)
