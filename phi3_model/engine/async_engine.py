@@ -9,6 +9,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 
 from .engine import Engine, Request
 from .sampling_params import Completion, RequestError, SamplingParams
@@ -100,7 +101,9 @@ class AsyncEngine:
         while not self._stop:
             self._drain_inbox()
             if not self.engine.has_work():
-                self._wake.wait(0.05)
+                if self._wake.wait(0.05):
+                    # idle -> busy: callers usually submit in a burst; let it land so the first step batches it
+                    time.sleep(0.005)
                 self._wake.clear()
                 continue
             try:
