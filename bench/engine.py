@@ -2,7 +2,8 @@
 
     python -m bench.engine [--json PATH] [--requests N] [--dtype bfloat16|float32]
 
-Model: a Phi-3 with the real vocabulary (32064), hidden 768, 12 layers, 12 heads, random weights. Workload: mixed
+Model: a Phi-3 with the real vocabulary (32064), hidden 512, 8 layers, 8 heads, random weights (sized so a
+run fits in about 5 minutes on 2 CPU cores). Workload: mixed
 prompt lengths (16-512 tokens) and output lengths (16-256, ignore_eos, greedy), fixed seed. Rows:
   native              this project's engine (paged attention, continuous batching)
   hf_static_batch     transformers generate, static left-padded batches of --hf-batch requests
@@ -25,8 +26,8 @@ ROWS = ["native", "hf_static_batch", "vllm_builtin_phi3", "vllm_phi3_batch"]
 
 def bench_config():
     from phi3_model.config import Phi3Config
-    return Phi3Config(vocab_size=32064, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                      num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=4096,
+    return Phi3Config(vocab_size=32064, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096,
                       original_max_position_embeddings=4096, sliding_window=None)
 
 
@@ -40,7 +41,7 @@ def checkpoint(dtype: str) -> str:
     """The benchmark model as an HF-format directory (cached between runs)."""
     import torch
     from phi3_model.checkpoint import build_model, save_checkpoint
-    d = os.path.join(os.environ.get("PHI3_BENCH_DIR", "/tmp/phi3_bench"), f"model_768x12_{dtype}")
+    d = os.path.join(os.environ.get("PHI3_BENCH_DIR", "/tmp/phi3_bench"), f"model_512x8_{dtype}")
     if not os.path.exists(os.path.join(d, "model.safetensors")):
         model = build_model(bench_config(), getattr(torch, dtype), "cpu", seed=0)
         save_checkpoint(model, d + ".tmp")
@@ -121,8 +122,8 @@ def child(row: str, args: dict, out: str) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the rows as JSON here")
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--max-num-seqs", type=int, default=64)
@@ -141,7 +142,7 @@ def main(argv=None) -> None:
             continue
         rows.append(run_row("bench.engine", row, args))
         print(f"  {row}: {rows[-1].get('output_tokens_per_s', rows[-1].get('error'))} tok/s", file=sys.stderr)
-    wl = {"model": "phi3 768x12, vocab 32064, random weights", "dtype": a.dtype, "requests": a.requests,
+    wl = {"model": "phi3 512x8 (head_dim 64), vocab 32064, random weights", "dtype": a.dtype, "requests": a.requests,
           "prompt_tokens": sum(len(p) for p, _ in work), "output_tokens": sum(n for _, n in work),
           "prompt_len": "16-512", "output_len": "16-256 (ignore_eos, greedy)", "hf_batch": a.hf_batch}
     print_table(f"bench.engine: {a.requests} requests, {wl['output_tokens']} output tokens, {a.dtype}", rows,
