@@ -76,12 +76,15 @@ class AsyncEngine:
         except RuntimeError:  # the caller's event loop is closed: nobody is waiting, the engine thread lives on
             pass
 
-    def _drain_inbox(self) -> None:
+    def _inbox_items(self):
         while True:
             try:
-                kind, a, b, c = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_inbox(self) -> None:
+        for kind, a, b, c in self._inbox_items():
             if kind == "add":
                 req, fut, loop = a, b, c
                 try:
@@ -130,10 +133,6 @@ class AsyncEngine:
             self.engine.abort(self._seqs[sid])
         self._waiters.clear()
         self._seqs.clear()
-        while True:
-            try:
-                kind, a, b, c = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for kind, _, b, c in self._inbox_items():
             if kind == "add":
                 self._resolve(b, c, error=error)
