@@ -77,6 +77,19 @@ def run_row(module: str, row: str, args: dict, timeout: float = 900) -> dict:
     return result
 
 
+def measure_child(fn, args: dict, out: str, requests: int | None = None) -> None:
+    """Run one row in this (child) process and write its result with the derived rates; an exception becomes the
+    row's error (reported in the table, the other rows still run)."""
+    try:
+        r = fn(args)
+        n = r.get("requests", requests)
+        r["requests_per_s"] = round(n / r["seconds"], 3) if n else None
+        r["output_tokens_per_s"] = round(r["output_tokens"] / r["seconds"], 1) if r.get("output_tokens") else None
+    except Exception as e:
+        r = {"error": f"{type(e).__name__}: {e}"}
+    write_child_result(out, r)
+
+
 def write_child_result(path: str, result: dict) -> None:
     with open(path, "w") as f:
         json.dump(result, f)

@@ -19,7 +19,7 @@ import os
 import random
 import sys
 
-from .common import Timer, have, print_table, run_row, write_child_result, write_json
+from .common import Timer, have, measure_child, print_table, run_row, write_json
 
 ROWS = ["native", "hf_static_batch", "vllm_builtin_phi3", "vllm_phi3_batch"]
 
@@ -110,13 +110,7 @@ def row_vllm(args, ours: bool) -> dict:
 def child(row: str, args: dict, out: str) -> None:
     fn = {"native": row_native, "hf_static_batch": row_hf, "vllm_builtin_phi3": lambda a: row_vllm(a, False),
           "vllm_phi3_batch": lambda a: row_vllm(a, True)}[row]
-    try:
-        r = fn(args)
-        r["output_tokens_per_s"] = round(r["output_tokens"] / r["seconds"], 1)
-        r["requests_per_s"] = round(len(args["work"]) / r["seconds"], 3)
-    except Exception as e:  # reported in the table, the other rows still run
-        r = {"error": f"{type(e).__name__}: {e}"}
-    write_child_result(out, r)
+    measure_child(fn, args, out, requests=len(args["work"]))
 
 
 def main(argv=None) -> None:
