@@ -164,3 +164,40 @@ def test_a_second_copy_of_a_block_does_not_steal_the_hash():
     bm.release(c)
     d = seq(range(10, 19))
     assert bm.start(d) == 8 and d.block_table == [0, 1]  # a's freed blocks still serve the hash
+
+
+# ---- placement: sequences laid out consecutively so decode reads keys in place --------------------------------
+
+def seq_new(tokens, max_new_tokens) -> Sequence:
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    return Sequence(list(tokens), params, Stopper(params, None))
+
+
+def test_a_fresh_sequence_opens_a_run_sized_for_prompt_plus_max_new_tokens_and_grows_into_it():
+    bm = BlockManager(32, BS)
+    a = seq_new(range(6), max_new_tokens=10)  # ceil(16 / 4) = 4 blocks expected
+    b = seq_new(range(100, 105), max_new_tokens=3)  # ceil(8 / 4) = 2 blocks expected
+    assert bm.ensure(a, 6) and a.block_table == [0, 1]
+    assert bm.ensure(b, 5) and b.block_table == [4, 5]  # after a's 4-block run
+    assert bm.ensure(a, 13) and a.block_table == [0, 1, 2, 3]  # grew in place
+    assert bm.ensure(a, 17) and a.block_table == [0, 1, 2, 3, 6]  # past its run block 4 is b's: the first free
+
+
+def test_without_room_for_the_expected_run_a_run_of_what_is_needed_now_is_used():
+    bm = BlockManager(8, BS)
+    a = seq_new(range(4), max_new_tokens=100)  # 26 blocks expected > 8 in the pool
+    assert bm.ensure(a, 4) and a.block_table == [0]
+    b = seq_new(range(10, 22), max_new_tokens=100)
+    assert bm.ensure(b, 12) and b.block_table == [1, 2, 3]
+
+
+def test_a_fragmented_pool_still_serves_any_free_blocks():
+    bm = BlockManager(6, BS)
+    hold = [seq_new(range(i * 10, i * 10 + 3), max_new_tokens=1) for i in range(6)]  # 1 block each
+    for s in hold:
+        assert bm.ensure(s, 3)
+    assert [s.block_table for s in hold] == [[0], [1], [2], [3], [4], [5]]
+    bm.release(hold[1])
+    bm.release(hold[4])  # free: 1 and 4, no two consecutive
+    c = seq_new(range(50, 58), max_new_tokens=1)
+    assert bm.ensure(c, 8) and sorted(c.block_table) == [1, 4]

@@ -44,7 +44,8 @@ def test_prompts_prefill_in_one_step_then_decode_one_token_each():
     sched.add(b)
     assert step(sched) == [(a, 5), (b, 7)]
     assert (len(a), len(b)) == (6, 8)
-    assert a.block_table == [0, 1] and b.block_table == [2, 3]
+    # each fresh sequence opens a run sized for prompt + max_new_tokens: a's is ceil((5 + 100) / 4) = 27 blocks
+    assert a.block_table == [0, 1] and b.block_table == [27, 28]
     assert step(sched) == [(a, 1), (b, 1)]
     assert (a.num_computed, b.num_computed) == (6, 8)
 

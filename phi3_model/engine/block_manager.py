@@ -4,6 +4,11 @@ A block holds `block_size` consecutive tokens of one or more sequences. Full blo
 (parent hash, their token ids, rope factor set): a sequence whose prompt starts with blocks already in the pool
 shares them instead of recomputing. Freed blocks keep their hash until the block is reused, so a later request can
 still hit them (least recently freed reused first).
+
+Placement: a sequence's blocks are laid out consecutively in the pool when free space allows (its first blocks
+start a run sized for its whole expected length, next-fit from a cursor, and it grows into the following block),
+so decode attention can read its keys in place instead of gathering them. This is only a preference: any free
+block serves when no run is found, and correctness never depends on it.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         # per sequence: hash of each of its full blocks (chained), so later blocks can be hashed incrementally
         self.seq_hashes: dict[int, list[int]] = {}
+        self.cursor = 0  # where the next run search starts (next fit)
+
+    SCAN_LIMIT = 8192  # blocks looked at per run search, so admission stays cheap on huge pools
 
     @property
     def num_free(self) -> int:
@@ -39,8 +47,8 @@ class BlockManager:
 
     # ---- allocation -------------------------------------------------------------------------------------------
 
-    def _take_free(self) -> int:
-        block, _ = self.free.popitem(last=False)
+    def _take(self, block: int) -> int:
+        del self.free[block]
         old = self.hash_of[block]
         if old is not None and self.by_hash.get(old) == block:
             del self.by_hash[old]
@@ -85,9 +93,38 @@ class BlockManager:
             return True
         if need + reserve > self.num_free:
             return False
-        for _ in range(need):
-            seq.block_table.append(self._take_free())
+        table = seq.block_table
+        if table:
+            start = None
+        else:  # a fresh sequence: open a run with room for its whole expected length
+            expected = self.blocks_needed(len(seq.token_ids) + seq.params.max_new_tokens - seq.num_generated)
+            start = self._find_run(max(expected, need))
+            if start is None:
+                start = self._find_run(need)
+        for i in range(need):
+            if start is not None:
+                block = start + i
+            else:
+                nxt = table[-1] + 1 if table else -1
+                block = nxt if 0 <= nxt < self.num_blocks and nxt in self.free else next(iter(self.free))
+            table.append(self._take(block))
         return True
+
+    def _find_run(self, want: int) -> int | None:
+        """First block of `want` consecutive free blocks, searching from the cursor (runs never wrap)."""
+        if want > len(self.free) or want > self.num_blocks:
+            return None
+        n, run = self.num_blocks, 0
+        for step in range(min(n, self.SCAN_LIMIT)):
+            b = (self.cursor + step) % n
+            if b == 0:
+                run = 0
+            run = run + 1 if b in self.free else 0
+            if run == want:
+                start = b - want + 1
+                self.cursor = (b + 1) % n
+                return start
+        return None
 
     def commit(self, seq: Sequence, num_tokens: int) -> None:
         """Register the hashes of blocks that `num_tokens` tokens fill, so other sequences can share them."""

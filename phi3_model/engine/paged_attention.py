@@ -3,8 +3,10 @@
 Pool layout per layer: [Hkv, num_blocks, block_size, D] (heads outermost), so one `index_select` of a group's
 blocks lands as [Hkv, B, T, D] and batched matmuls read it in place as [Hkv*B, T, D] with no further copy.
 Per layer and step: the step's new keys/values are written into their slots first, then
-- decoding sequences (1 query each) attend in bucketed groups: their blocks gathered into a reused scratch
-  buffer (no fresh multi-MB allocation per layer: page faults dominated on CPU), then bmm, masked softmax, bmm;
+- decoding sequences (1 query each) whose blocks are consecutive in the pool (the block manager lays sequences
+  out that way when it can) attend one by one over a view of the pool: no copy, no padding, no mask;
+- other decoding sequences attend in bucketed groups: their blocks gathered into a reused scratch buffer (no
+  fresh multi-MB allocation per layer: page faults dominated on CPU), then bmm, masked softmax, bmm;
 - prefilling sequences attend one by one with SDPA: straight over the fresh keys when nothing is cached, else
   over their blocks gathered from the pool (prefix-cache hits, chunked prefill).
 Writing every key of the step before any read is what lets sequences share blocks computed in the same step.
@@ -64,13 +66,15 @@ class PrefillItem:
 
 class PagedContext:
     def __init__(self, cache: KVCache, slot_mapping: torch.Tensor, decode: list[DecodeGroup],
-                 prefill: list[PrefillItem], long_rope: torch.Tensor | None, sliding_window: int | None):
+                 prefill: list[PrefillItem], long_rope: torch.Tensor | None, sliding_window: int | None,
+                 in_place: list[tuple[int, int, int]] = ()):
         self.cache = cache
         self.slot_mapping = slot_mapping  # [N]
         self.decode = decode
         self.prefill = prefill
         self.long_rope = long_rope
         self.sliding_window = sliding_window
+        self.in_place = in_place  # decoding sequences read in place: (row in the step, first slot, length)
 
     def attend(self, layer: int, q, k, v):
         N, H, D = q.shape
@@ -81,6 +85,8 @@ class PagedContext:
         kc[:, self.slot_mapping] = k.transpose(0, 1)
         vc[:, self.slot_mapping] = v.transpose(0, 1)
         out = torch.empty_like(q)
+        if self.in_place:
+            self._decode_in_place(q, kc, vc, out)
         for g in self.decode:
             out[g.token_idx] = self._decode(q[g.token_idx], kc, vc, g)
         for p in self.prefill:
@@ -98,6 +104,24 @@ class PagedContext:
                 o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=H != Hkv)
             out[p.token_slice] = o.transpose(0, 1)
         return out
+
+    def _decode_in_place(self, q, kc, vc, out) -> None:
+        """Each sequence's keys are the pool slots [first, first + length): attend over views of the pool."""
+        H, D = q.shape[1], q.shape[2]
+        Hkv = kc.shape[0]
+        G = H // Hkv
+        window = self.sliding_window
+        rows = [r for r, _, _ in self.in_place]
+        qs = (q[rows] * D ** -0.5).view(len(rows), Hkv, G, D)
+        res = torch.empty_like(qs)
+        for i, (_, first, n) in enumerate(self.in_place):
+            if window is not None and n > window:
+                first, n = first + n - window, window
+            keys, values = kc[:, first:first + n], vc[:, first:first + n]  # [Hkv, n, D], views
+            scores = torch.bmm(qs[i], keys.transpose(1, 2))  # [Hkv, G, n]
+            probs = scores.float().softmax(-1).to(q.dtype)
+            torch.bmm(probs, values, out=res[i])
+        out[rows] = res.view(len(rows), H, D)
 
     def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, g: DecodeGroup) -> torch.Tensor:
         """q [B, H, D] -> [B, H, D] over the group's blocks."""

@@ -5,6 +5,7 @@ import torch
 
 from ..attention import attention_context
 from ..model import Phi3ForCausalLM
+from .packed_linear import PackedLinear
 from .paged_attention import DecodeGroup, KVCache, PagedContext, PrefillItem
 from .scheduler import ScheduledSeq
 
@@ -21,6 +22,15 @@ def _decode_buckets(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
+def contiguous_start(table: list[int], length: int, block_size: int) -> int | None:
+    """First slot of a sequence whose first `length` tokens sit in consecutive blocks, else None."""
+    nb = -(-length // block_size)
+    first = table[0]
+    if table[nb - 1] - first != nb - 1 or (nb > 2 and table[:nb] != list(range(first, first + nb))):
+        return None
+    return first * block_size
+
+
 class ModelRunner:
     def __init__(self, model: Phi3ForCausalLM, cache: KVCache):
         self.model = model
@@ -29,6 +39,7 @@ class ModelRunner:
         self.device = model.device
         self.sliding_window = model.config.sliding_window
         self.uses_long_rope = model.config.rope_scaling is not None
+        self.lm_head = PackedLinear(model.lm_head)
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -37,6 +48,7 @@ class ModelRunner:
     def build(self, batch: list[ScheduledSeq]):
         ids, pos, slots, long_flags, sample_rows = [], [], [], [], []
         decode_rows, decode_lens, decode_tables = [], [], []
+        in_place: list[tuple[int, int, int]] = []
         prefill: list[PrefillItem] = []
         dev = self.device
         for item in batch:
@@ -49,9 +61,13 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(row + n - 1)
             if n == 1 and c > 0:
-                decode_rows.append(row)
-                decode_lens.append(c + 1)
-                decode_tables.append(seq.block_table)
+                first = contiguous_start(seq.block_table, c + 1, self.block_size)
+                if first is not None:
+                    in_place.append((row, first, c + 1))
+                else:
+                    decode_rows.append(row)
+                    decode_lens.append(c + 1)
+                    decode_tables.append(seq.block_table)
             else:
                 q_pos = torch.arange(c, c + n, device=dev)
                 if c == 0:
@@ -65,7 +81,7 @@ class ModelRunner:
         if self.uses_long_rope and any(long_flags):
             long_rope = torch.tensor(long_flags, dtype=torch.bool, device=dev)
         ctx = PagedContext(self.cache, torch.tensor(slots, device=dev), decode, prefill, long_rope,
-                           self.sliding_window)
+                           self.sliding_window, in_place)
         return (torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), ctx,
                 torch.tensor(sample_rows, dtype=torch.long, device=dev))
 
@@ -88,4 +104,4 @@ class ModelRunner:
         ids, pos, ctx, sample_rows = self.build(batch)
         with attention_context(ctx):
             hidden = self.model(ids, pos)
-        return self.model.compute_logits(hidden[sample_rows]).float()
+        return self.lm_head(hidden[sample_rows]).float()

@@ -1,0 +1,34 @@
+"""The output projection with its weight reordered once into oneDNN's blocked layout (CPU, fp32).
+
+Decode steps multiply a few rows by the [vocab, hidden] lm_head: with the plain layout the CPU GEMM re-packs the
+whole weight on every call and the step pays about twice the weight's memory traffic (measured: 32 ms vs 16 ms
+for 16 rows of a 32064 x 512 head on one core). Packing costs one extra copy of this one matrix (for Phi-3-mini
+in fp32, 394 MB). The packed copy is rebuilt whenever the weight changes (fit() between generate calls), checked
+by the tensor's version counter. Anywhere else (CUDA, bf16, no oneDNN) the plain linear runs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PackedLinear:
+    def __init__(self, linear: nn.Linear, rows_hint: int = 16):
+        self.linear = linear
+        self.rows_hint = rows_hint
+        w = linear.weight
+        self.enabled = (w.device.type == "cpu" and w.dtype == torch.float32 and linear.bias is None
+                        and torch.backends.mkldnn.is_available()
+                        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+        self._packed = None
+        self._key = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.linear(x)
+        w = self.linear.weight
+        key = (w.data_ptr(), w._version)
+        if key != self._key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.rows_hint)
+            self._key = key
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self._packed, None, "none", [], "")

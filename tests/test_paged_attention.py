@@ -1,0 +1,78 @@
+"""Decode attention over the paged pool, both paths, against SDPA over each sequence's exact keys.
+
+A sequence whose blocks are consecutive is read in place (a view of the pool); one whose blocks are scattered is
+gathered. Both must equal plain attention over the keys at the sequence's positions (GQA, sliding window).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from phi3_model.engine.paged_attention import DecodeGroup, KVCache, PagedContext
+from phi3_model.engine.runner import contiguous_start
+
+BS, HKV, H, D = 4, 2, 4, 8
+
+
+def test_contiguous_start_only_for_consecutive_blocks():
+    assert contiguous_start([5, 6, 7], 10, BS) == 20
+    assert contiguous_start([5, 6, 9], 8, BS) == 20  # only the blocks the length covers matter
+    assert contiguous_start([5, 7, 8], 10, BS) is None
+    assert contiguous_start([5, 9, 7], 10, BS) is None  # ends agree, the middle does not
+    assert contiguous_start([3], 2, BS) == 12
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_in_place_and_gathered_decode_equal_sdpa_over_the_exact_keys(window):
+    torch.manual_seed(0)
+    cache = KVCache(1, 16, BS, HKV, D, torch.float32, "cpu")
+    tables = {"contiguous": [2, 3, 4], "scattered": [9, 1, 7]}
+    lengths = {"contiguous": 10, "scattered": 11}
+    keys = {n: torch.randn(lengths[n], HKV, D) for n in tables}
+    values = {n: torch.randn(lengths[n], HKV, D) for n in tables}
+    kc = cache.k[0].view(HKV, -1, D)
+    vc = cache.v[0].view(HKV, -1, D)
+
+    def slots(name, upto):
+        t = tables[name]
+        return torch.tensor([t[p // BS] * BS + p % BS for p in range(upto)])
+
+    for n in tables:  # every key but the last is already cached; attend() writes the step's own key
+        kc[:, slots(n, lengths[n] - 1)] = keys[n][:-1].transpose(0, 1)
+        vc[:, slots(n, lengths[n] - 1)] = values[n][:-1].transpose(0, 1)
+    order = ["contiguous", "scattered"]
+    q = torch.randn(2, H, D)
+    step_k = torch.stack([keys[n][-1] for n in order])
+    step_v = torch.stack([values[n][-1] for n in order])
+    step_slots = torch.stack([slots(n, lengths[n])[-1] for n in order])
+    L = lengths["scattered"]
+    t = torch.arange(3 * BS)
+    masked = (t >= L)[None]
+    if window is not None:
+        masked |= (t <= (L - 1) - window)[None]
+    group = DecodeGroup(torch.tensor([1]), torch.tensor(tables["scattered"]), 3, masked)
+    start = contiguous_start(tables["contiguous"], lengths["contiguous"], BS)
+    ctx = PagedContext(cache, step_slots, [group], [], None, window, [(0, start, lengths["contiguous"])])
+    out = ctx.attend(0, q, step_k, step_v)
+
+    for row, n in enumerate(order):
+        k, v = keys[n].transpose(0, 1), values[n].transpose(0, 1)  # [Hkv, L, D]
+        if window is not None:
+            k, v = k[:, -window:], v[:, -window:]
+        ref = F.scaled_dot_product_attention(q[row][:, None], k, v, enable_gqa=True)[:, 0]
+        torch.testing.assert_close(out[row], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_lm_head_equals_the_linear_and_follows_in_place_weight_updates():
+    from phi3_model.engine.packed_linear import PackedLinear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 200, bias=False)
+    packed = PackedLinear(lin)
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), x @ lin.weight.T, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)  # what an optimizer step does: same storage, new values
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), x @ lin.weight.T, rtol=1e-5, atol=1e-5)
