@@ -5,7 +5,9 @@
 Model: a Phi-3 with the real vocabulary (32064), hidden 512, 8 layers, 8 heads, random weights (sized so a
 run fits in about 5 minutes on 2 CPU cores). Workload: mixed
 prompt lengths (16-512 tokens) and output lengths (16-256, ignore_eos, greedy), fixed seed. Rows:
-  native              this project's engine (paged attention, continuous batching)
+  native              this project's engine (paged attention, continuous batching: decodes and prefill chunks
+                      share each step)
+  native_alternating  the same engine with prefill-only and decode-only steps taking turns
   hf_static_batch     transformers generate, static left-padded batches of --hf-batch requests
   vllm_builtin_phi3   vLLM (CPU build) with its own Phi-3 class            (when vLLM is installed)
   vllm_phi3_batch     vLLM with this project's registered Phi-3 class     (when vLLM is installed)
@@ -21,7 +23,7 @@ import sys
 
 from .common import Timer, have, measure_child, print_table, run_row, write_json
 
-ROWS = ["native", "hf_static_batch", "vllm_builtin_phi3", "vllm_phi3_batch"]
+ROWS = ["native", "native_alternating", "hf_static_batch", "vllm_builtin_phi3", "vllm_phi3_batch"]
 
 
 def bench_config():
@@ -51,13 +53,14 @@ def checkpoint(dtype: str) -> str:
 
 # ---- rows (each runs in a child process) ---------------------------------------------------------------------
 
-def row_native(args) -> dict:
+def row_native(args, schedule: str = "mixed") -> dict:
     import torch
     from phi3_model.checkpoint import load_checkpoint
     from phi3_model.engine import Engine, Request, SamplingParams
     torch.set_num_threads(args["threads"])
     model = load_checkpoint(args["ckpt"], dtype=args["dtype"])
-    engine = Engine(model, None, max_num_seqs=args["max_num_seqs"], max_num_batched_tokens=args["batched_tokens"])
+    engine = Engine(model, None, max_num_seqs=args["max_num_seqs"], max_num_batched_tokens=args["batched_tokens"],
+                    schedule=schedule)
     reqs = [Request(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)) for p, n in args["work"]]
     engine.generate(reqs[:2])  # warm-up
     with Timer() as t:
@@ -108,7 +111,8 @@ def row_vllm(args, ours: bool) -> dict:
 
 
 def child(row: str, args: dict, out: str) -> None:
-    fn = {"native": row_native, "hf_static_batch": row_hf, "vllm_builtin_phi3": lambda a: row_vllm(a, False),
+    fn = {"native": row_native, "native_alternating": lambda a: row_native(a, "alternating"),
+          "hf_static_batch": row_hf, "vllm_builtin_phi3": lambda a: row_vllm(a, False),
           "vllm_phi3_batch": lambda a: row_vllm(a, True)}[row]
     measure_child(fn, args, out, requests=len(args["work"]))
 

@@ -178,6 +178,13 @@ def test_chunked_prefill_with_a_small_token_budget_gives_identical_outputs(tiny)
     assert engine.num_steps >= sum(LENGTHS) // 7
 
 
+def test_alternating_prefill_and_decode_steps_give_identical_outputs(tiny):
+    engine = Engine(tiny["model"], block_size=8, num_blocks=256, max_num_batched_tokens=24, max_num_seqs=4,
+                    schedule="alternating")
+    outs = engine.generate([Request(p, greedy()) for p in tiny["batch"]])
+    assert [o.token_ids for o in outs] == tiny["want"]
+
+
 def test_prefix_cache_hits_give_identical_outputs_and_skip_exactly_the_shared_blocks(tiny):
     bs, k, n = 8, 3, 6
     system = prompts([k * bs], seed=12)[0]

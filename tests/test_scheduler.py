@@ -213,3 +213,30 @@ def test_a_prompt_already_past_the_original_max_starts_with_long_factors():
     assert step(sched) == [(a, 12)]
     assert a.rope_long and sched.num_rope_switches == 0
     assert step(sched) == [(a, 1)]
+
+
+def test_alternating_policy_runs_prefill_only_and_decode_only_steps_in_turn():
+    sched = Scheduler(BlockManager(64, BS), 8, 64, policy="alternating")
+    a, b = seq(range(10, 15)), seq(range(20, 27))
+    sched.add(a)
+    assert step(sched) == [(a, 5)]  # only prefill work exists
+    sched.add(b)
+    assert step(sched) == [(a, 1)]  # decode's turn: b waits although the budget has room
+    assert step(sched) == [(b, 7)]  # prefill's turn: a does not decode
+    assert step(sched) == [(a, 1), (b, 1)]
+    assert step(sched) == [(a, 1), (b, 1)]  # no prefill work: decode steps follow each other
+
+
+def test_mixed_policy_packs_decodes_and_prefill_chunks_into_one_step():
+    sched = scheduler()
+    a, b = seq(range(10, 15)), seq(range(20, 27))
+    sched.add(a)
+    assert step(sched) == [(a, 5)]
+    sched.add(b)
+    assert step(sched) == [(a, 1), (b, 7)]
+
+
+def test_an_unknown_policy_is_refused_by_name():
+    import pytest
+    with pytest.raises(ValueError, match="policy must be 'mixed' or 'alternating', got 'fifo'"):
+        Scheduler(BlockManager(8, BS), 8, 64, policy="fifo")

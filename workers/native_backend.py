@@ -12,7 +12,8 @@ from .backend import BackendConfig, EngineBackend
 
 class NativeBackend(EngineBackend):
     """options: the fields of phi3_model.engine.EngineConfig (block_size, num_blocks, kv_cache_bytes,
-    max_num_seqs, max_num_batched_tokens, enable_prefix_caching, max_model_len) plus `threads` (torch CPU threads)."""
+    max_num_seqs, max_num_batched_tokens, enable_prefix_caching, schedule, max_model_len) plus `threads` (torch CPU
+    threads)."""
 
     def __init__(self, config: BackendConfig):
         self.config = config

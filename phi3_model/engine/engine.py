@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +33,9 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(128, ge=1, description="sequences in one batch")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens in one forward (prefill chunk budget)")
     enable_prefix_caching: bool = True
+    schedule: Literal["mixed", "alternating"] = Field(
+        "mixed", description="mixed: decodes and prefill chunks share every step; alternating: prefill-only and "
+        "decode-only steps take turns")
     max_model_len: int | None = Field(None, ge=2, description="default: the model's max_position_embeddings")
 
 
@@ -59,7 +63,8 @@ class Engine:
                              mc.head_dim, model.dtype, model.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         long_after = mc.original_max_position_embeddings if mc.rope_scaling is not None else None
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, long_after)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, long_after,
+                                   config.schedule)
         self.runner = ModelRunner(model, self.cache)
         self.num_computed_tokens = 0  # tokens that went through the model (prefill + decode), for stats
         self.num_steps = 0
