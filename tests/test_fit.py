@@ -69,6 +69,14 @@ def test_a_few_steps_lower_the_loss_and_history_reports_it(lm):
     assert out == lm.tokenizer.decode(lm.tokenizer.encode(" five")[:2])
 
 
+def test_fit_in_bf16_on_cpu_lowers_the_loss_and_keeps_bf16_weights(tiny_model_dir):
+    lm = Phi3CausalLM.from_preset(tiny_model_dir, dtype="bfloat16", device="cpu")
+    lm.compile(sampler="greedy", learning_rate=3e-3)
+    hist = lm.fit(PAIRS, batch_size=2, epochs=8, verbose=False).history["loss"]
+    assert all(math.isfinite(v) for v in hist) and hist[-1] < 0.5 * hist[0]
+    assert {p.dtype for p in lm.backbone.parameters()} == {torch.bfloat16}
+
+
 def test_validation_loss_and_callbacks(lm):
     seen = []
 
