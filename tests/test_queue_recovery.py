@@ -190,3 +190,41 @@ def test_12_transient_connection_error_on_xack_is_retried_without_double_process
     results = [json.loads(v) for v in r.mget([f"{queue_prefix}:result:{i}" for i in ids])]
     assert all(v["deliveries"] == 1 and v["worker"] == "w1" for v in results)
     audit(r, queue_prefix, ids)
+
+
+def test_reclaim_uses_xautoclaim_and_charges_only_the_entries_it_runs(redis_server, queue_prefix):
+    """RECLAIM on hand-built pending state, checked against Redis' own delivery counts (XPENDING): idle entries of a
+    dead consumer come back with one more delivery; a last-chance entry is left uncharged and still claimable
+    while the caller holds other work, and taken alone when it holds none; an id the caller holds stays its own,
+    uncharged; an entry deleted while pending is reported lost."""
+    r = redis_server.client()
+    key, group = f"{queue_prefix}:reclaim", "g"
+    r.xgroup_create(key, group, id="0", mkstream=True)
+    ids = {name: r.xadd(key, {"n": name}).decode() for name in "abcde"}
+    r.xreadgroup(group, "ghost", {key: ">"}, count=5)
+    r.xclaim(key, group, "ghost", 0, [ids["c"]], retrycount=2, justid=True)  # next delivery is its 3rd = last
+    r.xclaim(key, group, "me", 0, [ids["d"]], justid=True)  # running here, heartbeat late
+    for name in "abcd":
+        owner = "me" if name == "d" else "ghost"
+        r.xclaim(key, group, owner, 0, [ids[name]], idle=100_000, justid=True)
+    r.xdel(key, ids["e"])
+    reclaim = r.register_script(scripts.RECLAIM)
+
+    def pending(name):
+        p = r.xpending_range(key, group, ids[name], ids[name], 1)[0]
+        return p["consumer"].decode(), p["times_delivered"], p["time_since_delivered"]
+
+    before = {name: pending(name)[1] for name in "abcd"}
+    nxt, claimed, lost = reclaim(keys=[key], args=[group, "me", 50_000, "0-0", 10, 3, 0, ids["d"]])
+    got = {claimed[i].decode(): claimed[i + 1] for i in range(0, len(claimed), 3)}
+    assert nxt == b"" and [x.decode() for x in lost] == [ids["e"]]
+    assert got == {ids["a"]: before["a"] + 1, ids["b"]: before["b"] + 1}
+    assert [pending(n)[1] for n in "ab"] == [before["a"] + 1, before["b"] + 1]
+    c_owner, c_count, c_idle = pending("c")
+    assert c_count == before["c"] == 2 and c_idle >= 50_000  # uncharged, claimable by anyone at once
+    d_owner, d_count, d_idle = pending("d")
+    assert (d_owner, d_count) == ("me", before["d"]) and d_idle < 50_000
+    assert r.xpending(key, group)["pending"] == 4  # e left the group
+    # holding nothing, the worker takes the last-chance entry (alone): its 3rd delivery
+    _, claimed, _ = reclaim(keys=[key], args=[group, "me2", 50_000, "0-0", 10, 3, 1])
+    assert [(claimed[i].decode(), claimed[i + 1]) for i in range(0, len(claimed), 3)] == [(ids["c"], 3)]

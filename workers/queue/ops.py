@@ -16,7 +16,8 @@ class Ops:
         self._ack = r.register_script(scripts.ACK)
         self._dead = r.register_script(scripts.DEAD_LETTER)
         self._beat = r.register_script(scripts.HEARTBEAT)
-        self._claim = r.register_script(scripts.CLAIM)
+        self._reclaim = r.register_script(scripts.RECLAIM)
+        self._claim_own = r.register_script(scripts.CLAIM_OWN)
 
     async def ensure_group(self) -> bool:
         """True when this call created the group (from id 0, so entries added before it are delivered)."""
@@ -37,17 +38,19 @@ class Ops:
         reply = await self.r.xreadgroup(self.group, self.consumer, {self.n.requests: ">"}, count=1, block=block_ms)
         return reply[0][1] if reply else []
 
-    async def claim(self, min_idle_ms: int, start: str, count: int, max_deliveries: int, last_chance: bool,
-                    owner: str = "", held=()):
-        """-> (next start or None, [(entry id, fields)], {entry id: delivery count}, [lost entry ids])."""
-        last, flat, lost = await self._claim(keys=[self.n.requests], args=[
-            self.group, self.consumer, min_idle_ms, start, count, max_deliveries, int(last_chance), owner, *held])
-        entries, counts = [], {}
-        for i in range(0, len(flat), 3):
-            fields = flat[i + 2]
-            entries.append((flat[i], dict(zip(fields[::2], fields[1::2]))))
-            counts[flat[i]] = flat[i + 1]
-        return ("(" + last.decode() if last else None), entries, counts, lost
+    async def reclaim(self, min_idle_ms: int, start: str, count: int, max_deliveries: int, last_chance: bool,
+                      held=()):
+        """Other consumers' entries idle >= min_idle_ms (XAUTOCLAIM from `start`, '0-0' first).
+        -> (next start or None, [(entry id, fields)], {entry id: delivery count}, [lost entry ids])."""
+        nxt, flat, lost = await self._reclaim(keys=[self.n.requests], args=[
+            self.group, self.consumer, min_idle_ms, start, count, max_deliveries, int(last_chance), *held])
+        return (nxt.decode() if nxt else None), *_claimed(flat), lost
+
+    async def claim_own(self, start: str, count: int, max_deliveries: int, last_chance: bool):
+        """This consumer's own pending entries (a restart), from `start` ('-' first). Same result shape."""
+        last, flat, lost = await self._claim_own(keys=[self.n.requests], args=[
+            self.group, self.consumer, start, count, max_deliveries, int(last_chance)])
+        return ("(" + last.decode() if last else None), *_claimed(flat), lost
 
     async def write_results(self, items: list[tuple[str, bytes]], ttl_s: int, maxlen: int) -> bytes:
         """items: (request id, result json). -> b'1' per result written now, b'0' per result that existed."""
@@ -110,3 +113,13 @@ def parse_records(blob: bytes) -> list[tuple[bytes, dict]]:
 def entry_time(entry_id: bytes) -> float:
     """Unix seconds at which the entry was added (its id's millisecond part)."""
     return int(entry_id.partition(b"-")[0]) / 1000.0
+
+
+def _claimed(flat) -> tuple[list[tuple[bytes, dict]], dict]:
+    """{id, delivery count, fields, ...} -> entries and their delivery counts."""
+    entries, counts = [], {}
+    for i in range(0, len(flat), 3):
+        fields = flat[i + 2]
+        entries.append((flat[i], dict(zip(fields[::2], fields[1::2]))))
+        counts[flat[i]] = flat[i + 1]
+    return entries, counts

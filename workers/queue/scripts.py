@@ -109,40 +109,64 @@ end
 return stolen
 """
 
-# Reclaim without charging a delivery to entries that cannot run yet. XAUTOCLAIM (and a restarted consumer's
-# XREADGROUP of its own history) claims every idle entry it scans and bumps each one's delivery count; but an
-# entry on its last allowed delivery must run alone (it may be the request that kills workers), so a worker
-# claims at most one such entry, and only when it holds nothing else. This script lists idle pending entries
-# with their counts (XPENDING IDLE), claims the ones to run (XCLAIM, atomic against other claimers), and
-# reports entries trimmed from the stream while pending as lost (acking them), as XAUTOCLAIM would.
-# KEYS: requests stream. ARGV: group, consumer, min idle ms, start ('-' or '(id'), scan count, max deliveries,
-# take a last-chance entry (1/0), owner ('' = any consumer), then the ids the caller holds (skipped: a heartbeat
-# delayed past the idle time must not make a worker claim, and charge a delivery to, its own running entries).
-# Returns {last scanned id or '', {id, new delivery count, fields, ...}, {lost ids}}.
-CLAIM = """
+# Reclaim idle entries of other (dead or stuck) consumers with XAUTOCLAIM. XAUTOCLAIM charges a delivery to
+# every entry it takes, but an entry on its last allowed delivery must run alone (it may be the request that kills
+# workers): a worker runs at most one such entry, and only when it holds nothing else. Entries it took but must not
+# run now get their delivery count back and their idle time set to the claim threshold (XCLAIM RETRYCOUNT IDLE
+# JUSTID), so they stay claimable at once, uncharged. Ids the caller already holds (its heartbeat was late) are kept
+# as running here, count restored, idle reset. XAUTOCLAIM drops entries trimmed from the stream while pending from
+# the group and reports them: they come back as lost (acked again, harmless).
+# KEYS: requests stream. ARGV: group, consumer, min idle ms, start id, count, max deliveries, take a last-chance
+# entry (1/0), then the ids the caller holds.
+# Returns {next start id or '' when the scan is complete, {id, delivery count, fields, ...}, {lost ids}}.
+RECLAIM = """
 local group, me, idle, maxd = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[6])
 local held = {}
-for i = 9, #ARGV do held[ARGV[i]] = true end
-local rows
-if ARGV[8] ~= '' then
-  rows = redis.call('XPENDING', KEYS[1], group, 'IDLE', idle, ARGV[4], '+', ARGV[5], ARGV[8])
-else
-  rows = redis.call('XPENDING', KEYS[1], group, 'IDLE', idle, ARGV[4], '+', ARGV[5])
+for i = 8, #ARGV do held[ARGV[i]] = true end
+local res = redis.call('XAUTOCLAIM', KEYS[1], group, me, idle, ARGV[4], 'COUNT', ARGV[5])
+local claimed, solo_left = {}, ARGV[7] == '1'
+for _, e in ipairs(res[2]) do
+  local id = e[1]
+  local n = redis.call('XPENDING', KEYS[1], group, id, id, 1)[1][4]
+  local last_chance = n > 1 and n == maxd
+  if held[id] then
+    redis.call('XCLAIM', KEYS[1], group, me, 0, id, 'IDLE', 0, 'RETRYCOUNT', n - 1, 'JUSTID')
+  elseif last_chance and not solo_left then
+    redis.call('XCLAIM', KEYS[1], group, me, 0, id, 'IDLE', idle, 'RETRYCOUNT', n - 1, 'JUSTID')
+  else
+    if last_chance then solo_left = false end
+    claimed[#claimed + 1] = id
+    claimed[#claimed + 1] = n
+    claimed[#claimed + 1] = e[2]
+  end
 end
-local claimed, lost, last, solo_left = {}, {}, '', ARGV[7] == '1'
+local lost = res[3] or {}
+for _, id in ipairs(lost) do redis.call('XACK', KEYS[1], group, id) end
+local nxt = res[1]
+if nxt == '0-0' then nxt = '' end
+return {nxt, claimed, lost}
+"""
+
+# A restarted consumer takes back its own pending entries (any idle time) before reading new ones. XAUTOCLAIM
+# cannot select one consumer's entries, so this lists them (XPENDING ... consumer) and claims them with XCLAIM,
+# charging each a delivery, with the same last-chance rule as RECLAIM; entries trimmed while pending are lost.
+# KEYS: requests stream. ARGV: group, consumer, start ('-' or '(id'), scan count, max deliveries, take a
+# last-chance entry (1/0). Returns {last scanned id or '', {id, new delivery count, fields, ...}, {lost ids}}.
+CLAIM_OWN = """
+local group, me, maxd = ARGV[1], ARGV[2], tonumber(ARGV[5])
+local rows = redis.call('XPENDING', KEYS[1], group, 'IDLE', 0, ARGV[3], '+', ARGV[4], me)
+local claimed, lost, last, solo_left = {}, {}, '', ARGV[6] == '1'
 for _, row in ipairs(rows) do
   local id, n = row[1], row[4] + 1
   last = id
-  if held[id] then
-    -- running here
-  elseif #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+  if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
     redis.call('XACK', KEYS[1], group, id)
     lost[#lost + 1] = id
   else
     local last_chance = n > 1 and n == maxd
     if not last_chance or solo_left then
       if last_chance then solo_left = false end
-      local got = redis.call('XCLAIM', KEYS[1], group, me, idle, id)
+      local got = redis.call('XCLAIM', KEYS[1], group, me, 0, id)
       if got[1] then
         claimed[#claimed + 1] = id
         claimed[#claimed + 1] = n

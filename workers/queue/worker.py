@@ -68,7 +68,7 @@ class QueueWorker:
             if await self._redis(self.ops.ensure_group):
                 self.counters.groups_created += 1
             self.state = "running"
-            await self._claim(self.cfg.name, 0.0)
+            await self._claim(own=True)
             await self._serve()
             self.state = "draining"
             while self.solo:
@@ -97,22 +97,26 @@ class QueueWorker:
     def room(self) -> int:
         return self.cfg.max_in_flight - len(self.active) - len(self.solo)
 
-    async def _claim(self, owner: str, min_idle_s: float) -> None:
-        """Take over pending entries: this consumer's own from before a restart (owner=name, any idle time), or
-        any consumer's idle ones (owner=''). Each claim counts as a delivery."""
-        start = "-"
+    async def _claim(self, own: bool) -> None:
+        """Take over pending entries: this consumer's own from before a restart (own, any idle time), or other
+        consumers' entries idle longer than claim_idle_s (XAUTOCLAIM). Each claim counts as a delivery."""
+        start = "-" if own else "0-0"
         while start and self.room > 0 and not self.stopping:
             last_chance = not self.active and not self.solo
-            held = [*self.active, *(j.entry_id for j in self.solo)]
-            start, entries, counts, lost = await self._redis(lambda: self.ops.claim(
-                int(min_idle_s * 1000), start, self.room, self.cfg.max_deliveries, last_chance, owner, held))
+            if own:
+                call = lambda: self.ops.claim_own(start, self.room, self.cfg.max_deliveries, last_chance)  # noqa: E731
+            else:
+                held = [*self.active, *(j.entry_id for j in self.solo)]
+                call = lambda: self.ops.reclaim(int(self.cfg.claim_idle_s * 1000), start, self.room,  # noqa: E731
+                                                self.cfg.max_deliveries, last_chance, held)
+            start, entries, counts, lost = await self._redis(call)
             for entry_id in lost:
                 self.active.add(entry_id)
                 self.counters.lost += 1
                 self._finish(("dead", entry_id, self._lost_letter(entry_id)))
             if entries:
-                self.counters.reclaimed += len(entries) if not owner else 0
-                log.info("claimed %d pending entries%s", len(entries), " of this consumer" if owner else "")
+                self.counters.reclaimed += len(entries) if not own else 0
+                log.info("claimed %d pending entries%s", len(entries), " of this consumer" if own else "")
                 await self._admit(entries, counts)
 
     async def _serve(self) -> None:
@@ -128,7 +132,7 @@ class QueueWorker:
             now = time.monotonic()
             if now >= self._next_claim:
                 self._next_claim = now + self.cfg.claim_idle_s / 2
-                await self._claim("", self.cfg.claim_idle_s)
+                await self._claim(own=False)
                 continue
             block = min(self.cfg.block_ms, 200 if self.cfg.until_empty else self.cfg.block_ms,
                         max(1, int((self._next_claim - now) * 1000)))
