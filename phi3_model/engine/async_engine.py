@@ -76,6 +76,17 @@ class AsyncEngine:
         except RuntimeError:  # the caller's event loop is closed: nobody is waiting, the engine thread lives on
             pass
 
+    @staticmethod
+    def _settle_all(loop, done) -> None:
+        def settle():
+            for fut, result in done:
+                if not fut.done():
+                    fut.set_result(result)
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the caller's event loop is closed
+            pass
+
     def _inbox_items(self):
         while True:
             try:
@@ -119,11 +130,15 @@ class AsyncEngine:
                 self._waiters.clear()
                 self._seqs.clear()
                 continue
+            by_loop: dict = {}
             for seq in finished:
                 waiter = self._waiters.pop(seq.seq_id, None)
                 self._seqs.pop(seq.seq_id, None)
                 if waiter is not None:
-                    self._resolve(*waiter, result=self.engine.completion(seq))
+                    fut, loop = waiter
+                    by_loop.setdefault(loop, []).append((fut, self.engine.completion(seq)))
+            for loop, done in by_loop.items():  # one wake-up of each caller's loop per step, not one per request
+                self._settle_all(loop, done)
         self._fail_all(RuntimeError("engine closed"))
 
     def _fail_all(self, error: BaseException) -> None:

@@ -40,6 +40,9 @@ class ModelRunner:
         self.sliding_window = model.config.sliding_window
         self.uses_long_rope = model.config.rope_scaling is not None
         self.lm_head = PackedLinear(model.lm_head)
+        # per-sequence attention over pool views saves the gather's memory traffic on CPU; on CUDA its one small
+        # kernel launch per sequence and layer would cost more than one batched gather
+        self.read_in_place = self.device.type == "cpu"
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -61,7 +64,7 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(row + n - 1)
             if n == 1 and c > 0:
-                first = contiguous_start(seq.block_table, c + 1, self.block_size)
+                first = contiguous_start(seq.block_table, c + 1, self.block_size) if self.read_in_place else None
                 if first is not None:
                     in_place.append((row, first, c + 1))
                 else:

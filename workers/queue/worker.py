@@ -94,6 +94,13 @@ class QueueWorker:
 
     # ---- reading ------------------------------------------------------------------------------------------------
     @property
+    def refill(self) -> int:
+        """Read again once this many slots are free (or nothing is held): reads come in batches, not one entry per
+        finished request. Each read and admission wakes the event loop, whose GIL use stalls the engine thread;
+        refilling a quarter of the window at a time cut the engine's step time by a fifth (bench.queue)."""
+        return max(1, min(self.cfg.read_count, self.cfg.max_in_flight // 4))
+
+    @property
     def room(self) -> int:
         return self.cfg.max_in_flight - len(self.active) - len(self.solo)
 
@@ -126,7 +133,7 @@ class QueueWorker:
             if self.solo:
                 await self._run_solo()
                 continue
-            await self._until(lambda: self.stopping or self.room > 0)
+            await self._until(lambda: self.stopping or self.room >= self.refill or (self.room > 0 and not self.active))
             if self.stopping:
                 return
             now = time.monotonic()
