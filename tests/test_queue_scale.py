@@ -45,8 +45,18 @@ def test_13_stream_memory_stays_bounded_over_100k_requests(redis_server, redis_u
                                     await client.r.memory_usage(stream, samples=0) or 0))
                     await asyncio.sleep(0.05)
             sampling = asyncio.create_task(monitor())
-            ids = await client.submit_many(map(request, range(N)), chunk=CHUNK, max_backlog=BACKLOG)
+
+            def alive():  # a dead worker shows why instead of leaving the test to its timeout
+                if serving.done():
+                    serving.result()
+                    raise AssertionError(f"worker returned after {worker.counters.processed} of {N}")
+            submitting = asyncio.create_task(client.submit_many(map(request, range(N)), chunk=CHUNK,
+                                                                max_backlog=BACKLOG))
+            await asyncio.wait({submitting, serving}, return_when=asyncio.FIRST_COMPLETED)
+            alive()
+            ids = submitting.result()
             while worker.counters.processed < N:
+                alive()
                 await asyncio.sleep(0.05)
             sampling.cancel()
             await asyncio.gather(sampling, return_exceptions=True)
