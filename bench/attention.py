@@ -25,52 +25,52 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .common import print_table, write_json
+from .common import report
 
 H, HKV, D, BS = 8, 8, 64, 16
 
 
 def setup(seqs: int, context: int, device: str, seed: int = 0):
+    from phi3_model.engine.paged_attention import KVCache
     g = torch.Generator().manual_seed(seed)
     nb = -(-context // BS)
     num_blocks = seqs * nb * 2
-    kc = torch.randn(HKV, num_blocks * BS, D, generator=g).to(device)
-    vc = torch.randn(HKV, num_blocks * BS, D, generator=g).to(device)
+    cache = KVCache(1, num_blocks, BS, HKV, D, torch.float32, device)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
     q = torch.randn(seqs, H, D, generator=g).to(device)
-    scattered = torch.randperm(num_blocks, generator=g)[:seqs * nb].view(seqs, nb)
-    scattered = scattered.to(device)
+    scattered = torch.randperm(num_blocks, generator=g)[:seqs * nb].view(seqs, nb).to(device)
     # the same keys laid out sequence after sequence (what in_place reads): sequence i in blocks [i*nb, (i+1)*nb)
-    flat = scattered.reshape(-1)
-    kc_run = kc.view(HKV, num_blocks, BS * D)[:, flat].reshape(HKV, -1, D)
-    vc_run = vc.view(HKV, num_blocks, BS * D)[:, flat].reshape(HKV, -1, D)
-    return dict(kc=kc, vc=vc, q=q, scattered=scattered, kc_run=kc_run, vc_run=vc_run, nb=nb,
-                num_blocks=num_blocks, context=context, seqs=seqs, device=device)
+    run_cache = KVCache(1, seqs * nb, BS, HKV, D, torch.float32, device)
+    run_cache.k[0] = cache.k[0][:, scattered.reshape(-1)]
+    run_cache.v[0] = cache.v[0][:, scattered.reshape(-1)]
+    return dict(cache=cache, run_cache=run_cache, kc=cache.k[0].view(HKV, -1, D), vc=cache.v[0].view(HKV, -1, D),
+                q=q, scattered=scattered, nb=nb, num_blocks=num_blocks, context=context, seqs=seqs, device=device)
+
+
+def paged_context(cache, decode=(), in_place=()):
+    from phi3_model.engine.paged_attention import PagedContext
+    return PagedContext(cache, torch.empty(0, dtype=torch.long), list(decode), [], None, None, list(in_place))
 
 
 def in_place(s):
-    from phi3_model.engine.paged_attention import PagedContext
-    ctx = PagedContext.__new__(PagedContext)
-    ctx.sliding_window = None
-    ctx.in_place = [(i, i * s["nb"] * BS, s["context"]) for i in range(s["seqs"])]
+    cache = s["run_cache"]
+    ctx = paged_context(cache, in_place=[(i, i * s["nb"] * BS, s["context"]) for i in range(s["seqs"])])
+    kc, vc = cache.k[0].view(HKV, -1, D), cache.v[0].view(HKV, -1, D)
     out = torch.empty_like(s["q"])
 
     def run():
-        ctx._decode_in_place(s["q"], s["kc_run"], s["vc_run"], out)
+        ctx._decode_in_place(s["q"], kc, vc, out)
         return out
     return run
 
 
 def gather_bmm(s):
-    from phi3_model.engine.paged_attention import DecodeGroup, KVCache, PagedContext
-    cache = KVCache.__new__(KVCache)
-    cache.k = s["kc"][None]
-    cache.block_size, cache.num_blocks = BS, s["num_blocks"]
-    cache._scratch = torch.empty(0, device=s["device"])
-    ctx = PagedContext.__new__(PagedContext)
-    ctx.cache, ctx.sliding_window = cache, None
+    from phi3_model.engine.paged_attention import DecodeGroup
     t = torch.arange(s["nb"] * BS, device=s["device"])
     group = DecodeGroup(torch.arange(s["seqs"]), s["scattered"].reshape(-1), s["nb"],
                         (t >= s["context"])[None].expand(s["seqs"], -1))
+    ctx = paged_context(s["cache"], decode=[group])
     return lambda: ctx._decode(s["q"], s["kc"], s["vc"], group)
 
 
@@ -172,12 +172,10 @@ def main(argv=None) -> None:
         print(f"  {name}: {rows[-1].get('ms_per_layer_step', rows[-1].get('error'))}", file=sys.stderr)
     wl = {"seqs": a.seqs, "context": a.context, "heads": H, "kv_heads": HKV, "head_dim": D, "block_size": BS,
           "device": a.device, "threads": a.threads, "dtype": "float32"}
-    print_table(f"bench.attention: one decode layer-step, {a.seqs} sequences x {a.context} cached tokens, {a.device}",
-                rows, [("name", "row", ""), ("ms_per_layer_step", "ms", "{:.2f}"),
-                       ("output_tokens_per_s", "seq/s", "{:.0f}"), ("setup_s", "setup s", "{:.1f}"),
-                       ("max_abs_err", "max err", "{:.1e}")])
-    if a.json:
-        write_json(a.json, rows, wl)
+    report(f"bench.attention: one decode layer-step, {a.seqs} sequences x {a.context} cached tokens, {a.device}",
+           rows, [("name", "row", ""), ("ms_per_layer_step", "ms", "{:.2f}"),
+                  ("output_tokens_per_s", "seq/s", "{:.0f}"), ("setup_s", "setup s", "{:.1f}"),
+                  ("max_abs_err", "max err", "{:.1e}")], wl, a.json)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,14 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
 
 
+def report(title: str, rows: list[dict], columns: list[tuple[str, str, str]], workload: dict,
+           json_path: str | None) -> None:
+    """The run's one table, and its JSON when asked for."""
+    print_table(title, rows, columns)
+    if json_path:
+        write_json(json_path, rows, workload)
+
+
 def write_json(path: str, rows: list[dict], workload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

@@ -21,7 +21,7 @@ import os
 import random
 import sys
 
-from .common import Timer, have, measure_child, print_table, run_row, write_json
+from .common import Timer, have, measure_child, report, run_row
 
 ROWS = ["native", "native_alternating", "hf_static_batch", "vllm_builtin_phi3", "vllm_phi3_batch"]
 
@@ -143,12 +143,10 @@ def main(argv=None) -> None:
     wl = {"model": "phi3 512x8 (head_dim 64), vocab 32064, random weights", "dtype": a.dtype, "requests": a.requests,
           "prompt_tokens": sum(len(p) for p, _ in work), "output_tokens": sum(n for _, n in work),
           "prompt_len": "16-512", "output_len": "16-256 (ignore_eos, greedy)", "hf_batch": a.hf_batch}
-    print_table(f"bench.engine: {a.requests} requests, {wl['output_tokens']} output tokens, {a.dtype}", rows,
-                [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
-                 ("requests_per_s", "req/s", "{:.2f}"), ("seconds", "s", "{:.1f}"),
-                 ("peak_rss_mb", "peak MB", "{:.0f}")])
-    if a.json:
-        write_json(a.json, rows, wl)
+    report(f"bench.engine: {a.requests} requests, {wl['output_tokens']} output tokens, {a.dtype}", rows,
+           [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
+            ("requests_per_s", "req/s", "{:.2f}"), ("seconds", "s", "{:.1f}"),
+            ("peak_rss_mb", "peak MB", "{:.0f}")], wl, a.json)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from .common import Timer, measure_child, print_table, run_row, write_json
+from .common import Timer, measure_child, report, run_row
 
 ROWS = ["engine_direct", "queue_1_worker", "queue_2_workers", "queue_ceiling"]
 
@@ -219,14 +219,11 @@ def main(argv=None) -> None:
           "output_tokens": sum(n for _, n in work), "prompt_len": "8-64", "output_len": "8-48 (greedy, no stops)",
           "ceiling_requests": a.ceiling_requests, "threads": a.threads,
           "targets": {"queue_1_worker_vs_direct": 0.95, "ceiling_requests_per_s_per_worker": 10_000}}
-    print_table(f"bench.queue: {a.requests} requests, {wl['output_tokens']} output tokens; ceiling over "
-                f"{a.ceiling_requests} requests", rows,
-                [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
-                 ("requests_per_s", "req/s", "{:.1f}"), ("requests_per_cpu_s", "req/cpu-s", "{:.0f}"),
-                 ("seconds", "s", "{:.2f}"),
-                 ("peak_rss_mb", "peak MB", "{:.0f}")])
-    if a.json:
-        write_json(a.json, rows, wl)
+    report(f"bench.queue: {a.requests} requests, {wl['output_tokens']} output tokens; ceiling over "
+           f"{a.ceiling_requests} requests", rows,
+           [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
+            ("requests_per_s", "req/s", "{:.1f}"), ("requests_per_cpu_s", "req/cpu-s", "{:.0f}"),
+            ("seconds", "s", "{:.2f}"), ("peak_rss_mb", "peak MB", "{:.0f}")], wl, a.json)
 
 
 if __name__ == "__main__":

@@ -66,25 +66,20 @@ class AsyncEngine:
 
     # ---- engine thread ----------------------------------------------------------------------------------
 
+    @classmethod
+    def _resolve(cls, fut, loop, result=None, error=None):
+        cls._settle(loop, [(fut, result, error)])
+
     @staticmethod
-    def _resolve(fut, loop, result=None, error=None):
+    def _settle(loop, done) -> None:
+        """Set each (future, result, error) of `done` in one callback on the futures' loop."""
         def settle():
-            if not fut.done():
-                fut.set_exception(error) if error is not None else fut.set_result(result)
+            for fut, result, error in done:
+                if not fut.done():
+                    fut.set_exception(error) if error is not None else fut.set_result(result)
         try:
             loop.call_soon_threadsafe(settle)
         except RuntimeError:  # the caller's event loop is closed: nobody is waiting, the engine thread lives on
-            pass
-
-    @staticmethod
-    def _settle_all(loop, done) -> None:
-        def settle():
-            for fut, result in done:
-                if not fut.done():
-                    fut.set_result(result)
-        try:
-            loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the caller's event loop is closed
             pass
 
     def _inbox_items(self):
@@ -136,9 +131,9 @@ class AsyncEngine:
                 self._seqs.pop(seq.seq_id, None)
                 if waiter is not None:
                     fut, loop = waiter
-                    by_loop.setdefault(loop, []).append((fut, self.engine.completion(seq)))
+                    by_loop.setdefault(loop, []).append((fut, self.engine.completion(seq), None))
             for loop, done in by_loop.items():  # one wake-up of each caller's loop per step, not one per request
-                self._settle_all(loop, done)
+                self._settle(loop, done)
         self._fail_all(RuntimeError("engine closed"))
 
     def _fail_all(self, error: BaseException) -> None:

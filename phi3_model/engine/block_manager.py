@@ -112,7 +112,7 @@ class BlockManager:
 
     def _find_run(self, want: int) -> int | None:
         """First block of `want` consecutive free blocks, searching from the cursor (runs never wrap)."""
-        if want > len(self.free) or want > self.num_blocks:
+        if want > len(self.free):
             return None
         n, run = self.num_blocks, 0
         for step in range(min(n, self.SCAN_LIMIT)):

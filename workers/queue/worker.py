@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections import deque
+from functools import partial
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
@@ -111,11 +112,11 @@ class QueueWorker:
         while start and self.room > 0 and not self.stopping:
             last_chance = not self.active and not self.solo
             if own:
-                call = lambda: self.ops.claim_own(start, self.room, self.cfg.max_deliveries, last_chance)  # noqa: E731
+                call = partial(self.ops.claim_own, start, self.room, self.cfg.max_deliveries, last_chance)
             else:
                 held = [*self.active, *(j.entry_id for j in self.solo)]
-                call = lambda: self.ops.reclaim(int(self.cfg.claim_idle_s * 1000), start, self.room,  # noqa: E731
-                                                self.cfg.max_deliveries, last_chance, held)
+                call = partial(self.ops.reclaim, int(self.cfg.claim_idle_s * 1000), start, self.room,
+                               self.cfg.max_deliveries, last_chance, held)
             start, entries, counts, lost = await self._redis(call)
             for entry_id in lost:
                 self.active.add(entry_id)
