@@ -6,9 +6,12 @@ and the queue's own ceiling with a backend that answers at once.
 Model: a tiny Phi-3 (vocab 32064, hidden 64, 2 layers, GQA 4/2 heads, random weights, no tokenizer: requests carry
 token ids). Workload: prompts of 8-64 tokens, 8-48 new tokens each (greedy, no stop tokens), fixed seed. Rows:
   engine_direct     NativeBackend.generate for every request at once (asyncio.gather), engine threads = cores
-  queue_1_worker    one `phi3-batch queue worker` process (same engine, threads = cores): from the first enqueue
-                    (all requests in bulk, worker already running) to the last result written
-  queue_2_workers   two worker processes, one engine thread each, consuming the same group
+  queue_1_worker    one `phi3-batch queue worker` process (same engine, threads = cores, in the worker's child
+                    engine process: the CLI's default): from the first enqueue (all requests in bulk, worker
+                    already running) to the last result written
+  queue_1_worker_thread  the same with `--option process=false`: the engine steps in a thread of the worker
+                    process, sharing its GIL with the worker's Redis and JSON work
+  queue_2_workers   two worker processes (engine processes, threads = cores / 2 each), consuming the same group
   queue_ceiling     ImmediateBackend (bench-only: answers at once, no model), one in-process worker draining
                     pre-enqueued requests: requests/s is the queue's own per-worker ceiling; also requests per
                     CPU-second of that process (the ceiling on an otherwise idle core)
@@ -31,7 +34,7 @@ import time
 
 from .common import Timer, measure_child, report, run_row
 
-ROWS = ["engine_direct", "queue_1_worker", "queue_2_workers", "queue_ceiling"]
+ROWS = ["engine_direct", "queue_1_worker", "queue_1_worker_thread", "queue_2_workers", "queue_ceiling"]
 
 
 def checkpoint() -> str:
@@ -96,7 +99,7 @@ def row_direct(a) -> dict:
     return {"seconds": seconds, "output_tokens": tokens, "requests": len(a["work"])}
 
 
-def row_workers(a, n_workers: int) -> dict:
+def row_workers(a, n_workers: int, process: bool = True) -> dict:
     """Worker processes started first (each reports state=running in its health hash once its engine is up);
     timed from the first enqueue to the last result written."""
     import redis
@@ -106,6 +109,7 @@ def row_workers(a, n_workers: int) -> dict:
     threads = max(1, a["threads"] // n_workers)
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline.queue_cli", "worker", "--model", a["ckpt"],
                                "--dtype", "float32", "--device", "cpu", "--option", f"threads={threads}",
+                               "--option", f"process={str(process).lower()}",
                                "--name", f"w{i}", "--url", a["url"], "--prefix", prefix, "--max-in-flight", "256",
                                "--health-interval", "1"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
              for i in range(n_workers)]
@@ -166,6 +170,7 @@ def row_ceiling(a) -> dict:
 def child(row: str, args: dict, out: str) -> None:
     args["work"] = workload(args["requests"])  # regenerated (seeded): a command line cannot carry it
     fn = {"engine_direct": row_direct, "queue_1_worker": lambda a: row_workers(a, 1),
+          "queue_1_worker_thread": lambda a: row_workers(a, 1, process=False),
           "queue_2_workers": lambda a: row_workers(a, 2), "queue_ceiling": row_ceiling}[row]
     if row == "queue_ceiling":
         fn = ceiling_per_worker(fn)

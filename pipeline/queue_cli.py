@@ -118,6 +118,8 @@ def _backend_config(backend, model, dtype, device, option):
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
+    if backend == "native":  # a worker's Redis and JSON work must not take the GIL from the engine's steps
+        options.setdefault("process", True)
     return BackendConfig(name=backend, model=model, dtype=dtype, device=device, options=options)
 
 
@@ -125,7 +127,8 @@ _W = dict(
     model=typer.Option(..., "--model", help="preset, checkpoint directory or hf://owner/name"),
     backend=typer.Option("native", "--backend", help="native | vllm | immediate (benchmarks only: no model)"),
     dtype=typer.Option("auto", "--dtype"), device=typer.Option("auto", "--device"),
-    option=typer.Option([], "--option", help="backend option key=value (value parsed as JSON when it is)"),
+    option=typer.Option([], "--option", help="backend option key=value (value parsed as JSON when it is); the "
+                        "native engine runs in a child process unless process=false"),
     name=typer.Option(None, "--name", help="consumer name (default: $PHI3_WORKER_NAME or the host name)"),
     read_count=typer.Option(128, "--read-count"), max_in_flight=typer.Option(256, "--max-in-flight"),
     block_ms=typer.Option(2000, "--block-ms"),

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 
 import pytest
 
-from tests.fixtures.redis_server import audit, run_bounded, spawn_worker, wait_for, worker_config
+from tests.fixtures.redis_server import audit, run_bounded, spawn_worker, wait_for, worker_config, worker_health
 from workers.queue import QueueClient, QueueWorker
 
 pytestmark = pytest.mark.timeout(400)  # a hang fails the test with every thread's stack
@@ -137,3 +138,26 @@ def test_7_request_that_kills_the_worker_is_dead_lettered_by_delivery_count(
     assert "delivered 3 times (max_deliveries=2)" in letters[0]["error"]
     assert all(v["status"] == "ok" for v in results(r, queue_prefix, ["r0", "r1", "r2"]).values())
     assert audit(r, queue_prefix, ids) == {"r0": "result", "r1": "result", "r2": "result", "poison0": "dead"}
+
+
+def test_worker_whose_engine_process_is_killed_exits_nonzero_and_another_reclaims_its_entries(
+        redis_server, redis_url, queue_prefix, queue_engine, tiny_model_dir, tmp_path, monkeypatch):
+    """Not one of the 13 scenarios, but the same failure one level down: the worker's engine runs in a child
+    process (the CLI's default), and that child dies (out of memory, a crash). The worker must neither spin on
+    failing requests nor dead-letter them: it exits non-zero holding its entries, and another worker reclaims
+    them."""
+    r = redis_server.client()
+    ids = enqueue(redis_url, queue_prefix, requests(6, hook="sleep:1"))
+    a = spawn_worker(redis_url, queue_prefix, tiny_model_dir, "A", *FLAGS, log_dir=str(tmp_path))
+    wait_for(lambda: pending_of(r, queue_prefix, "A") == 6, START_S, "worker A to hold all 6 requests")
+    with open(f"/proc/{a.pid}/task/{a.pid}/children") as f:
+        (engine_pid,) = map(int, f.read().split())  # the worker's one child: its engine process
+    os.kill(engine_pid, signal.SIGKILL)
+    assert a.wait(60) == 1
+    log = (tmp_path / "A.log").read_text()
+    assert "its engine died" in log and f"engine process {engine_pid} exited (code -9)" in log
+    assert r.xlen(f"{queue_prefix}:results") == 0 and r.xlen(f"{queue_prefix}:dead") == 0
+    assert pending_of(r, queue_prefix, "A") == 6 and worker_health(r, queue_prefix, "A")["state"] == "failed"
+    counters = survivor(redis_url, queue_prefix, queue_engine, monkeypatch)
+    assert counters.reclaimed == 6 and counters.processed == 6
+    audit(r, queue_prefix, ids)

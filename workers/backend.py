@@ -39,6 +39,10 @@ class EngineBackend(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    def failure(self) -> BaseException | None:
+        """Why this backend can run nothing any more (its engine process died), or None while it can."""
+        return None
+
 
 def create_backend(config: BackendConfig) -> EngineBackend:
     if config.name == "native":

@@ -4,8 +4,9 @@ from __future__ import annotations
 import asyncio
 
 from phi3_model.engine import AsyncEngine, Engine, EngineConfig
+from phi3_model.engine.engine_process import EngineProcess, EngineSpec
 from phi3_model.engine.sampling_params import Completion, SamplingParams
-from phi3_model.presets import load_model_and_tokenizer
+from phi3_model.presets import load_model_and_tokenizer, load_tokenizer, resolve
 
 from .backend import BackendConfig, EngineBackend
 
@@ -13,14 +14,18 @@ from .backend import BackendConfig, EngineBackend
 class NativeBackend(EngineBackend):
     """options: the fields of phi3_model.engine.EngineConfig (block_size, num_blocks, kv_cache_bytes,
     max_num_seqs, max_num_batched_tokens, enable_prefix_caching, schedule, max_model_len) plus `threads` (torch CPU
-    threads)."""
+    threads) and `process` (true: the engine steps in a child process, EngineProcess, so the caller's own Python
+    work does not take the GIL from it; false: in a thread of this process, AsyncEngine)."""
 
     def __init__(self, config: BackendConfig):
         self.config = config
         opts = dict(config.options)
         self.threads = opts.pop("threads", None)
+        self.process = opts.pop("process", False)
+        if not isinstance(self.process, bool):
+            raise ValueError(f"option process={self.process!r}: expected true or false")
         self.engine_config = EngineConfig(**opts)  # unknown options are errors naming the field
-        self._async: AsyncEngine | None = None
+        self._async: AsyncEngine | EngineProcess | None = None
         self._starting: asyncio.Lock | None = None
         self.tokenizer = None
         self.max_model_len = 0
@@ -34,6 +39,13 @@ class NativeBackend(EngineBackend):
                 await self._start()
 
     async def _start(self) -> None:
+        if self.process:
+            self.tokenizer = load_tokenizer(resolve(self.config.model)[1])
+            engine = EngineProcess(EngineSpec(self.config.model, self.config.dtype, self.config.device,
+                                              self.engine_config, self.threads))
+            await engine.start()
+            self.max_model_len, self._async = engine.max_model_len, engine
+            return
         if self.threads:
             import torch
             torch.set_num_threads(int(self.threads))
@@ -46,15 +58,14 @@ class NativeBackend(EngineBackend):
         self._async = AsyncEngine(engine)
         await self._async.start()
 
-    @property
-    def engine(self) -> Engine:
-        return self._async.engine
-
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> Completion:
         if self._async is None:
             await self.start()
         return await self._async.generate(prompt_token_ids, params, request_id)
+
+    def failure(self) -> BaseException | None:
+        return self._async.error if self._async is not None else None
 
     async def close(self) -> None:
         if self._async is not None:

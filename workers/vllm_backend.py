@@ -38,7 +38,7 @@ from contextlib import aclosing
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from phi3_model.engine.sampling_params import Completion, RequestError, SamplingParams
+from phi3_model.engine.sampling_params import Completion, EngineDied, RequestError, SamplingParams
 from phi3_model.engine.stopping import Stopper
 from phi3_model.presets import load_tokenizer, pick_device, pick_dtype, resolve
 from phi3_model.vllm_registry import ARCH, hf_overrides, register
@@ -179,6 +179,7 @@ class VLLMBackend(EngineBackend):
                        request_id: str | None = None) -> Completion:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         if self.engine is None:
             await self.start()
@@ -200,6 +201,8 @@ class VLLMBackend(EngineBackend):
                         ended = step.finish_reason
         except VLLMClientError as e:  # vLLM refused the request itself (e.g. more KV than the pool holds)
             raise RequestError(str(e)) from e
+        except EngineDeadError as e:  # its engine core process is gone
+            raise EngineDied(f"vLLM engine core died: {e}") from e
         if not stopper.finished:  # vLLM ended the request for a reason of its own (abort, error)
             c = stopper.to_completion(len(prompt), request_id)
             c.finish_reason, c.error = "error", f"vLLM ended the request early (finish_reason {ended!r})"

@@ -1,6 +1,6 @@
 """Native paged-attention engine with continuous batching (CPU and CUDA, no vLLM needed)."""
 from .async_engine import AsyncEngine
 from .engine import Engine, EngineConfig, Request
-from .sampling_params import Completion, RequestError, SamplingParams
+from .sampling_params import Completion, EngineDied, RequestError, SamplingParams
 
-__all__ = ["AsyncEngine", "Completion", "Engine", "EngineConfig", "Request", "RequestError", "SamplingParams"]
+__all__ = ["AsyncEngine", "Completion", "Engine", "EngineDied", "EngineConfig", "Request", "RequestError", "SamplingParams"]

@@ -71,5 +71,10 @@ class Completion:
     extra: dict = field(default_factory=dict)
 
 
+class EngineDied(RuntimeError):
+    """The engine is gone for good (its process was killed, ran out of memory, crashed): no request can run on
+    this backend any more. A request that fails with it is not at fault."""
+
+
 class RequestError(ValueError):
     """A request that cannot run (too long for the model or the KV pool, bad token ids). Fails alone."""

@@ -19,7 +19,7 @@ from functools import partial
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
 
-from phi3_model.engine.sampling_params import RequestError
+from phi3_model.engine.sampling_params import EngineDied, RequestError
 
 from .admit import Job, admit_entries, dead_letter
 from .config import WorkerConfig
@@ -56,7 +56,8 @@ class QueueWorker:
         self.spec = row_spec(config.defaults)  # the Parquet job's request semantics, with this worker's defaults
         self._params: dict = {}  # sampling fields -> SamplingParams (built once per distinct set)
         self._tasks: set[asyncio.Task] = set()
-        self._fatal: BaseException | None = None  # a background loop died: the worker must not go on
+        self._fatal: BaseException | None = None  # the engine or a background loop died: the worker must not go on
+        self._fatal_why = ""
 
     # ---- public -------------------------------------------------------------------------------------------------
     async def run(self, install_signals: bool = False) -> Counters:
@@ -79,7 +80,7 @@ class QueueWorker:
             for t in background + list(self._tasks):
                 t.cancel()
             await asyncio.gather(*background, *self._tasks, return_exceptions=True)
-            self.state = "stopped"
+            self.state = "failed" if self._fatal is not None else "stopped"
             try:
                 await self.health.publish(self.state, 0)
             except Exception:  # noqa: BLE001 - best effort on the way out
@@ -205,6 +206,8 @@ class QueueWorker:
             body.update(worker=self.cfg.name, deliveries=job.deliveries, enqueued_at=entry_time(job.entry_id),
                         started_at=started, finished_at=time.time(), metadata=req.metadata)
             self._finish(("result", job.entry_id, (req.id, dump(body), body["status"], job.hook)))
+        except EngineDied as e:  # not this request's fault: it stays pending, for another worker to reclaim
+            self._die(e)
         except Exception as e:  # noqa: BLE001 - any engine failure is retried via redelivery
             self.counters.failed += 1
             error = f"{type(e).__name__}: {e}"
@@ -247,6 +250,8 @@ class QueueWorker:
 
     async def _health_loop(self) -> None:
         while True:
+            if (failure := self.backend.failure()) is not None:  # noticed even with nothing in flight
+                self._die(failure)
             try:
                 await self.health.publish(self.state, len(self.active) + len(self.solo))
             except TRANSIENT + (ResponseError,):
@@ -266,7 +271,15 @@ class QueueWorker:
 
     def _check(self) -> None:
         if self._fatal is not None:
-            raise RuntimeError(f"worker {self.cfg.name}: a background loop failed") from self._fatal
+            raise RuntimeError(f"worker {self.cfg.name}: {self._fatal_why}") from self._fatal
+
+    def _die(self, error: BaseException, why: str = "its engine died") -> None:
+        """The worker must not go on: it raises (the process exits non-zero) and what it holds stays pending, to
+        be reclaimed by other workers."""
+        if self._fatal is None:
+            log.error("worker %s: %s: %s", self.cfg.name, why, error)
+            self._fatal, self._fatal_why = error, why
+        self._changed.set()
 
     async def _guard(self, loop) -> None:
         """A dead acker would leave held entries unacked forever: its failure stops the worker (which exits
@@ -277,8 +290,7 @@ class QueueWorker:
             raise
         except BaseException as e:  # noqa: BLE001
             log.exception("worker %s: %s failed", self.cfg.name, loop.__name__)
-            self._fatal = e
-            self._changed.set()
+            self._die(e, f"its {loop.__name__} loop failed")
 
     async def _redis(self, call):
         """Run `call()` until it succeeds: connection errors (Redis down, restarting, loading) and NOGROUP (Redis

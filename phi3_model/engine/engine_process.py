@@ -1,0 +1,272 @@
+"""The engine in its own process, behind AsyncEngine's interface (`start`, `generate`, `close`).
+
+Why: with the engine stepping in a thread of the caller's process (AsyncEngine), every bit of the caller's Python
+work (a queue worker's Redis client, JSON, admission) holds the GIL that the engine thread needs between kernels;
+with a small model, whose steps are mostly Python, that costs the engine a visible share of its speed. Here the
+engine steps in a child process (as vLLM's engine core does) and the caller's work runs on another core.
+
+Protocol over one socket pair (pickled tuples):
+  parent -> child  ("spec", EngineSpec) once, then ("work", [(rid, Request)], [rid to abort]) ... ("close",)
+  child -> parent  ("ready", max_model_len) or ("failed", error text), then ("done", [(rid, Completion | None,
+                   (kind, message) | None)]) once per engine step that finished something
+The child ignores SIGINT/SIGTERM (the parent decides when it stops: a terminal's Ctrl-C reaches the whole process
+group, and a draining worker still needs its engine) and dies with the parent (PR_SET_PDEATHSIG, and EOF on the
+socket).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from .async_engine import AsyncEngine
+from .engine import Engine, EngineConfig, Request
+from .sampling_params import Completion, EngineDied, RequestError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineSpec:
+    """What the child needs to build its engine (load_model_and_tokenizer's arguments)."""
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    config: EngineConfig | None = None
+    threads: int | None = None  # torch CPU threads in the child
+
+
+class EngineProcess:
+    def __init__(self, spec: EngineSpec):
+        self.spec = spec
+        self.max_model_len = 0
+        self.error: BaseException | None = None
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self._reader: threading.Thread | None = None
+        self._ids = itertools.count()
+        self._waiters: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
+        self._adds: list = []
+        self._aborts: list[int] = []
+        self._flush_pending = False
+        self._send_lock = threading.Lock()
+        self._closing = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    async def start(self) -> None:
+        if self._proc is not None:
+            return
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        self._proc = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())],
+                                      pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._closing, self.error = False, None
+        self._send(("spec", self.spec))
+        ready = loop.create_future()
+        self._reader = threading.Thread(target=self._read, args=(self._proc, loop, ready), name="phi3-engine-reader",
+                                        daemon=True)
+        self._reader.start()
+        try:
+            self.max_model_len = await ready
+        except BaseException:
+            await self.close()
+            raise
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> Completion:
+        if self._proc is None:
+            await self.start()
+        if self.error is not None:
+            raise self.error
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        rid = next(self._ids)
+        self._waiters[rid] = (fut, loop)
+        self._queue(loop, adds=[(rid, Request(list(prompt_token_ids), params or SamplingParams(), request_id))])
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if self._waiters.pop(rid, None) is not None:
+                self._queue(loop, aborts=[rid])
+            raise
+
+    async def close(self) -> None:
+        if self._proc is None:
+            return
+        self._closing = True
+        try:
+            self._send(("close",))
+        except OSError:  # already gone
+            pass
+        proc, self._proc = self._proc, None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            log.warning("engine process %d did not exit within 30 s of close; killing it", proc.pid)
+            proc.kill()
+            await loop.run_in_executor(None, proc.wait)
+        await loop.run_in_executor(None, self._reader.join)
+        self._conn.close()
+
+    # ---- parent side -----------------------------------------------------------------------------------
+    def _queue(self, loop, adds=(), aborts=()) -> None:
+        """Requests made during one turn of the event loop go to the child as one message."""
+        with self._send_lock:
+            self._adds += adds
+            self._aborts += aborts
+            if self._flush_pending:
+                return
+            self._flush_pending = True
+        loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            adds, aborts, self._adds, self._aborts, self._flush_pending = self._adds, self._aborts, [], [], False
+        try:
+            self._send(("work", adds, aborts))
+        except OSError:  # the child is gone: the reader fails every waiter
+            pass
+
+    def _send(self, msg) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _read(self, proc: subprocess.Popen, loop, ready: asyncio.Future) -> None:
+        """Reader thread: settles finished requests, one wake-up of each caller's loop per message."""
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = msg[0]
+            if kind == "ready":
+                AsyncEngine._settle(loop, [(ready, msg[1], None)])
+            elif kind == "failed":
+                self._closing = True  # the child exits next; start() raises this
+                AsyncEngine._settle(loop, [(ready, None, RuntimeError(f"engine process: {msg[1]}"))])
+            elif kind == "done":
+                by_loop: dict = {}
+                for rid, completion, err in msg[1]:
+                    waiter = self._waiters.pop(rid, None)
+                    if waiter is not None:
+                        error = None if err is None else (RequestError if err[0] == "request" else RuntimeError)(err[1])
+                        by_loop.setdefault(waiter[1], []).append((waiter[0], completion, error))
+                for target, done in by_loop.items():
+                    AsyncEngine._settle(target, done)
+        code = proc.wait()
+        error = RuntimeError("engine closed") if self._closing else EngineDied(
+            f"engine process {proc.pid} exited (code {code}) with requests in flight")
+        if not self._closing:
+            self.error = error
+            log.error("%s", error)
+        AsyncEngine._settle(loop, [(ready, None, error)])
+        waiters, self._waiters = self._waiters, {}
+        by_loop = {}
+        for fut, target in waiters.values():
+            by_loop.setdefault(target, []).append((fut, None, error))
+        for target, done in by_loop.items():
+            AsyncEngine._settle(target, done)
+
+
+# ---- child side ------------------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if os.getppid() == 1:  # the parent died before prctl
+        os._exit(1)
+
+
+def _build(spec: EngineSpec) -> Engine:
+    if spec.threads:
+        import torch
+        torch.set_num_threads(int(spec.threads))
+    from ..presets import load_model_and_tokenizer
+    model, tokenizer = load_model_and_tokenizer(spec.model, spec.dtype, spec.device)
+    return Engine(model, tokenizer, spec.config)
+
+
+def serve(conn: Connection) -> None:
+    """The child's loop: take work between steps, step, send what finished."""
+    try:
+        kind, spec = conn.recv()
+        engine = _build(spec)
+    except (EOFError, OSError):
+        return
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", engine.max_model_len))
+    seqs: dict[int, object] = {}  # rid -> Sequence
+    rids: dict[int, int] = {}  # seq_id -> rid
+    while True:
+        out = []
+        if not engine.has_work():
+            conn.poll(None)  # idle: wait for work (or EOF)
+            time.sleep(0.005)  # idle -> busy: callers submit in bursts; let it land so the first step batches it
+        while conn.poll():
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return
+            if msg[0] == "close":
+                return
+            _, adds, aborts = msg
+            for rid, req in adds:
+                try:
+                    seq = engine.add_request(req)
+                except (RequestError, ValueError) as e:
+                    out.append((rid, None, ("request", str(e))))
+                    continue
+                seqs[rid], rids[seq.seq_id] = seq, rid
+            for rid in aborts:
+                seq = seqs.pop(rid, None)
+                if seq is not None:
+                    del rids[seq.seq_id]
+                    engine.abort(seq)
+        if engine.has_work():
+            try:
+                finished = engine.step()
+            except Exception as e:  # noqa: BLE001 - fail what is in flight, keep serving (as AsyncEngine does)
+                log.exception("engine step failed")
+                out += [(rid, None, ("engine", f"engine step failed: {type(e).__name__}: {e}")) for rid in seqs]
+                for seq in seqs.values():
+                    engine.abort(seq)
+                seqs.clear()
+                rids.clear()
+                finished = []
+            for seq in finished:
+                rid = rids.pop(seq.seq_id, None)
+                if rid is not None:
+                    del seqs[rid]
+                    out.append((rid, engine.completion(seq), None))
+        if out:
+            conn.send(("done", out))
+
+
+if __name__ == "__main__":
+    _die_with_parent()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s engine-process %(levelname)s %(message)s")
+    serve(Connection(int(sys.argv[1])))

@@ -1,0 +1,180 @@
+"""EngineProcess: the engine stepping in a child process behind AsyncEngine's interface. Outputs equal HF greedy
+(and, for seeded sampling, the in-process engine, itself checked against HF in test_engine_parity); bad requests
+fail alone; the child's death is an error the caller can see, and the child never outlives its parent.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from phi3_model.checkpoint import load_checkpoint
+from phi3_model.engine import Engine, EngineConfig, EngineDied, Request, RequestError, SamplingParams
+from phi3_model.engine.engine_process import EngineProcess, EngineSpec
+from tests.test_engine_parity import hf_generate_batch, hf_model
+
+pytestmark = pytest.mark.timeout(300)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def prompts(lengths, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 400, (n,), generator=g).tolist() for n in lengths]
+
+
+def spec(directory: str, dtype: str = "float32") -> EngineSpec:
+    return EngineSpec(directory, dtype, "cpu", EngineConfig(block_size=8, num_blocks=512), threads=1)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead too
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_concurrent_requests_equal_hf_greedy_and_the_in_process_engine(tiny_model_dir):
+    greedy = prompts([3 + (7 * i) % 29 for i in range(12)], seed=31)
+    sampled = prompts([9, 14, 21], seed=32)
+    seeded = [SamplingParams(max_new_tokens=10, temperature=0.8, top_k=30, seed=i, ignore_eos=True)
+              for i in range(3)]
+    want_greedy = hf_generate_batch(hf_model(tiny_model_dir), greedy, 10)
+    want_sampled = Engine(load_checkpoint(tiny_model_dir), block_size=8, num_blocks=512).generate(
+        [Request(p, sp) for p, sp in zip(sampled, seeded)])
+
+    async def main():
+        eng = EngineProcess(spec(tiny_model_dir))
+        await eng.start()
+        try:
+            return eng.max_model_len, await asyncio.gather(
+                *(eng.generate(p, GREEDY, request_id=f"g{i}") for i, p in enumerate(greedy)),
+                *(eng.generate(p, sp) for p, sp in zip(sampled, seeded)))
+        finally:
+            await eng.close()
+
+    max_len, outs = asyncio.run(main())
+    assert max_len == 512  # tiny_config's max_position_embeddings
+    assert [o.token_ids for o in outs[:12]] == want_greedy
+    assert [o.request_id for o in outs[:12]] == [f"g{i}" for i in range(12)]
+    assert [o.token_ids for o in outs[12:]] == [w.token_ids for w in want_sampled]
+
+
+def test_bad_requests_fail_alone_across_the_process_boundary(tiny_model_dir):
+    good = prompts([10], seed=33)[0]
+    want = hf_generate_batch(hf_model(tiny_model_dir), [good], 10)[0]
+
+    async def main():
+        eng = EngineProcess(spec(tiny_model_dir))
+        try:
+            return await asyncio.gather(eng.generate(good, GREEDY), eng.generate([], GREEDY),
+                                        eng.generate([5] * 512, GREEDY), eng.generate(good, GREEDY),
+                                        return_exceptions=True)
+        finally:
+            await eng.close()
+
+    ok, empty, long, ok2 = asyncio.run(main())
+    assert ok.token_ids == want and ok2.token_ids == want
+    assert isinstance(empty, RequestError) and "empty" in str(empty)
+    assert isinstance(long, RequestError) and "512 tokens" in str(long)
+
+
+def test_cancel_and_close_then_a_later_generate_starts_a_new_process(tiny_model_dir):
+    p = prompts([12], seed=34)[0]
+    want = hf_generate_batch(hf_model(tiny_model_dir), [p], 10)[0]
+    forever = SamplingParams(max_new_tokens=480, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        eng = EngineProcess(spec(tiny_model_dir))
+        await eng.start()
+        first = eng.pid
+        cancelled = asyncio.create_task(eng.generate(p, forever))
+        ok = asyncio.create_task(eng.generate(p, GREEDY))
+        await asyncio.sleep(0.2)
+        cancelled.cancel()
+        assert (await ok).token_ids == want
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        pending = asyncio.create_task(eng.generate(p, forever))
+        await asyncio.sleep(0.2)
+        await eng.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            await pending
+        assert not alive(first)
+        again = await asyncio.wait_for(eng.generate(p, GREEDY), timeout=120)
+        second = eng.pid
+        await eng.close()
+        return again, first, second
+
+    again, first, second = asyncio.run(main())
+    assert again.token_ids == want and second != first
+
+
+def test_a_killed_engine_process_fails_what_is_in_flight_and_every_later_call(tiny_model_dir):
+    p = prompts([12], seed=35)[0]
+
+    async def main():
+        eng = EngineProcess(spec(tiny_model_dir))
+        await eng.start()
+        pending = asyncio.create_task(eng.generate(p, SamplingParams(max_new_tokens=480, temperature=0.0,
+                                                                     ignore_eos=True)))
+        await asyncio.sleep(0.2)
+        os.kill(eng.pid, signal.SIGKILL)
+        with pytest.raises(EngineDied, match=r"exited \(code -9\)"):
+            await asyncio.wait_for(pending, timeout=30)
+        assert isinstance(eng.error, EngineDied)
+        with pytest.raises(EngineDied):
+            await eng.generate(p, GREEDY)
+        await eng.close()
+
+    asyncio.run(main())
+
+
+def test_the_child_ignores_terminal_signals_and_dies_with_its_parent(tiny_model_dir):
+    """Ctrl-C reaches a whole process group: the child must go on serving until its parent says stop. A parent
+    killed with SIGKILL (no chance to close) takes the child with it."""
+    script = f"""
+import asyncio, os, signal, sys, time
+from phi3_model.engine import EngineConfig, SamplingParams
+from phi3_model.engine.engine_process import EngineProcess, EngineSpec
+async def main():
+    eng = EngineProcess(EngineSpec({tiny_model_dir!r}, "float32", "cpu", EngineConfig(num_blocks=64), 1))
+    await eng.start()
+    os.kill(eng.pid, signal.SIGINT)
+    os.kill(eng.pid, signal.SIGTERM)
+    out = await eng.generate([5, 6, 7], SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True))
+    print(eng.pid, len(out.token_ids), flush=True)
+    time.sleep(600)
+asyncio.run(main())
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        child, n = map(int, parent.stdout.readline().split())
+        assert n == 3 and alive(child)  # served after SIGINT and SIGTERM
+        parent.kill()
+        parent.wait(30)
+        deadline = time.monotonic() + 20
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(child), "the engine process outlived its SIGKILLed parent"
+    finally:
+        parent.kill()
+
+
+def test_a_child_that_cannot_build_its_engine_fails_start_with_its_error(tiny_model_dir):
+    async def main():
+        eng = EngineProcess(spec(tiny_model_dir, dtype="float7"))
+        with pytest.raises(RuntimeError, match="engine process: .*float7"):
+            await eng.start()
+        assert eng.pid is None
+
+    asyncio.run(main())
