@@ -77,6 +77,31 @@ def run_row(module: str, row: str, args: dict, timeout: float = 900) -> dict:
     return result
 
 
+def run_rows_repeated(module: str, rows: list[str], args: dict, repeat: int, rate: str = "output_tokens_per_s",
+                      on_row=None) -> list[dict]:
+    """Every row `repeat` times, interleaved (row A, B, C, then A, B, C again...) so that a slow spell of this
+    shared machine hits all rows alike. Each row reports its median run (by `rate`, or requests_per_s where the
+    row has no `rate`), with every run's rate in `runs`. args gets `rep` (0..repeat-1): keep each run's state
+    (queue names, files) apart with it."""
+    runs: dict[str, list[dict]] = {row: [] for row in rows}
+    for rep in range(repeat):
+        for row in rows:
+            runs[row].append(run_row(module, row, {**args, "rep": rep}))
+            if on_row:
+                on_row(runs[row][-1])
+    out = []
+    for row in rows:
+        done = [r for r in runs[row] if not r.get("error")]
+        if not done:
+            out.append(runs[row][-1])
+            continue
+        key = rate if done[0].get(rate) else "requests_per_s"
+        done.sort(key=lambda r: r[key])
+        out.append({**done[(len(done) - 1) // 2], "runs": [r[key] for r in runs[row] if not r.get("error")],
+                    "failed_runs": len(runs[row]) - len(done)})
+    return out
+
+
 def measure_child(fn, args: dict, out: str, requests: int | None = None) -> None:
     """Run one row in this (child) process and write its result with the derived rates; an exception becomes the
     row's error (reported in the table, the other rows still run)."""

@@ -1,7 +1,7 @@
 """Queue throughput: the same requests through the engine called directly, one queue worker, two queue workers;
 and the queue's own ceiling with a backend that answers at once.
 
-    python -m bench.queue [--json PATH] [--requests N] [--ceiling-requests N]
+    python -m bench.queue [--json PATH] [--requests N] [--ceiling-requests N] [--repeat N]
 
 Model: a tiny Phi-3 (vocab 32064, hidden 64, 2 layers, GQA 4/2 heads, random weights, no tokenizer: requests carry
 token ids). Workload: prompts of 8-64 tokens, 8-48 new tokens each (greedy, no stop tokens), fixed seed. Rows:
@@ -15,7 +15,8 @@ token ids). Workload: prompts of 8-64 tokens, 8-48 new tokens each (greedy, no s
   queue_ceiling     ImmediateBackend (bench-only: answers at once, no model), one in-process worker draining
                     pre-enqueued requests: requests/s is the queue's own per-worker ceiling; also requests per
                     CPU-second of that process (the ceiling on an otherwise idle core)
-One redis-server (append-only, fsync every second) serves all rows; it is not counted in peak RSS.
+One redis-server (append-only, fsync every second) serves all rows; it is not counted in peak RSS. Rows run
+--repeat times (default 3), interleaved; each reports its median run, with every run's rate in the JSON's `runs`.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from .common import Timer, measure_child, report, run_row
+from .common import Timer, measure_child, report, run_rows_repeated
 
 ROWS = ["engine_direct", "queue_1_worker", "queue_1_worker_thread", "queue_2_workers", "queue_ceiling"]
 
@@ -104,7 +105,7 @@ def row_workers(a, n_workers: int, process: bool = True) -> dict:
     timed from the first enqueue to the last result written."""
     import redis
     from workers.queue import QueueClient
-    prefix = f"bench{n_workers}"
+    prefix = f"bench{n_workers}{'p' if process else 't'}{a['rep']}"
     r = redis.Redis.from_url(a["url"])
     threads = max(1, a["threads"] // n_workers)
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline.queue_cli", "worker", "--model", a["ckpt"],
@@ -144,7 +145,7 @@ def row_ceiling(a) -> dict:
     from workers.queue import QueueClient, QueueWorker, WorkerConfig
     from workers.queue.immediate import ImmediateBackend
     from workers.queue.process import tune_gc
-    prefix, n = "ceiling", a["ceiling_requests"]
+    prefix, n = f"ceiling{a['rep']}", a["ceiling_requests"]
 
     async def go():
         async with QueueClient(a["url"], prefix) as client:
@@ -193,6 +194,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ceiling-requests", type=int, default=50_000)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each row (interleaved); the median is reported")
     ap.add_argument("--child"), ap.add_argument("--child-args"), ap.add_argument("--child-out")
     a = ap.parse_args(argv)
     if a.child:
@@ -205,30 +207,29 @@ def main(argv=None) -> None:
     try:
         args = {"ckpt": checkpoint(), "requests": a.requests, "threads": a.threads, "url": url,
                 "ceiling_requests": a.ceiling_requests}
-        rows = []
-        for row in a.rows.split(","):
-            rows.append(run_row("bench.queue", row, args))
-            print(f"  {row}: {rows[-1].get('output_tokens_per_s') or rows[-1].get('requests_per_s')} "
-                  f"{'tok/s' if rows[-1].get('output_tokens_per_s') else 'req/s'} {rows[-1].get('error', '')}",
-                  file=sys.stderr)
+        rows = run_rows_repeated("bench.queue", a.rows.split(","), args, a.repeat, on_row=lambda r: print(
+            f"  {r['name']}: {r.get('output_tokens_per_s') or r.get('requests_per_s')} "
+            f"{'tok/s' if r.get('output_tokens_per_s') else 'req/s'} {r.get('error', '')}", file=sys.stderr))
     finally:
         server.terminate()
         server.wait(30)
         shutil.rmtree(tmp, ignore_errors=True)
     direct = next((r for r in rows if r["name"] == "engine_direct" and r.get("output_tokens_per_s")), None)
     for r in rows:
+        r["runs_text"] = " / ".join(f"{x:.0f}" for x in r.get("runs", []))
         if direct and r.get("output_tokens_per_s"):
             r["vs_direct"] = round(r["output_tokens_per_s"] / direct["output_tokens_per_s"], 3)
     wl = {"model": "phi3 tiny (hidden 64, 2 layers, vocab 32064), random weights, fp32, CPU",
           "requests": a.requests, "prompt_tokens": sum(len(p) for p, _ in work),
           "output_tokens": sum(n for _, n in work), "prompt_len": "8-64", "output_len": "8-48 (greedy, no stops)",
-          "ceiling_requests": a.ceiling_requests, "threads": a.threads,
+          "ceiling_requests": a.ceiling_requests, "threads": a.threads, "repeat": a.repeat,
           "targets": {"queue_1_worker_vs_direct": 0.95, "ceiling_requests_per_s_per_worker": 10_000}}
     report(f"bench.queue: {a.requests} requests, {wl['output_tokens']} output tokens; ceiling over "
-           f"{a.ceiling_requests} requests", rows,
+           f"{a.ceiling_requests} requests; median of {a.repeat} interleaved runs per row", rows,
            [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
             ("requests_per_s", "req/s", "{:.1f}"), ("requests_per_cpu_s", "req/cpu-s", "{:.0f}"),
-            ("seconds", "s", "{:.2f}"), ("peak_rss_mb", "peak MB", "{:.0f}")], wl, a.json)
+            ("seconds", "s", "{:.2f}"), ("peak_rss_mb", "peak MB", "{:.0f}"), ("runs_text", "every run", "")],
+           wl, a.json)
 
 
 if __name__ == "__main__":

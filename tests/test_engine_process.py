@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,3 +179,24 @@ def test_a_child_that_cannot_build_its_engine_fails_start_with_its_error(tiny_mo
         assert eng.pid is None
 
     asyncio.run(main())
+
+
+def test_the_engine_serves_a_parent_that_is_pid_1(tiny_model_dir):
+    """In a container the worker is PID 1: the child's check that its parent is alive must not take PID 1 for the
+    sign of an orphan."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--pid", "--fork", "true"]).returncode:
+        pytest.skip("no PID namespaces here (unshare missing or not permitted)")
+    script = f"""
+import asyncio, os
+from phi3_model.engine import EngineConfig, SamplingParams
+from phi3_model.engine.engine_process import EngineProcess, EngineSpec
+async def main():
+    eng = EngineProcess(EngineSpec({tiny_model_dir!r}, "float32", "cpu", EngineConfig(num_blocks=64), 1))
+    out = await eng.generate([5, 6, 7], SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True))
+    await eng.close()
+    print(os.getpid(), len(out.token_ids))
+asyncio.run(main())
+"""
+    out = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c", script], cwd=ROOT, timeout=120,
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.stdout.split() == ["1", "3"], out.stderr[-2000:]

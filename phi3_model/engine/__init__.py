@@ -3,4 +3,5 @@ from .async_engine import AsyncEngine
 from .engine import Engine, EngineConfig, Request
 from .sampling_params import Completion, EngineDied, RequestError, SamplingParams
 
-__all__ = ["AsyncEngine", "Completion", "Engine", "EngineDied", "EngineConfig", "Request", "RequestError", "SamplingParams"]
+__all__ = ["AsyncEngine", "Completion", "Engine", "EngineConfig", "EngineDied", "Request", "RequestError",
+           "SamplingParams"]

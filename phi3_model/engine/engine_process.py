@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -58,7 +59,9 @@ class EngineProcess:
         self._adds: list = []
         self._aborts: list[int] = []
         self._flush_pending = False
-        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._outbox: queue.SimpleQueue | None = None
+        self._sender: threading.Thread | None = None
         self._closing = False
 
     @property
@@ -72,12 +75,15 @@ class EngineProcess:
         ours, theirs = socket.socketpair()
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        self._proc = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())],
+        self._proc = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno()), str(os.getpid())],
                                       pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
         theirs.close()
         self._conn = Connection(ours.detach())
         self._closing, self.error = False, None
-        self._send(("spec", self.spec))
+        self._outbox = queue.SimpleQueue()
+        self._outbox.put(("spec", self.spec))
+        self._sender = threading.Thread(target=self._send, name="phi3-engine-sender", daemon=True)
+        self._sender.start()
         ready = loop.create_future()
         self._reader = threading.Thread(target=self._read, args=(self._proc, loop, ready), name="phi3-engine-reader",
                                         daemon=True)
@@ -110,10 +116,8 @@ class EngineProcess:
         if self._proc is None:
             return
         self._closing = True
-        try:
-            self._send(("close",))
-        except OSError:  # already gone
-            pass
+        self._outbox.put(("close",))
+        self._outbox.put(None)
         proc, self._proc = self._proc, None
         loop = asyncio.get_running_loop()
         try:
@@ -123,12 +127,13 @@ class EngineProcess:
             proc.kill()
             await loop.run_in_executor(None, proc.wait)
         await loop.run_in_executor(None, self._reader.join)
+        await loop.run_in_executor(None, self._sender.join)
         self._conn.close()
 
     # ---- parent side -----------------------------------------------------------------------------------
     def _queue(self, loop, adds=(), aborts=()) -> None:
         """Requests made during one turn of the event loop go to the child as one message."""
-        with self._send_lock:
+        with self._lock:
             self._adds += adds
             self._aborts += aborts
             if self._flush_pending:
@@ -137,16 +142,18 @@ class EngineProcess:
         loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        with self._send_lock:
+        with self._lock:
             adds, aborts, self._adds, self._aborts, self._flush_pending = self._adds, self._aborts, [], [], False
-        try:
-            self._send(("work", adds, aborts))
-        except OSError:  # the child is gone: the reader fails every waiter
-            pass
+        self._outbox.put(("work", adds, aborts))
 
-    def _send(self, msg) -> None:
-        with self._send_lock:
-            self._conn.send(msg)
+    def _send(self) -> None:
+        """Sender thread: a child busy with a long step reads nothing until it ends, so a full socket buffer
+        blocks this thread, never the caller's event loop."""
+        while (msg := self._outbox.get()) is not None:
+            try:
+                self._conn.send(msg)
+            except OSError:  # the child is gone: the reader fails every waiter
+                return
 
     def _read(self, proc: subprocess.Popen, loop, ready: asyncio.Future) -> None:
         """Reader thread: settles finished requests, one wake-up of each caller's loop per message."""
@@ -162,31 +169,35 @@ class EngineProcess:
                 self._closing = True  # the child exits next; start() raises this
                 AsyncEngine._settle(loop, [(ready, None, RuntimeError(f"engine process: {msg[1]}"))])
             elif kind == "done":
-                by_loop: dict = {}
-                for rid, completion, err in msg[1]:
-                    waiter = self._waiters.pop(rid, None)
-                    if waiter is not None:
-                        error = None if err is None else (RequestError if err[0] == "request" else RuntimeError)(err[1])
-                        by_loop.setdefault(waiter[1], []).append((waiter[0], completion, error))
-                for target, done in by_loop.items():
-                    AsyncEngine._settle(target, done)
+                _settle_by_loop((self._waiters.pop(rid, None), completion, _error(err))
+                                for rid, completion, err in msg[1])
         code = proc.wait()
         error = RuntimeError("engine closed") if self._closing else EngineDied(
-            f"engine process {proc.pid} exited (code {code}) with requests in flight")
+            f"engine process {proc.pid} exited (code {code})")
         if not self._closing:
             self.error = error
             log.error("%s", error)
         AsyncEngine._settle(loop, [(ready, None, error)])
         waiters, self._waiters = self._waiters, {}
-        by_loop = {}
-        for fut, target in waiters.values():
-            by_loop.setdefault(target, []).append((fut, None, error))
-        for target, done in by_loop.items():
-            AsyncEngine._settle(target, done)
+        _settle_by_loop((waiter, None, error) for waiter in waiters.values())
+
+
+def _error(err: tuple[str, str] | None) -> BaseException | None:
+    return None if err is None else (RequestError if err[0] == "request" else RuntimeError)(err[1])
+
+
+def _settle_by_loop(items) -> None:
+    """items: ((future, its loop) or None, result, error): one wake-up of each caller's loop."""
+    by_loop: dict = {}
+    for waiter, result, error in items:
+        if waiter is not None:
+            by_loop.setdefault(waiter[1], []).append((waiter[0], result, error))
+    for loop, done in by_loop.items():
+        AsyncEngine._settle(loop, done)
 
 
 # ---- child side ------------------------------------------------------------------------------------------
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
@@ -195,7 +206,7 @@ def _die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except OSError:
             pass
-    if os.getppid() == 1:  # the parent died before prctl
+    if os.getppid() != parent:  # the parent died before prctl (the worker itself may be PID 1 in a container)
         os._exit(1)
 
 
@@ -267,6 +278,6 @@ def serve(conn: Connection) -> None:
 
 
 if __name__ == "__main__":
-    _die_with_parent()
+    _die_with_parent(int(sys.argv[2]))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s engine-process %(levelname)s %(message)s")
     serve(Connection(int(sys.argv[1])))
