@@ -78,14 +78,16 @@ def run_row(module: str, row: str, args: dict, timeout: float = 900) -> dict:
 
 
 def run_rows_repeated(module: str, rows: list[str], args: dict, repeat: int, rate: str = "output_tokens_per_s",
-                      on_row=None) -> list[dict]:
+                      on_row=None, before_row=None) -> list[dict]:
     """Every row `repeat` times, interleaved (row A, B, C, then A, B, C again...) so that a slow spell of this
     shared machine hits all rows alike. Each row reports its median run (by `rate`, or requests_per_s where the
     row has no `rate`), with every run's rate in `runs`. args gets `rep` (0..repeat-1): keep each run's state
-    (queue names, files) apart with it."""
+    (queue names, files) apart with it. before_row(row): called before each run (e.g. to reset shared state)."""
     runs: dict[str, list[dict]] = {row: [] for row in rows}
     for rep in range(repeat):
         for row in rows:
+            if before_row:
+                before_row(row)
             runs[row].append(run_row(module, row, {**args, "rep": rep}))
             if on_row:
                 on_row(runs[row][-1])

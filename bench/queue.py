@@ -15,7 +15,9 @@ token ids). Workload: prompts of 8-64 tokens, 8-48 new tokens each (greedy, no s
   queue_ceiling     ImmediateBackend (bench-only: answers at once, no model), one in-process worker draining
                     pre-enqueued requests: requests/s is the queue's own per-worker ceiling; also requests per
                     CPU-second of that process (the ceiling on an otherwise idle core)
-One redis-server (append-only, fsync every second) serves all rows; it is not counted in peak RSS. Rows run
+One redis-server (append-only, fsync every second) serves all rows, emptied and its append-only file compacted
+before each row (a rewrite of what earlier rows left would otherwise compete for the cores); it is not counted in
+peak RSS. Rows run
 --repeat times (default 3), interleaved; each reports its median run, with every run's rate in the JSON's `runs`.
 """
 from __future__ import annotations
@@ -77,6 +79,19 @@ def start_redis(directory: str) -> tuple[subprocess.Popen, str]:
         except redis.ConnectionError:
             time.sleep(0.05)
     raise RuntimeError(f"redis-server on port {port} did not start; see {directory}/redis.log")
+
+
+def reset_redis(url: str) -> None:
+    """Empty the server and wait until its append-only file is rewritten (to nothing) and no rewrite is running."""
+    import redis
+    r = redis.Redis.from_url(url)
+    r.flushall()
+    while r.info("persistence")["aof_rewrite_in_progress"]:
+        time.sleep(0.05)
+    r.bgrewriteaof()
+    while (lambda i: i["aof_rewrite_in_progress"] or i["aof_rewrite_scheduled"])(r.info("persistence")):
+        time.sleep(0.05)
+    r.close()
 
 
 # ---- rows (each runs in a child process) ---------------------------------------------------------------------
@@ -207,7 +222,8 @@ def main(argv=None) -> None:
     try:
         args = {"ckpt": checkpoint(), "requests": a.requests, "threads": a.threads, "url": url,
                 "ceiling_requests": a.ceiling_requests}
-        rows = run_rows_repeated("bench.queue", a.rows.split(","), args, a.repeat, on_row=lambda r: print(
+        rows = run_rows_repeated("bench.queue", a.rows.split(","), args, a.repeat,
+                                 before_row=lambda _: reset_redis(url), on_row=lambda r: print(
             f"  {r['name']}: {r.get('output_tokens_per_s') or r.get('requests_per_s')} "
             f"{'tok/s' if r.get('output_tokens_per_s') else 'req/s'} {r.get('error', '')}", file=sys.stderr))
     finally:
