@@ -200,3 +200,11 @@ asyncio.run(main())
     out = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c", script], cwd=ROOT, timeout=120,
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     assert out.stdout.split() == ["1", "3"], out.stderr[-2000:]
+
+
+def test_the_native_backend_process_option_takes_only_a_boolean(tiny_model_dir):
+    from workers.backend import BackendConfig
+    from workers.native_backend import NativeBackend
+    with pytest.raises(ValueError, match="option process='yes': expected true or false"):
+        NativeBackend(BackendConfig(model=tiny_model_dir, options={"process": "yes"}))
+    assert NativeBackend(BackendConfig(model=tiny_model_dir, options={"process": True})).process is True
