@@ -7,6 +7,8 @@ trained tokenizer. Workload: N prompts of 16-96 tokens from Parquet, per-row max
 greedy, run to length (stop_token_ids none). Rows (stable names; each in its own process):
   engine_direct               the native Engine in one process: encode, Engine.generate over all rows
   pipeline_1_actor            pipeline.run (what `phi3-batch run` calls), embedded local Ray, one actor
+  pipeline_1_actor_process    the same with `--engine-option process=true`: the actor's engine steps in a child
+                              process (native only)
   pipeline_max_actors         the same with as many actors as the machine sensibly holds: one per GPU, or on CPU
                               cores / --threads-per-actor
   ..._vllm                    the three rows again with the vLLM backend, when vLLM is installed
@@ -237,8 +239,11 @@ def main(argv=None) -> None:
             plan = [("vllm_direct", dict(common, vllm=vllm))]
             one = many = vllm
         plan += [(f"pipeline_1_actor{suffix}", dict(common, backend=backend, actors=1, cpus_per_actor=a.threads,
-                                                    options=one)),
-                 (f"pipeline_max_actors{suffix}", dict(common, backend=backend, actors=n,
+                                                    options=one))]
+        if backend == "native":  # the same actor with its engine stepping in a child process
+            plan += [("pipeline_1_actor_process", dict(common, backend=backend, actors=1, cpus_per_actor=a.threads,
+                                                       options=dict(one, process=True)))]
+        plan += [(f"pipeline_max_actors{suffix}", dict(common, backend=backend, actors=n,
                                                        cpus_per_actor=a.threads_per_actor, options=many))]
         direct = None
         for name, args in plan:
