@@ -76,7 +76,8 @@ class EngineProcess:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         self._proc = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno()), str(os.getpid())],
-                                      pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+                                      pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+                                      stdout=2)  # the caller's stdout may be machine-read (the worker's JSON)
         theirs.close()
         self._conn = Connection(ours.detach())
         self._closing, self.error = False, None
@@ -281,3 +282,6 @@ if __name__ == "__main__":
     _die_with_parent(int(sys.argv[2]))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s engine-process %(levelname)s %(message)s")
     serve(Connection(int(sys.argv[1])))
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: nothing to save, and extension modules report "leaks" at exit
