@@ -1,7 +1,7 @@
 """Queue throughput: the same requests through the engine called directly, one queue worker, two queue workers;
 and the queue's own ceiling with a backend that answers at once.
 
-    python -m bench.queue [--json PATH] [--requests N] [--ceiling-requests N] [--repeat N]
+    python -m bench.queue [--json PATH] [--requests N] [--ceiling-requests N] [--repeat N] [--engine-cpu N]
 
 Model: a tiny Phi-3 (vocab 32064, hidden 64, 2 layers, GQA 4/2 heads, random weights, no tokenizer: requests carry
 token ids). Workload: prompts of 8-64 tokens, 8-48 new tokens each (greedy, no stop tokens), fixed seed. Rows:
@@ -15,10 +15,12 @@ token ids). Workload: prompts of 8-64 tokens, 8-48 new tokens each (greedy, no s
   queue_ceiling     ImmediateBackend (bench-only: answers at once, no model), one in-process worker draining
                     pre-enqueued requests: requests/s is the queue's own per-worker ceiling; also requests per
                     CPU-second of that process (the ceiling on an otherwise idle core)
-One redis-server (append-only, fsync every second) serves all rows, emptied and its append-only file compacted
-before each row (a rewrite of what earlier rows left would otherwise compete for the cores); it is not counted in
-peak RSS. Rows run
---repeat times (default 3), interleaved; each reports its median run, with every run's rate in the JSON's `runs`.
+The engine runs on one CPU (--engine-cpu, default the last): the direct row's engine thread, and each worker's
+engine process (`--option cpus=[N]`; the thread row is not pinned), so that both engines get a core to themselves
+and the rows compare the queue's cost, not where the OS happened to place the engine. One redis-server (append-only,
+fsync every second) serves all rows, emptied and its append-only file compacted before each row (a rewrite of what
+earlier rows left would otherwise compete for the cores); it is not counted in peak RSS. Rows run --repeat times
+(default 3), interleaved; each reports its median run, with every run's rate in the JSON's `runs`.
 """
 from __future__ import annotations
 
@@ -105,6 +107,8 @@ def row_direct(a) -> dict:
         backend = NativeBackend(BackendConfig(model=a["ckpt"], dtype="float32", device="cpu",
                                               options={"threads": a["threads"]}))
         await backend.start()
+        if a["engine_cpu"] is not None:  # the engine thread only (one torch thread: it computes in that thread)
+            os.sched_setaffinity(backend._async._thread.native_id, {a["engine_cpu"]})
         params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for _, n in a["work"]]
         await backend.generate(a["work"][0][0], params[0])  # warm-up
         with Timer() as t:
@@ -123,9 +127,13 @@ def row_workers(a, n_workers: int, process: bool = True) -> dict:
     prefix = f"bench{n_workers}{'p' if process else 't'}{a['rep']}"
     r = redis.Redis.from_url(a["url"])
     threads = max(1, a["threads"] // n_workers)
+
+    def pin(i: int) -> list[str]:  # worker i's engine process on its own CPU, counting down from engine_cpu
+        cpu = a["engine_cpu"]
+        return [] if cpu is None or not process else ["--option", f"cpus=[{(cpu - i) % os.cpu_count()}]"]
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline.queue_cli", "worker", "--model", a["ckpt"],
                                "--dtype", "float32", "--device", "cpu", "--option", f"threads={threads}",
-                               "--option", f"process={str(process).lower()}",
+                               "--option", f"process={str(process).lower()}", *pin(i),
                                "--name", f"w{i}", "--url", a["url"], "--prefix", prefix, "--max-in-flight", "256",
                                "--health-interval", "1"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
              for i in range(n_workers)]
@@ -202,6 +210,15 @@ def ceiling_per_worker(fn):
     return run
 
 
+def cpu_id(value: str) -> int | None:
+    usable = os.sched_getaffinity(0)
+    if value in ("none", "last"):
+        return None if value == "none" else max(usable)
+    if value.isdigit() and int(value) in usable:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: expected a CPU id from {sorted(usable)}, 'last' or 'none'")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the rows as JSON here")
@@ -210,18 +227,22 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=3, help="runs of each row (interleaved); the median is reported")
+    ap.add_argument("--engine-cpu", type=cpu_id, default="last", help="CPU id for the engine: the direct row's process and the "
+                    "workers' engine processes (worker i on engine_cpu - i); 'last' (default: the last CPU) or "
+                    "'none' to let the OS place them")
     ap.add_argument("--child"), ap.add_argument("--child-args"), ap.add_argument("--child-out")
     a = ap.parse_args(argv)
     if a.child:
         return child(a.child, json.loads(a.child_args), a.child_out)
     if shutil.which("redis-server") is None:
         sys.exit("bench.queue needs redis-server on PATH")
+    engine_cpu = a.engine_cpu
     work = workload(a.requests)
     tmp = tempfile.mkdtemp(prefix="bench_queue_")
     server, url = start_redis(tmp)
     try:
         args = {"ckpt": checkpoint(), "requests": a.requests, "threads": a.threads, "url": url,
-                "ceiling_requests": a.ceiling_requests}
+                "ceiling_requests": a.ceiling_requests, "engine_cpu": engine_cpu}
         rows = run_rows_repeated("bench.queue", a.rows.split(","), args, a.repeat,
                                  before_row=lambda _: reset_redis(url), on_row=lambda r: print(
             f"  {r['name']}: {r.get('output_tokens_per_s') or r.get('requests_per_s')} "
@@ -238,7 +259,7 @@ def main(argv=None) -> None:
     wl = {"model": "phi3 tiny (hidden 64, 2 layers, vocab 32064), random weights, fp32, CPU",
           "requests": a.requests, "prompt_tokens": sum(len(p) for p, _ in work),
           "output_tokens": sum(n for _, n in work), "prompt_len": "8-64", "output_len": "8-48 (greedy, no stops)",
-          "ceiling_requests": a.ceiling_requests, "threads": a.threads, "repeat": a.repeat,
+          "ceiling_requests": a.ceiling_requests, "threads": a.threads, "repeat": a.repeat, "engine_cpu": engine_cpu,
           "targets": {"queue_1_worker_vs_direct": 0.95, "ceiling_requests_per_s_per_worker": 10_000}}
     report(f"bench.queue: {a.requests} requests, {wl['output_tokens']} output tokens; ceiling over "
            f"{a.ceiling_requests} requests; median of {a.repeat} interleaved runs per row", rows,

@@ -208,3 +208,26 @@ def test_the_native_backend_process_option_takes_only_a_boolean(tiny_model_dir):
     with pytest.raises(ValueError, match="option process='yes': expected true or false"):
         NativeBackend(BackendConfig(model=tiny_model_dir, options={"process": "yes"}))
     assert NativeBackend(BackendConfig(model=tiny_model_dir, options={"process": True})).process is True
+
+
+def test_the_cpus_option_pins_the_engine_process_and_is_checked(tiny_model_dir):
+    from workers.backend import BackendConfig
+    from workers.native_backend import NativeBackend
+    cpu = max(os.sched_getaffinity(0))
+    for bad in ({"cpus": [cpu]}, {"process": True, "cpus": [4096]}, {"process": True, "cpus": str(cpu)},
+                {"process": True, "cpus": []}):
+        with pytest.raises(ValueError, match=r"option cpus=.*expected a list of CPU ids from \["):
+            NativeBackend(BackendConfig(model=tiny_model_dir, options=bad))
+
+    async def main():
+        backend = NativeBackend(BackendConfig(model=tiny_model_dir, dtype="float32", device="cpu",
+                                              options={"process": True, "cpus": [cpu], "num_blocks": 64}))
+        await backend.start()
+        try:
+            out = await backend.generate([5, 6, 7], GREEDY)
+            return os.sched_getaffinity(backend._async.pid), out
+        finally:
+            await backend.close()
+
+    affinity, out = asyncio.run(main())
+    assert affinity == {cpu} and len(out.token_ids) == 10

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from phi3_model.engine import AsyncEngine, Engine, EngineConfig
 from phi3_model.engine.engine_process import EngineProcess, EngineSpec
@@ -14,8 +15,9 @@ from .backend import BackendConfig, EngineBackend
 class NativeBackend(EngineBackend):
     """options: the fields of phi3_model.engine.EngineConfig (block_size, num_blocks, kv_cache_bytes,
     max_num_seqs, max_num_batched_tokens, enable_prefix_caching, schedule, max_model_len) plus `threads` (torch CPU
-    threads) and `process` (true: the engine steps in a child process, EngineProcess, so the caller's own Python
-    work does not take the GIL from it; false: in a thread of this process, AsyncEngine)."""
+    threads), `process` (true: the engine steps in a child process, EngineProcess, so the caller's own Python
+    work does not take the GIL from it; false: in a thread of this process, AsyncEngine) and `cpus` (with process:
+    the CPU ids the engine process runs on, e.g. [3], keeping it clear of the caller's work)."""
 
     def __init__(self, config: BackendConfig):
         self.config = config
@@ -24,6 +26,13 @@ class NativeBackend(EngineBackend):
         self.process = opts.pop("process", False)
         if not isinstance(self.process, bool):
             raise ValueError(f"option process={self.process!r}: expected true or false")
+        self.cpus = opts.pop("cpus", None)
+        if self.cpus is not None:
+            usable = sorted(os.sched_getaffinity(0))
+            if not self.process or not isinstance(self.cpus, list) or not self.cpus or any(
+                    type(c) is not int or c not in usable for c in self.cpus):
+                raise ValueError(f"option cpus={self.cpus!r}: expected a list of CPU ids from {usable} for the "
+                                 "engine process (with process=true)")
         self.engine_config = EngineConfig(**opts)  # unknown options are errors naming the field
         self._async: AsyncEngine | EngineProcess | None = None
         self._starting: asyncio.Lock | None = None
@@ -42,7 +51,8 @@ class NativeBackend(EngineBackend):
         if self.process:
             self.tokenizer = load_tokenizer(resolve(self.config.model)[1])
             engine = EngineProcess(EngineSpec(self.config.model, self.config.dtype, self.config.device,
-                                              self.engine_config, self.threads))
+                                              self.engine_config, self.threads,
+                                              tuple(self.cpus) if self.cpus else None))
             await engine.start()
             self.max_model_len, self._async = engine.max_model_len, engine
             return

@@ -44,6 +44,7 @@ class EngineSpec:
     device: str = "auto"
     config: EngineConfig | None = None
     threads: int | None = None  # torch CPU threads in the child
+    cpus: tuple[int, ...] | None = None  # the child's CPU affinity (None: wherever the OS schedules it)
 
 
 class EngineProcess:
@@ -212,6 +213,8 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _build(spec: EngineSpec) -> Engine:
+    if spec.cpus:  # before torch starts its threads, which inherit it
+        os.sched_setaffinity(0, spec.cpus)
     if spec.threads:
         import torch
         torch.set_num_threads(int(spec.threads))
