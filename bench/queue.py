@@ -15,12 +15,12 @@ token ids). Workload: prompts of 8-64 tokens, 8-48 new tokens each (greedy, no s
   queue_ceiling     ImmediateBackend (bench-only: answers at once, no model), one in-process worker draining
                     pre-enqueued requests: requests/s is the queue's own per-worker ceiling; also requests per
                     CPU-second of that process (the ceiling on an otherwise idle core)
-The engine runs on one CPU (--engine-cpu, default the last): the direct row's engine thread, and each worker's
-engine process (`--option cpus=[N]`; the thread row is not pinned), so that both engines get a core to themselves
-and the rows compare the queue's cost, not where the OS happened to place the engine. One redis-server (append-only,
-fsync every second) serves all rows, emptied and its append-only file compacted before each row (a rewrite of what
-earlier rows left would otherwise compete for the cores); it is not counted in peak RSS. Rows run --repeat times
-(default 3), interleaved; each reports its median run, with every run's rate in the JSON's `runs`.
+With --threads 1 the engine runs on one CPU (--engine-cpu, default the last): the direct row's engine thread and
+each worker's engine process (`--option cpus=[N]`; the thread row is not pinned), so that both engines get a core to
+themselves and the rows compare the queue's cost, not where the OS happened to place the engine. One redis-server
+(append-only, fsync every second) serves all rows, emptied and its append-only file compacted before each row (a
+rewrite of what earlier rows left would otherwise compete for the cores); it is not counted in peak RSS. Rows run
+--repeat times (default 3), interleaved; each reports its median run, with every run's rate in the JSON's `runs`.
 """
 from __future__ import annotations
 
@@ -129,8 +129,10 @@ def row_workers(a, n_workers: int, process: bool = True) -> dict:
     threads = max(1, a["threads"] // n_workers)
 
     def pin(i: int) -> list[str]:  # worker i's engine process on its own CPU, counting down from engine_cpu
-        cpu = a["engine_cpu"]
-        return [] if cpu is None or not process else ["--option", f"cpus=[{(cpu - i) % os.cpu_count()}]"]
+        if a["engine_cpu"] is None or not process:
+            return []
+        usable = sorted(os.sched_getaffinity(0))
+        return ["--option", f"cpus=[{usable[(usable.index(a['engine_cpu']) - i) % len(usable)]}]"]
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline.queue_cli", "worker", "--model", a["ckpt"],
                                "--dtype", "float32", "--device", "cpu", "--option", f"threads={threads}",
                                "--option", f"process={str(process).lower()}", *pin(i),
@@ -210,13 +212,14 @@ def ceiling_per_worker(fn):
     return run
 
 
-def cpu_id(value: str) -> int | None:
+def cpu_id(value: str) -> int | str | None:
     usable = os.sched_getaffinity(0)
-    if value in ("none", "last"):
-        return None if value == "none" else max(usable)
+    if value in ("none", "last", "auto"):
+        return {"none": None, "last": max(usable), "auto": "auto"}[value]
     if value.isdigit() and int(value) in usable:
         return int(value)
-    raise argparse.ArgumentTypeError(f"{value!r}: expected a CPU id from {sorted(usable)}, 'last' or 'none'")
+    raise argparse.ArgumentTypeError(f"{value!r}: expected a CPU id from {sorted(usable)}, 'auto', 'last' or "
+                                     "'none'")
 
 
 def main(argv=None) -> None:
@@ -227,16 +230,18 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=3, help="runs of each row (interleaved); the median is reported")
-    ap.add_argument("--engine-cpu", type=cpu_id, default="last", help="CPU id for the engine: the direct row's process and the "
-                    "workers' engine processes (worker i on engine_cpu - i); 'last' (default: the last CPU) or "
-                    "'none' to let the OS place them")
+    ap.add_argument("--engine-cpu", type=cpu_id, default="auto", help="CPU id for a one-thread engine: the direct "
+                    "row's engine thread and the workers' engine processes (worker i on the i-th CPU before it); "
+                    "'auto' (default): the last CPU with --threads 1, else none; 'none': the OS places them")
     ap.add_argument("--child"), ap.add_argument("--child-args"), ap.add_argument("--child-out")
     a = ap.parse_args(argv)
     if a.child:
         return child(a.child, json.loads(a.child_args), a.child_out)
     if shutil.which("redis-server") is None:
         sys.exit("bench.queue needs redis-server on PATH")
-    engine_cpu = a.engine_cpu
+    engine_cpu = a.engine_cpu if a.engine_cpu != "auto" else (cpu_id("last") if a.threads == 1 else None)
+    if engine_cpu is not None and a.threads != 1:
+        ap.error("--engine-cpu pins a one-thread engine; use it with --threads 1")
     work = workload(a.requests)
     tmp = tempfile.mkdtemp(prefix="bench_queue_")
     server, url = start_redis(tmp)
