@@ -77,9 +77,15 @@ class QueueWorker:
                 await self._run_solo()
             await self._until(lambda: not self.active)
         finally:  # no engine call outlives the worker (its loop may close next)
-            for t in background + list(self._tasks):
+            tasks = background + list(self._tasks)
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(*background, *self._tasks, return_exceptions=True)
+            # bounded: redis-py 8.1 was seen to hang cancelling a command in flight (a test's sampler); a worker
+            # must exit anyway, and closing its connections below ends whatever is left
+            _, stuck = await asyncio.wait(tasks, timeout=10) if tasks else (None, ())
+            if stuck:
+                log.warning("worker %s: %d background tasks did not stop within 10 s of being cancelled",
+                            self.cfg.name, len(stuck))
             self.state = "failed" if self._fatal is not None else "stopped"
             try:
                 await self.health.publish(self.state, 0)
