@@ -17,6 +17,28 @@ from .sampling_params import Completion, RequestError, SamplingParams
 log = logging.getLogger(__name__)
 
 
+def settle(loop, done) -> None:
+    """From any thread: set each (future, result, error) of `done` in one callback on the futures' loop."""
+    def run():
+        for fut, result, error in done:
+            if not fut.done():
+                fut.set_exception(error) if error is not None else fut.set_result(result)
+    try:
+        loop.call_soon_threadsafe(run)
+    except RuntimeError:  # the caller's event loop is closed: nobody is waiting, the engine lives on
+        pass
+
+
+def settle_by_loop(items) -> None:
+    """items: ((future, its loop) or None, result, error). One wake-up of each caller's loop, not one per future."""
+    by_loop: dict = {}
+    for waiter, result, error in items:
+        if waiter is not None:
+            by_loop.setdefault(waiter[1], []).append((waiter[0], result, error))
+    for loop, done in by_loop.items():
+        settle(loop, done)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -66,21 +88,9 @@ class AsyncEngine:
 
     # ---- engine thread ----------------------------------------------------------------------------------
 
-    @classmethod
-    def _resolve(cls, fut, loop, result=None, error=None):
-        cls._settle(loop, [(fut, result, error)])
-
     @staticmethod
-    def _settle(loop, done) -> None:
-        """Set each (future, result, error) of `done` in one callback on the futures' loop."""
-        def settle():
-            for fut, result, error in done:
-                if not fut.done():
-                    fut.set_exception(error) if error is not None else fut.set_result(result)
-        try:
-            loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the caller's event loop is closed: nobody is waiting, the engine thread lives on
-            pass
+    def _resolve(fut, loop, result=None, error=None):
+        settle(loop, [(fut, result, error)])
 
     def _inbox_items(self):
         while True:
@@ -125,15 +135,10 @@ class AsyncEngine:
                 self._waiters.clear()
                 self._seqs.clear()
                 continue
-            by_loop: dict = {}
             for seq in finished:
-                waiter = self._waiters.pop(seq.seq_id, None)
                 self._seqs.pop(seq.seq_id, None)
-                if waiter is not None:
-                    fut, loop = waiter
-                    by_loop.setdefault(loop, []).append((fut, self.engine.completion(seq), None))
-            for loop, done in by_loop.items():  # one wake-up of each caller's loop per step, not one per request
-                self._settle(loop, done)
+            settle_by_loop((waiter, self.engine.completion(seq), None) for seq in finished
+                           if (waiter := self._waiters.pop(seq.seq_id, None)) is not None)
         self._fail_all(RuntimeError("engine closed"))
 
     def _fail_all(self, error: BaseException) -> None:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from .async_engine import AsyncEngine
+from .async_engine import settle, settle_by_loop
 from .engine import Engine, EngineConfig, Request
 from .sampling_params import Completion, EngineDied, RequestError, SamplingParams
 
@@ -166,36 +166,26 @@ class EngineProcess:
                 break
             kind = msg[0]
             if kind == "ready":
-                AsyncEngine._settle(loop, [(ready, msg[1], None)])
+                settle(loop, [(ready, msg[1], None)])
             elif kind == "failed":
                 self._closing = True  # the child exits next; start() raises this
-                AsyncEngine._settle(loop, [(ready, None, RuntimeError(f"engine process: {msg[1]}"))])
+                settle(loop, [(ready, None, RuntimeError(f"engine process: {msg[1]}"))])
             elif kind == "done":
-                _settle_by_loop((self._waiters.pop(rid, None), completion, _error(err))
-                                for rid, completion, err in msg[1])
+                settle_by_loop((self._waiters.pop(rid, None), completion, _error(err))
+                               for rid, completion, err in msg[1])
         code = proc.wait()
         error = RuntimeError("engine closed") if self._closing else EngineDied(
             f"engine process {proc.pid} exited (code {code})")
         if not self._closing:
             self.error = error
             log.error("%s", error)
-        AsyncEngine._settle(loop, [(ready, None, error)])
+        settle(loop, [(ready, None, error)])
         waiters, self._waiters = self._waiters, {}
-        _settle_by_loop((waiter, None, error) for waiter in waiters.values())
+        settle_by_loop((waiter, None, error) for waiter in waiters.values())
 
 
 def _error(err: tuple[str, str] | None) -> BaseException | None:
     return None if err is None else (RequestError if err[0] == "request" else RuntimeError)(err[1])
-
-
-def _settle_by_loop(items) -> None:
-    """items: ((future, its loop) or None, result, error): one wake-up of each caller's loop."""
-    by_loop: dict = {}
-    for waiter, result, error in items:
-        if waiter is not None:
-            by_loop.setdefault(waiter[1], []).append((waiter[0], result, error))
-    for loop, done in by_loop.items():
-        AsyncEngine._settle(loop, done)
 
 
 # ---- child side ------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ class QueueWorker:
                 t.cancel()
             # bounded: redis-py 8.1 was seen to hang cancelling a command in flight (a test's sampler); a worker
             # must exit anyway, and closing its connections below ends whatever is left
-            _, stuck = await asyncio.wait(tasks, timeout=10) if tasks else (None, ())
+            _, stuck = await asyncio.wait(tasks, timeout=10)
             if stuck:
                 log.warning("worker %s: %d background tasks did not stop within 10 s of being cancelled",
                             self.cfg.name, len(stuck))
