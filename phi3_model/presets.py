@@ -92,6 +92,8 @@ def load_tokenizer(directory: str | None):
 
 
 def load_model_and_tokenizer(preset: str, dtype="auto", device="auto", load_weights: bool = True, seed: int = 0):
+    from . import seam
+    seam.before_load()
     config, directory = resolve(preset, need_files=load_weights)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)

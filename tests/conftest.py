@@ -15,4 +15,5 @@ pytest_plugins = [
     "tests.fixtures.vllm_engine",
     "tests.fixtures.redis_server",
     "tests.fixtures.ray_local",
+    "tests.fixtures.seam",
 ]

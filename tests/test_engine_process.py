@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from phi3_model.checkpoint import load_checkpoint
-from phi3_model.engine import Engine, EngineConfig, EngineDied, Request, RequestError, SamplingParams
+from phi3_model.engine import (Engine, EngineConfig, EngineDied, EngineStalled, Request, RequestError,
+                               SamplingParams)
 from phi3_model.engine.engine_process import EngineProcess, EngineSpec
 from tests.test_engine_parity import hf_generate_batch, hf_model
 
@@ -88,7 +89,7 @@ def test_bad_requests_fail_alone_across_the_process_boundary(tiny_model_dir):
     assert isinstance(long, RequestError) and "512 tokens" in str(long)
 
 
-def test_cancel_and_close_then_a_later_generate_starts_a_new_process(tiny_model_dir):
+def test_cancel_and_close_then_a_later_generate_starts_a_new_process(tiny_model_dir, seam):
     p = prompts([12], seed=34)[0]
     want = hf_generate_batch(hf_model(tiny_model_dir), [p], 10)[0]
     forever = SamplingParams(max_new_tokens=480, temperature=0.0, ignore_eos=True)
@@ -97,19 +98,23 @@ def test_cancel_and_close_then_a_later_generate_starts_a_new_process(tiny_model_
         eng = EngineProcess(spec(tiny_model_dir))
         await eng.start()
         first = eng.pid
+        seam.hold()  # the child takes both requests, then stops before its first step
         cancelled = asyncio.create_task(eng.generate(p, forever))
         ok = asyncio.create_task(eng.generate(p, GREEDY))
-        await asyncio.sleep(0.2)
+        assert (await asyncio.to_thread(seam.held))[0] == first
         cancelled.cancel()
-        assert (await ok).token_ids == want
         with pytest.raises(asyncio.CancelledError):
             await cancelled
+        seam.release()
+        assert (await ok).token_ids == want
+        seam.hold()
         pending = asyncio.create_task(eng.generate(p, forever))
-        await asyncio.sleep(0.2)
+        await asyncio.to_thread(seam.held)  # in the child, not finished: it is held before its first step
         await eng.close()
         with pytest.raises(RuntimeError, match="closed"):
             await pending
         assert not alive(first)
+        seam.release()
         again = await asyncio.wait_for(eng.generate(p, GREEDY), timeout=120)
         second = eng.pid
         await eng.close()
@@ -119,15 +124,16 @@ def test_cancel_and_close_then_a_later_generate_starts_a_new_process(tiny_model_
     assert again.token_ids == want and second != first
 
 
-def test_a_killed_engine_process_fails_what_is_in_flight_and_every_later_call(tiny_model_dir):
+def test_a_killed_engine_process_fails_what_is_in_flight_and_every_later_call(tiny_model_dir, seam):
     p = prompts([12], seed=35)[0]
 
     async def main():
         eng = EngineProcess(spec(tiny_model_dir))
         await eng.start()
+        seam.hold(after_steps=3)
         pending = asyncio.create_task(eng.generate(p, SamplingParams(max_new_tokens=480, temperature=0.0,
                                                                      ignore_eos=True)))
-        await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(seam.held) == (eng.pid, 3)  # mid-flight: 3 of its 480 steps done
         os.kill(eng.pid, signal.SIGKILL)
         with pytest.raises(EngineDied, match=r"exited \(code -9\)"):
             await asyncio.wait_for(pending, timeout=30)
@@ -137,6 +143,30 @@ def test_a_killed_engine_process_fails_what_is_in_flight_and_every_later_call(ti
         await eng.close()
 
     asyncio.run(main())
+
+
+def test_a_child_whose_step_never_returns_is_declared_stalled_and_killed(tiny_model_dir, seam):
+    """The progress watchdog across the process boundary: the child reports progress at least once a second while
+    it steps; with requests waiting and none for stall_timeout_s, the parent fails them with EngineStalled and
+    kills the hung child."""
+    p = prompts([12], seed=36)[0]
+
+    async def main():
+        eng = EngineProcess(spec(tiny_model_dir), stall_timeout_s=2.0)
+        await eng.start()
+        child = eng.pid
+        seam.stall()
+        outcome = await asyncio.gather(asyncio.wait_for(eng.generate(p, GREEDY), timeout=120),
+                                       return_exceptions=True)
+        with pytest.raises(EngineStalled):
+            await eng.generate(p, GREEDY)
+        await eng.close()
+        return child, outcome[0]
+
+    child, outcome = asyncio.run(main())
+    assert seam.stalled_pids() == [child]
+    assert isinstance(outcome, EngineStalled) and "no engine step completed" in str(outcome)
+    assert not alive(child)
 
 
 def test_the_child_ignores_terminal_signals_and_dies_with_its_parent(tiny_model_dir):

@@ -21,6 +21,9 @@ class BackendConfig(BaseModel):
     dtype: str = Field("auto", description="auto | float32 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)")
     device: str = Field("auto", description="auto | cpu | cuda")
     options: dict[str, Any] = Field(default_factory=dict, description="backend-specific options, validated by it")
+    stall_timeout_s: float | None = Field(300.0, gt=0, description="an engine that holds requests and completes no "
+                                          "step for this long (or 20x its longest step, if longer) is declared "
+                                          "dead; none: never")
 
 
 class EngineBackend(abc.ABC):

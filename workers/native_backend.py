@@ -52,7 +52,8 @@ class NativeBackend(EngineBackend):
             self.tokenizer = load_tokenizer(resolve(self.config.model)[1])
             engine = EngineProcess(EngineSpec(self.config.model, self.config.dtype, self.config.device,
                                               self.engine_config, self.threads,
-                                              tuple(self.cpus) if self.cpus else None))
+                                              tuple(self.cpus) if self.cpus else None),
+                                   self.config.stall_timeout_s)
             await engine.start()
             self.max_model_len, self._async = engine.max_model_len, engine
             return
@@ -65,7 +66,7 @@ class NativeBackend(EngineBackend):
         engine = Engine(model, tokenizer, self.engine_config)
         self.tokenizer = tokenizer
         self.max_model_len = engine.max_model_len
-        self._async = AsyncEngine(engine)
+        self._async = AsyncEngine(engine, self.config.stall_timeout_s)
         await self._async.start()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,

@@ -3,12 +3,13 @@
 Why: with the engine stepping in a thread of the caller's process (AsyncEngine), every bit of the caller's Python
 work (a queue worker's Redis client, JSON, admission) holds the GIL that the engine thread needs between kernels;
 with a small model, whose steps are mostly Python, that costs the engine a visible share of its speed. Here the
-engine steps in a child process (as vLLM's engine core does) and the caller's work runs on another core.
+engine steps in a child process (as vLLM's engine core does), running the same engine loop (loop.run_loop).
 
 Protocol over one socket pair (pickled tuples):
   parent -> child  ("spec", EngineSpec) once, then ("work", [(rid, Request)], [rid to abort]) ... ("close",)
   child -> parent  ("ready", max_model_len) or ("failed", error text), then ("done", [(rid, Completion | None,
-                   (kind, message) | None)]) once per engine step that finished something
+                   (kind, message) | None)], longest step s) for each step that finished something, and at least
+                   once a second while stepping (the parent's progress watchdog)
 The child ignores SIGINT/SIGTERM (the parent decides when it stops: a terminal's Ctrl-C reaches the whole process
 group, and a draining worker still needs its engine) and dies with the parent (PR_SET_PDEATHSIG, and EOF on the
 socket).
@@ -16,7 +17,6 @@ socket).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import queue
@@ -29,11 +29,12 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from .async_engine import settle, settle_by_loop
-from .engine import Engine, EngineConfig, Request
-from .sampling_params import Completion, EngineDied, RequestError, SamplingParams
+from .engine import Engine, EngineConfig
+from .loop import Front, run_loop, settle
+from .sampling_params import EngineDied, RequestError
 
 log = logging.getLogger(__name__)
+TICK_S = 1.0  # longest silence of a stepping child
 
 
 @dataclass
@@ -47,16 +48,14 @@ class EngineSpec:
     cpus: tuple[int, ...] | None = None  # the child's CPU affinity (None: wherever the OS schedules it)
 
 
-class EngineProcess:
-    def __init__(self, spec: EngineSpec):
+class EngineProcess(Front):
+    def __init__(self, spec: EngineSpec, stall_timeout_s: float | None = None):
+        super().__init__(stall_timeout_s)
         self.spec = spec
         self.max_model_len = 0
-        self.error: BaseException | None = None
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._reader: threading.Thread | None = None
-        self._ids = itertools.count()
-        self._waiters: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
         self._adds: list = []
         self._aborts: list[int] = []
         self._flush_pending = False
@@ -68,6 +67,9 @@ class EngineProcess:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    def _running(self) -> bool:
+        return self._proc is not None
 
     async def start(self) -> None:
         if self._proc is not None:
@@ -84,7 +86,7 @@ class EngineProcess:
         self._closing, self.error = False, None
         self._outbox = queue.SimpleQueue()
         self._outbox.put(("spec", self.spec))
-        self._sender = threading.Thread(target=self._send, name="phi3-engine-sender", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="phi3-engine-sender", daemon=True)
         self._sender.start()
         ready = loop.create_future()
         self._reader = threading.Thread(target=self._read, args=(self._proc, loop, ready), name="phi3-engine-reader",
@@ -92,29 +94,16 @@ class EngineProcess:
         self._reader.start()
         try:
             self.max_model_len = await ready
-        except BaseException:
-            await self.close()
+        except BaseException:  # failed or cancelled while loading: nothing to save, kill it at once
+            await self._shutdown(graceful=False)
             raise
-
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> Completion:
-        if self._proc is None:
-            await self.start()
-        if self.error is not None:
-            raise self.error
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        rid = next(self._ids)
-        self._waiters[rid] = (fut, loop)
-        self._queue(loop, adds=[(rid, Request(list(prompt_token_ids), params or SamplingParams(), request_id))])
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if self._waiters.pop(rid, None) is not None:
-                self._queue(loop, aborts=[rid])
-            raise
+        self.watchdog.start()
 
     async def close(self) -> None:
+        await self._shutdown(graceful=True)
+
+    async def _shutdown(self, graceful: bool) -> None:
+        self.watchdog.stop()
         if self._proc is None:
             return
         self._closing = True
@@ -122,6 +111,8 @@ class EngineProcess:
         self._outbox.put(None)
         proc, self._proc = self._proc, None
         loop = asyncio.get_running_loop()
+        if not graceful:
+            proc.kill()
         try:
             await loop.run_in_executor(None, proc.wait, 30)
         except subprocess.TimeoutExpired:
@@ -132,8 +123,14 @@ class EngineProcess:
         await loop.run_in_executor(None, self._sender.join)
         self._conn.close()
 
+    def _stalled(self, why: str) -> None:
+        super()._stalled(why)
+        proc = self._proc
+        if proc is not None:
+            proc.kill()  # a hung child holds memory and maybe a device; the reader then sees it exit
+
     # ---- parent side -----------------------------------------------------------------------------------
-    def _queue(self, loop, adds=(), aborts=()) -> None:
+    def _send(self, loop, adds=(), aborts=()) -> None:
         """Requests made during one turn of the event loop go to the child as one message."""
         with self._lock:
             self._adds += adds
@@ -148,7 +145,7 @@ class EngineProcess:
             adds, aborts, self._adds, self._aborts, self._flush_pending = self._adds, self._aborts, [], [], False
         self._outbox.put(("work", adds, aborts))
 
-    def _send(self) -> None:
+    def _send_loop(self) -> None:
         """Sender thread: a child busy with a long step reads nothing until it ends, so a full socket buffer
         blocks this thread, never the caller's event loop."""
         while (msg := self._outbox.get()) is not None:
@@ -171,17 +168,16 @@ class EngineProcess:
                 self._closing = True  # the child exits next; start() raises this
                 settle(loop, [(ready, None, RuntimeError(f"engine process: {msg[1]}"))])
             elif kind == "done":
-                settle_by_loop((self._waiters.pop(rid, None), completion, _error(err))
-                               for rid, completion, err in msg[1])
+                self.watchdog.progress(msg[2])
+                self._settle((rid, completion, _error(err)) for rid, completion, err in msg[1])
         code = proc.wait()
         error = RuntimeError("engine closed") if self._closing else EngineDied(
             f"engine process {proc.pid} exited (code {code})")
-        if not self._closing:
+        if not self._closing and self.error is None:
             self.error = error
             log.error("%s", error)
         settle(loop, [(ready, None, error)])
-        waiters, self._waiters = self._waiters, {}
-        settle_by_loop((waiter, None, error) for waiter in waiters.values())
+        self._fail_all(self.error or error)
 
 
 def _error(err: tuple[str, str] | None) -> BaseException | None:
@@ -189,6 +185,39 @@ def _error(err: tuple[str, str] | None) -> BaseException | None:
 
 
 # ---- child side ------------------------------------------------------------------------------------------
+class _SocketTransport:
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.last_sent = time.monotonic()
+
+    def receive(self, block: bool):
+        msgs = []
+        try:
+            if block:
+                self.conn.poll(None)  # idle: wait for work (or EOF)
+            while self.conn.poll():
+                msg = self.conn.recv()
+                if msg[0] == "close":
+                    return None
+                _, adds, aborts = msg
+                msgs += [("add", rid, req) for rid, req in adds] + [("abort", rid, None) for rid in aborts]
+        except (EOFError, OSError):
+            return None
+        return msgs
+
+    def has_message(self) -> bool:
+        return self.conn.poll()
+
+    def deliver(self, outcomes, steps: int, longest_step_s: float) -> None:
+        now = time.monotonic()
+        if not outcomes and now - self.last_sent < TICK_S:
+            return
+        wire = [(rid, c, None if e is None else ("request" if isinstance(e, RequestError) else "engine", str(e)))
+                for rid, c, e in outcomes]
+        self.conn.send(("done", wire, longest_step_s))
+        self.last_sent = now
+
+
 def _die_with_parent(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -214,7 +243,7 @@ def _build(spec: EngineSpec) -> Engine:
 
 
 def serve(conn: Connection) -> None:
-    """The child's loop: take work between steps, step, send what finished."""
+    """The child: build the engine, then run the engine loop over the socket."""
     try:
         kind, spec = conn.recv()
         engine = _build(spec)
@@ -224,51 +253,10 @@ def serve(conn: Connection) -> None:
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", engine.max_model_len))
-    seqs: dict[int, object] = {}  # rid -> Sequence
-    rids: dict[int, int] = {}  # seq_id -> rid
-    while True:
-        out = []
-        if not engine.has_work():
-            conn.poll(None)  # idle: wait for work (or EOF)
-            time.sleep(0.005)  # idle -> busy: callers submit in bursts; let it land so the first step batches it
-        while conn.poll():
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                return
-            if msg[0] == "close":
-                return
-            _, adds, aborts = msg
-            for rid, req in adds:
-                try:
-                    seq = engine.add_request(req)
-                except (RequestError, ValueError) as e:
-                    out.append((rid, None, ("request", str(e))))
-                    continue
-                seqs[rid], rids[seq.seq_id] = seq, rid
-            for rid in aborts:
-                seq = seqs.pop(rid, None)
-                if seq is not None:
-                    del rids[seq.seq_id]
-                    engine.abort(seq)
-        if engine.has_work():
-            try:
-                finished = engine.step()
-            except Exception as e:  # noqa: BLE001 - fail what is in flight, keep serving (as AsyncEngine does)
-                log.exception("engine step failed")
-                out += [(rid, None, ("engine", f"engine step failed: {type(e).__name__}: {e}")) for rid in seqs]
-                for seq in seqs.values():
-                    engine.abort(seq)
-                seqs.clear()
-                rids.clear()
-                finished = []
-            for seq in finished:
-                rid = rids.pop(seq.seq_id, None)
-                if rid is not None:
-                    del seqs[rid]
-                    out.append((rid, engine.completion(seq), None))
-        if out:
-            conn.send(("done", out))
+    try:
+        run_loop(engine, _SocketTransport(conn))
+    except (EOFError, OSError):  # the parent is gone
+        pass
 
 
 if __name__ == "__main__":

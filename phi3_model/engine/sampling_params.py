@@ -78,3 +78,8 @@ class EngineDied(RuntimeError):
 
 class RequestError(ValueError):
     """A request that cannot run (too long for the model or the KV pool, bad token ids). Fails alone."""
+
+
+class EngineStalled(EngineDied):
+    """The engine holds requests but has completed no step for longer than its stall timeout (a hung kernel, a
+    deadlock): it is treated as dead, so the caller's work goes to another engine."""

@@ -1,0 +1,165 @@
+"""The one engine loop and the caller's side of it, whatever carries requests in and outcomes out.
+
+Loop (in the engine's thread or child process): take what arrived (requests, aborts) between steps, step, hand
+out what finished. Front (in the caller's process): `generate` futures keyed by request number, settled with one
+wake-up of each caller's event loop per batch of outcomes, and the progress watchdog. Two transports implement
+the pair: AsyncEngine (a thread and a queue) and EngineProcess (a child process and a socket).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Iterable, Protocol
+
+from .. import seam
+from .engine import Engine, Request
+from .sampling_params import Completion, EngineStalled, RequestError, SamplingParams
+from .watchdog import Watchdog
+
+log = logging.getLogger(__name__)
+
+# (request number, completion or None, error or None)
+Outcome = tuple[int, Completion | None, BaseException | None]
+BURST_S = 0.005  # idle -> busy: callers submit in bursts; let one land so the first step batches it
+
+
+class Transport(Protocol):
+    def receive(self, block: bool) -> list[tuple] | None:
+        """("add", rid, Request) and ("abort", rid, None) messages that arrived; with block, wait for at least one.
+        None once the caller closed the engine."""
+
+    def has_message(self) -> bool: ...
+
+    def deliver(self, outcomes: list[Outcome], steps: int, longest_step_s: float) -> None:
+        """Called after every step (progress, even with nothing finished) and for requests refused on arrival."""
+
+
+def run_loop(engine: Engine, transport: Transport) -> None:
+    seqs: dict[int, object] = {}  # rid -> Sequence
+    rids: dict[int, int] = {}  # seq_id -> rid
+    longest = 0.0
+    while True:
+        block = not engine.has_work()
+        msgs = transport.receive(block)
+        if msgs is not None and block:
+            time.sleep(BURST_S)
+            more = transport.receive(False)
+            msgs = None if more is None else msgs + more
+        if msgs is None:
+            break
+        out: list[Outcome] = []
+        for kind, rid, req in msgs:
+            if kind == "add":
+                try:
+                    seq = engine.add_request(req)
+                except (RequestError, ValueError) as e:
+                    out.append((rid, None, RequestError(str(e))))
+                    continue
+                seqs[rid], rids[seq.seq_id] = seq, rid
+            elif (seq := seqs.pop(rid, None)) is not None:  # abort
+                del rids[seq.seq_id]
+                engine.abort(seq)
+        if engine.has_work():
+            seam.before_step(transport.has_message, engine.num_steps)
+            t = time.perf_counter()
+            try:
+                finished = engine.step()
+            except Exception as e:  # noqa: BLE001 - a bug or device fault: fail what is in flight, keep serving
+                log.exception("engine step failed")
+                error = RuntimeError(f"engine step failed: {type(e).__name__}: {e}")
+                out += [(rid, None, error) for rid in seqs]
+                for seq in seqs.values():
+                    engine.abort(seq)
+                seqs.clear()
+                rids.clear()
+                finished = []
+            longest = max(longest, time.perf_counter() - t)
+            for seq in finished:
+                if (rid := rids.pop(seq.seq_id, None)) is not None:
+                    del seqs[rid]
+                    out.append((rid, engine.completion(seq), None))
+            transport.deliver(out, engine.num_steps, longest)
+        elif out:
+            transport.deliver(out, engine.num_steps, longest)
+    closed = RuntimeError("engine closed")
+    for seq in seqs.values():
+        engine.abort(seq)
+    if seqs:
+        transport.deliver([(rid, None, closed) for rid in seqs], engine.num_steps, longest)
+
+
+# ---- the caller's side ------------------------------------------------------------------------------------------
+
+def settle(loop, done) -> None:
+    """From any thread: set each (future, result, error) of `done` in one callback on the futures' loop."""
+    def run():
+        for fut, result, error in done:
+            if not fut.done():
+                fut.set_exception(error) if error is not None else fut.set_result(result)
+    try:
+        loop.call_soon_threadsafe(run)
+    except RuntimeError:  # the caller's event loop is closed: nobody is waiting
+        pass
+
+
+class Front:
+    """Futures of `generate` calls by request number; subclasses carry requests to the loop (`_send`)."""
+
+    def __init__(self, stall_timeout_s: float | None = None):
+        self.error: BaseException | None = None
+        self._ids = itertools.count()
+        self._waiters: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
+        self.watchdog = Watchdog(stall_timeout_s, lambda: len(self._waiters), self._stalled)
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    def _send(self, loop, adds: list[tuple[int, Request]], aborts: list[int]) -> None:
+        raise NotImplementedError
+
+    def _running(self) -> bool:
+        raise NotImplementedError
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> Completion:
+        if self.error is not None:
+            raise self.error
+        if not self._running():
+            await self.start()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        rid = next(self._ids)
+        if not self._waiters:
+            self.watchdog.progress()  # idle until now: the stall clock starts here
+        self._waiters[rid] = (fut, loop)
+        self._send(loop, [(rid, Request(list(prompt_token_ids), params or SamplingParams(), request_id))], [])
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if self._waiters.pop(rid, None) is not None:
+                self._send(loop, [], [rid])
+            raise
+
+    def _settle(self, outcomes: Iterable[Outcome]) -> None:
+        """From the loop's side: one wake-up of each caller's event loop, not one per future."""
+        by_loop: dict = {}
+        for rid, result, error in outcomes:
+            if (waiter := self._waiters.pop(rid, None)) is not None:
+                by_loop.setdefault(waiter[1], []).append((waiter[0], result, error))
+        for loop, done in by_loop.items():
+            settle(loop, done)
+
+    def _fail_all(self, error: BaseException) -> None:
+        waiters, self._waiters = self._waiters, {}
+        by_loop: dict = {}
+        for fut, loop in waiters.values():
+            by_loop.setdefault(loop, []).append((fut, None, error))
+        for loop, done in by_loop.items():
+            settle(loop, done)
+
+    def _stalled(self, why: str) -> None:
+        """Watchdog thread: the engine is dead to its callers; subclasses also stop what they can."""
+        self.error = EngineStalled(why)
+        self._fail_all(self.error)
