@@ -107,7 +107,7 @@ def _worker_config(url, prefix, name, read_count, max_in_flight, block_ms, claim
         _fail(f"worker options: {explain(e)}")
 
 
-def _backend_config(backend, model, dtype, device, option):
+def _backend_config(backend, model, dtype, device, option, stall_timeout):
     from workers.backend import BackendConfig
     options = {}
     for kv in option:
@@ -120,7 +120,8 @@ def _backend_config(backend, model, dtype, device, option):
             options[key] = value
     if backend == "native":  # a worker's Redis and JSON work must not take the GIL from the engine's steps
         options.setdefault("process", True)
-    return BackendConfig(name=backend, model=model, dtype=dtype, device=device, options=options)
+    return BackendConfig(name=backend, model=model, dtype=dtype, device=device, options=options,
+                         stall_timeout_s=stall_timeout)
 
 
 _W = dict(
@@ -137,6 +138,9 @@ _W = dict(
     result_ttl=typer.Option(7 * 86400, "--result-ttl", help="seconds results are kept"),
     health_interval=typer.Option(5.0, "--health-interval"),
     until_empty=typer.Option(False, "--until-empty", help="drain the queue, then exit 0"),
+    stall_timeout=typer.Option(300.0, "--stall-timeout", help="seconds an engine may hold requests without "
+                               "completing a step before it is declared hung (the worker then exits 1, leaving its "
+                               "entries to others)"),
 )
 
 
@@ -147,22 +151,29 @@ def worker(model: str = _W["model"], backend: str = _W["backend"], dtype: str = 
            block_ms: int = _W["block_ms"], claim_idle: float = _W["claim_idle"],
            max_deliveries: int = _W["max_deliveries"], result_ttl: int = _W["result_ttl"],
            health_interval: float = _W["health_interval"], until_empty: bool = _W["until_empty"],
-           url: str = URL, prefix: str = PREFIX):
+           stall_timeout: float = _W["stall_timeout"], url: str = URL, prefix: str = PREFIX):
     """One worker process. SIGTERM: finish and ack what is in flight, exit 0; a second SIGTERM exits at once."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     wc = _worker_config(url, prefix, name, read_count, max_in_flight, block_ms, claim_idle, max_deliveries,
                         result_ttl, health_interval, until_empty)
-    bc = _backend_config(backend, model, dtype, device, option)
+    bc = _backend_config(backend, model, dtype, device, option, stall_timeout)
 
     async def go():
         from workers.queue.backends import make_backend
-        from workers.queue.process import tune_gc
+        from workers.queue.health import Counters
+        from workers.queue.process import start_or_stop, tune_gc
         from workers.queue.worker import QueueWorker
         engine = make_backend(bc)
-        await engine.start()
+        stop = await start_or_stop(engine)
+        if stop is None:  # SIGTERM while loading: nothing read, nothing held
+            logging.getLogger("phi3.queue").warning("stopped while loading the model; nothing was read")
+            return Counters()
         tune_gc()
         try:
-            return await QueueWorker(engine, wc).run(install_signals=True)
+            worker = QueueWorker(engine, wc)
+            if stop.is_set():  # signalled between the end of loading and now
+                worker.stop()
+            return await worker.run(install_signals=True)
         finally:
             await engine.close()
     counters = asyncio.run(go())
@@ -180,14 +191,14 @@ def ray_job(actors: int = typer.Option(2, "--actors", min=1), num_cpus: float = 
             block_ms: int = _W["block_ms"], claim_idle: float = _W["claim_idle"],
             max_deliveries: int = _W["max_deliveries"], result_ttl: int = _W["result_ttl"],
             health_interval: float = _W["health_interval"], until_empty: bool = _W["until_empty"],
-            url: str = URL, prefix: str = PREFIX):
+            stall_timeout: float = _W["stall_timeout"], url: str = URL, prefix: str = PREFIX):
     """A Ray job whose actors are consumers of the same group (named NAME-0 .. NAME-{N-1})."""
     import ray
 
     from workers.queue.ray_actor import run_actors
     wc = _worker_config(url, prefix, name, read_count, max_in_flight, block_ms, claim_idle, max_deliveries,
                         result_ttl, health_interval, until_empty)
-    bc = _backend_config(backend, model, dtype, device, option)
+    bc = _backend_config(backend, model, dtype, device, option, stall_timeout)
     ray.init(address=address, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
     try:
         for row in run_actors(actors, bc, wc, num_cpus=num_cpus, num_gpus=num_gpus):

@@ -6,18 +6,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
+import time
 
 import pytest
 
 from tests.fixtures.redis_server import FaultProxy, audit, run_bounded, worker_config
+from tests.fixtures.seam import GUARD_S
 from workers.queue import QueueClient, QueueWorker, scripts
 
 pytestmark = pytest.mark.timeout(180)  # a hang fails the test with every thread's stack
 
 
-def requests(n: int, hook: str | None = None, tag: str = "r", tokens: int = 3):
-    meta = {"metadata": {"_test": hook}} if hook else {}
-    return [{"id": f"{tag}{i}", "prompt_token_ids": [1, 5 + i % 50, 9], "max_new_tokens": tokens, **meta}
+def requests(n: int, tag: str = "r", tokens: int = 3):
+    return [{"id": f"{tag}{i}", "prompt_token_ids": [1, 5 + i % 50, 9], "max_new_tokens": tokens}
             for i in range(n)]
 
 
@@ -27,31 +29,42 @@ async def enqueue(url, prefix, reqs) -> list[tuple[str, str]]:
 
 
 async def until(predicate, timeout: float, what: str):
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
-def test_4_redis_restart_with_persistence_loses_nothing(redis_server, redis_url, queue_prefix, queue_engine,
-                                                        monkeypatch):
-    monkeypatch.setenv("PHI3_BATCH_TEST_HOOKS", "1")
+def most_retries(cfg, outage_s: float, callers: int = 4) -> float:
+    """Reconnect attempts that capped exponential backoff allows over an outage (each of the worker's loops that
+    calls Redis retries on its own): doubling from backoff_min up to backoff_max, then one per backoff_max. A hot
+    loop would make thousands; the bound does not depend on how fast the machine is."""
+    return callers * (math.log2(cfg.backoff_max_s / cfg.backoff_min_s) + 2 + outage_s / cfg.backoff_max_s)
+
+
+def test_4_redis_restart_with_persistence_loses_nothing(redis_server, redis_url, queue_prefix, queue_engine, seam):
     r = redis_server.client()
 
     async def go():
-        ids = [i for i, _ in await enqueue(redis_url, queue_prefix, requests(10, hook="sleep:1"))]
-        worker = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, until_empty=False))
+        ids = [i for i, _ in await enqueue(redis_url, queue_prefix, requests(10))]
+        seam.hooks({i: "hold:a" for i in ids})  # held in flight through the outage
+        cfg = worker_config(redis_url, queue_prefix, until_empty=False)
+        worker = QueueWorker(queue_engine, cfg)
         serving = asyncio.create_task(worker.run())
-        await until(lambda: len(worker.active) == 10, 60, "10 requests held")
-        await asyncio.to_thread(redis_server.restart, True, 1.0)  # down for 1 s; AOF flushed on SHUTDOWN
+        await until(lambda: len(worker.active) == 10, GUARD_S, "10 requests held")
+        t0 = time.monotonic()
+        await asyncio.to_thread(redis_server.restart, True)  # SHUTDOWN flushes the AOF; then a new server
+        outage = time.monotonic() - t0
+        await until(lambda: worker.counters.reconnects > 0, GUARD_S, "the worker to notice the outage")
+        seam.open_gate("a")
         async with QueueClient(redis_url, queue_prefix) as client:
-            got = await client.results(ids, timeout=60)
+            got = await client.results(ids, timeout=GUARD_S)
         worker.stop()
-        return ids, got, await serving
-    ids, got, counters = asyncio.run(go())
+        return cfg, outage, ids, got, await serving
+    cfg, outage, ids, got, counters = asyncio.run(go())
     assert all(got[i].status == "ok" for i in ids)
-    assert 0 < counters.reconnects < 60  # backed off, not spinning through the outage
+    assert 0 < counters.reconnects <= most_retries(cfg, outage)  # backed off, not spinning through the outage
     assert counters.processed == 10 and counters.groups_created == 1  # the group came back from the AOF
     audit(r, queue_prefix, ids)
 
@@ -65,30 +78,40 @@ def test_5_redis_restarted_empty_recreates_the_group_once_without_a_hot_loop(
         first = [i for i, _ in await enqueue(redis_url, queue_prefix, requests(3, tag="a"))]
         async with QueueClient(redis_url, queue_prefix) as client:
             await client.results(first, timeout=60)
+        r = redis_server.client()
         if how == "flushall":
-            redis_server.client().flushall()
+            r.flushall()
         else:
             await asyncio.to_thread(redis_server.restart, False)
-        redis_server.client().config_resetstat()
-        await asyncio.sleep(2.0)
-        stats = redis_server.client().info("commandstats")
-        errors = redis_server.client().info("errorstats")
+        r = redis_server.client()
+        await until(lambda: worker.counters.groups_created == 2, GUARD_S, "the group to be recreated")
+        r.config_resetstat()
+        t0 = time.monotonic()
+        await until(lambda: reads(r) >= 30, GUARD_S, "30 reads of the idle stream")
+        rate = reads(r) / (time.monotonic() - t0)
+        errors = r.info("errorstats")
         second = [i for i, _ in await enqueue(redis_url, queue_prefix, requests(3, tag="b"))]
         async with QueueClient(redis_url, queue_prefix) as client:
-            await client.results(second, timeout=60)
+            await client.results(second, timeout=GUARD_S)
         worker.stop()
-        return second, stats, errors, await serving
-    second, stats, errors, counters = asyncio.run(go())
+        return second, rate, errors, await serving
+    second, rate, errors, counters = asyncio.run(go())
     assert counters.groups_created == 2
-    assert stats["cmdstat_xreadgroup"]["calls"] < 60  # blocking reads of 100 ms, not a spin
+    # idle, the worker blocks 100 ms per XREADGROUP (block_ms, counted by the server: no machine reads faster)
+    # after a non-blocking one: about 20 calls/s; a spin would make thousands
+    assert rate < 100, f"{rate:.0f} XREADGROUP calls/s on an idle stream"
     assert errors.get("errorstat_NOGROUP", {"count": 0})["count"] <= 3  # one per task that noticed
     audit(redis_server.client(), queue_prefix, second)
 
 
+def reads(r) -> int:
+    return r.info("commandstats").get("cmdstat_xreadgroup", {"calls": 0})["calls"]
+
+
 def test_6_request_that_always_raises_is_dead_lettered_with_its_error_and_others_flow(
-        redis_server, redis_url, queue_prefix, queue_engine, monkeypatch):
-    monkeypatch.setenv("PHI3_BATCH_TEST_HOOKS", "1")
-    reqs = requests(6) + requests(1, hook="raise", tag="bad")
+        redis_server, redis_url, queue_prefix, queue_engine, seam):
+    seam.hooks({"bad0": "raise"})
+    reqs = requests(6) + requests(1, tag="bad")
     ids = [i for i, _ in asyncio.run(enqueue(redis_url, queue_prefix, reqs))]
     counters = asyncio.run(run_bounded(QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, claim_idle_s=0.5))))
     r = redis_server.client()
@@ -100,25 +123,28 @@ def test_6_request_that_always_raises_is_dead_lettered_with_its_error_and_others
 
 
 def test_8_heartbeat_keeps_a_batch_longer_than_the_idle_time_from_being_reclaimed(
-        redis_server, redis_url, queue_prefix, queue_engine, monkeypatch):
-    monkeypatch.setenv("PHI3_BATCH_TEST_HOOKS", "1")
+        redis_server, redis_url, queue_prefix, queue_engine, seam):
+    """A holds a batch for three claim-idle periods while B scans for idle entries: A's heartbeat (20 beats per
+    idle period, so an event-loop hiccup cannot make one late enough) keeps every entry A's."""
     r = redis_server.client()
 
     async def go():
-        ids = [i for i, _ in await enqueue(redis_url, queue_prefix, requests(4, hook="sleep:3.5"))]
-        cfg = dict(until_empty=False, claim_idle_s=1.0, heartbeat_s=0.2)
+        ids = [i for i, _ in await enqueue(redis_url, queue_prefix, requests(4))]
+        seam.hooks({i: "hold:a" for i in ids})
+        cfg = dict(until_empty=False, claim_idle_s=2.0, heartbeat_s=0.1)
         a = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, name="A", **cfg))
         b = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, name="B", **cfg))
         running_a = asyncio.create_task(a.run())
-        await until(lambda: len(a.active) == 4, 30, "A to hold the batch")
+        await until(lambda: len(a.active) == 4, GUARD_S, "A to hold the batch")
         running_b = asyncio.create_task(b.run())
-        deliveries = []
-        for _ in range(30):  # 3 s, three times the claim idle time
+        held_since, deliveries = time.monotonic(), []
+        while time.monotonic() - held_since < 3 * cfg["claim_idle_s"]:  # the time under test: B scans meanwhile
             await asyncio.sleep(0.1)
             deliveries += [p["times_delivered"] for p in r.xpending_range(
                 f"{queue_prefix}:requests", f"{queue_prefix}:workers", "-", "+", 10)]
+        seam.open_gate("a")
         async with QueueClient(redis_url, queue_prefix) as client:
-            got = await client.results(ids, timeout=30)
+            got = await client.results(ids, timeout=GUARD_S)
         a.stop(), b.stop()
         return ids, got, deliveries, await running_a, await running_b
     ids, got, deliveries, ca, cb = asyncio.run(go())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -15,6 +16,28 @@ from .schema import QueueRequest, prompt_ids, sampling_params
 RAW_LIMIT = 65536  # bytes of a request kept in its dead letter
 
 
+class ParamsCache:
+    """Sampling fields -> SamplingParams, the `size` most recently used kept: requests share a few sets of
+    fields, but a stream of distinct seeds would otherwise grow the cache for the worker's whole life."""
+
+    def __init__(self, size: int = 1024):
+        self.size = size
+        self._items: OrderedDict[tuple, SamplingParams] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple, build) -> SamplingParams:
+        params = self._items.get(key)
+        if params is None:
+            params = self._items[key] = build()
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(key)
+        return params
+
+
 @dataclass(slots=True)
 class Job:
     entry_id: bytes
@@ -23,7 +46,6 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     deliveries: int
-    hook: str | None
 
 
 def dead_letter(entry_id: bytes, raw: bytes | None, error: str, deliveries: int, worker: str,
@@ -64,15 +86,13 @@ async def admit_entries(w, entries, counts: dict[bytes, int]):
                                  "holding the request JSON")
             req = QueueRequest.model_validate_json(raw)
             key = req.sampling_key()
-            params = w._params.get(key)
-            if params is None:
-                params = w._params[key] = sampling_params(req, tokenizer, w.spec)
+            params = w.params.get(key, lambda: sampling_params(req, tokenizer, w.spec))
             ids = prompt_ids(req, tokenizer, w.spec)
         except Exception as e:  # noqa: BLE001 - whatever is wrong with it, a malformed request is never retried
             finished.append(("dead", entry_id, dead_letter(entry_id, raw, f"malformed request: {explain(e)}", n,
                                                            cfg.name, _guess_id(raw))))
             continue
-        job = Job(entry_id, raw, req, ids, params, n, req.test_hook if w.hooks else None)
+        job = Job(entry_id, raw, req, ids, params, n)
         (again if n > 1 else runnable).append(job)
     if not again:
         return runnable, finished

@@ -4,9 +4,10 @@ recorded for whoever runs them next."""
 from __future__ import annotations
 
 import json
-import os
 
 from pydantic_core import PydanticSerializationError, to_json
+
+from phi3_model import seam
 
 
 def dump(body: dict) -> bytes:
@@ -21,7 +22,7 @@ async def settle(w, batch: list[tuple]) -> None:
     The result write and the ack are two calls on purpose: a worker that dies between them leaves results whose
     redelivery is acked without running (counted `skipped`)."""
     cfg, c = w.cfg, w.counters
-    results = [p for kind, _, p in batch if kind == "result"]  # (request id, json, status, test hook)
+    results = [p for kind, _, p in batch if kind == "result"]  # (request id, json, status)
     if results:
         flags = await w._redis(lambda: w.ops.write_results([(p[0], p[1]) for p in results], cfg.result_ttl_s,
                                                            cfg.results_maxlen))
@@ -31,8 +32,7 @@ async def settle(w, batch: list[tuple]) -> None:
             else:
                 c.processed += 1
                 c.errors += p[2] == "error"
-        if w.hooks and any(p[3] == "exit_after_write" for p in results):
-            os._exit(3)
+        seam.after_results_written(p[0] for p in results)
     dead = [p for kind, _, p in batch if kind == "dead"]
     if dead:
         c.dead += await w._redis(lambda: w.ops.dead_letter(dead, cfg.result_ttl_s))

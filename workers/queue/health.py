@@ -29,12 +29,12 @@ class Health:
         self.static = {"name": name, "host": socket.gethostname(), "pid": os.getpid(),
                        "started_at": round(time.time(), 3)}
 
-    def snapshot(self, state: str, in_flight: int) -> dict:
-        return {**self.static, **asdict(self.counters), "state": state, "in_flight": in_flight,
-                "seen_at": round(time.time(), 3)}
+    def snapshot(self, state: str, in_flight: int, reason: str | None = None) -> dict:
+        return {**self.static, **asdict(self.counters), "state": state, "reason": reason or "",
+                "in_flight": in_flight, "seen_at": round(time.time(), 3)}
 
-    async def publish(self, state: str, in_flight: int) -> None:
+    async def publish(self, state: str, in_flight: int, reason: str | None = None) -> None:
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(self.key, mapping=self.snapshot(state, in_flight))
+        pipe.hset(self.key, mapping=self.snapshot(state, in_flight, reason))
         pipe.pexpire(self.key, self.ttl_ms)
         await pipe.execute()

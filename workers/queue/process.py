@@ -1,10 +1,10 @@
-"""Process-level concerns of a worker: garbage-collector tuning, and the test hooks of the engine call."""
+"""Process-level concerns of a worker: stop signals while the engine loads, garbage-collector tuning."""
 from __future__ import annotations
 
 import asyncio
 import atexit
 import gc
-import os
+import signal
 
 
 def tune_gc() -> None:
@@ -18,11 +18,23 @@ def tune_gc() -> None:
     atexit.register(gc.unfreeze)  # frozen objects outlive shutdown: native extensions then report them as leaks
 
 
-async def apply_hook(hook: str) -> None:
-    """Test hooks, honoured only with PHI3_BATCH_TEST_HOOKS=1 in the worker's environment."""
-    if hook.startswith("sleep:"):
-        await asyncio.sleep(float(hook.split(":", 1)[1]))
-    elif hook == "raise":
-        raise RuntimeError("test hook: raise")
-    elif hook == "exit":
-        os._exit(3)
+async def start_or_stop(backend) -> asyncio.Event | None:
+    """Start the backend unless SIGTERM/SIGINT arrives first (handlers are installed before loading starts, so
+    the signal is never the default action). None, with the backend closed, when stopped while loading; else the
+    event a signal sets until the caller installs its own handlers (check it right before)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting, stopping = asyncio.ensure_future(backend.start()), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if starting.done():
+        starting.result()  # a failed start raises
+        return stop
+    starting.cancel()
+    await asyncio.gather(starting, return_exceptions=True)
+    await backend.close()
+    return None

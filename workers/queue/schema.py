@@ -62,10 +62,6 @@ class QueueRequest(BaseModel):
             return values
         return tuple(tuple(v) if isinstance(v, list) else v for v in values)
 
-    @property
-    def test_hook(self) -> str | None:
-        return (self.metadata or {}).get("_test")
-
 
 def row_spec(defaults: dict[str, Any] | None = None) -> rows.RowSpec:
     """The Parquet job's RowSpec with the worker's sampling defaults (RowSpec fields, min_new_tokens via extra)."""

@@ -19,15 +19,15 @@ from functools import partial
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
 
-from phi3_model.engine.sampling_params import EngineDied, RequestError
+from phi3_model import seam
+from phi3_model.engine.sampling_params import EngineDied, EngineStalled, RequestError
 
-from .admit import Job, admit_entries, dead_letter
+from .admit import Job, ParamsCache, admit_entries, dead_letter
 from .config import WorkerConfig
 from .connection import Names, connect, redact
 from .finish import dump, settle
 from .health import Counters, Health
 from .ops import Ops, entry_time
-from .process import apply_hook
 from .schema import row_spec
 
 log = logging.getLogger("phi3.queue")
@@ -45,7 +45,6 @@ class QueueWorker:
         self.ops = Ops(self.r, self.names, self.names.group, config.name)
         self.counters = Counters()
         self.health = Health(self.r, self.names.worker(config.name), config.name, self.counters, config.health_ttl_s)
-        self.hooks = os.environ.get("PHI3_BATCH_TEST_HOOKS") == "1"
         self.active: set[bytes] = set()  # running, or finished and awaiting the acker
         self.solo: deque[Job] = deque()  # last-chance deliveries, run one at a time
         self.done: deque = deque()  # finished outcomes for the acker: (kind, entry id, payload)
@@ -54,10 +53,11 @@ class QueueWorker:
         self.state = "starting"
         self._changed = asyncio.Event()
         self.spec = row_spec(config.defaults)  # the Parquet job's request semantics, with this worker's defaults
-        self._params: dict = {}  # sampling fields -> SamplingParams (built once per distinct set)
+        self.params = ParamsCache()  # sampling fields -> SamplingParams (built once per distinct set)
         self._tasks: set[asyncio.Task] = set()
         self._fatal: BaseException | None = None  # the engine or a background loop died: the worker must not go on
         self._fatal_why = ""
+        self.reason: str | None = None  # why a failed worker failed: stalled | engine died | <loop> failed
 
     # ---- public -------------------------------------------------------------------------------------------------
     async def run(self, install_signals: bool = False) -> Counters:
@@ -88,7 +88,7 @@ class QueueWorker:
                             self.cfg.name, len(stuck))
             self.state = "failed" if self._fatal is not None else "stopped"
             try:
-                await self.health.publish(self.state, 0)
+                await self.health.publish(self.state, 0, self.reason)
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
             if self._own_redis:
@@ -196,8 +196,7 @@ class QueueWorker:
         req, started = job.request, time.time()
         try:
             try:
-                if job.hook:
-                    await apply_hook(job.hook)
+                await seam.before_request(req.id)
                 if len(job.prompt_ids) >= self.backend.max_model_len:
                     raise RequestError(f"prompt has {len(job.prompt_ids)} tokens; the model's context is "
                                        f"{self.backend.max_model_len} (max_model_len), leaving no room to generate")
@@ -211,7 +210,7 @@ class QueueWorker:
                         "prompt_tokens": len(job.prompt_ids), "completion_tokens": 0, "error": str(e)}
             body.update(worker=self.cfg.name, deliveries=job.deliveries, enqueued_at=entry_time(job.entry_id),
                         started_at=started, finished_at=time.time(), metadata=req.metadata)
-            self._finish(("result", job.entry_id, (req.id, dump(body), body["status"], job.hook)))
+            self._finish(("result", job.entry_id, (req.id, dump(body), body["status"])))
         except EngineDied as e:  # not this request's fault: it stays pending, for another worker to reclaim
             self._die(e)
         except Exception as e:  # noqa: BLE001 - any engine failure is retried via redelivery
@@ -259,7 +258,7 @@ class QueueWorker:
             if (failure := self.backend.failure()) is not None:  # noticed even with nothing in flight
                 self._die(failure)
             try:
-                await self.health.publish(self.state, len(self.active) + len(self.solo))
+                await self.health.publish(self.state, len(self.active) + len(self.solo), self.reason)
             except TRANSIENT + (ResponseError,):
                 pass
             await asyncio.sleep(self.cfg.health_interval_s)
@@ -283,8 +282,11 @@ class QueueWorker:
         """The worker must not go on: it raises (the process exits non-zero) and what it holds stays pending, to
         be reclaimed by other workers."""
         if self._fatal is None:
+            if isinstance(error, EngineStalled):
+                why = "its engine stalled"
             log.error("worker %s: %s: %s", self.cfg.name, why, error)
             self._fatal, self._fatal_why = error, why
+            self.reason = "stalled" if isinstance(error, EngineStalled) else why.removeprefix("its ")
         self._changed.set()
 
     async def _guard(self, loop) -> None:
