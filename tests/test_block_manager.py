@@ -4,6 +4,9 @@ Block size 4 throughout; a fresh pool hands out blocks 0, 1, 2, ... in order.
 """
 from __future__ import annotations
 
+import pytest
+
+from phi3_model.engine import block_manager
 from phi3_model.engine.block_manager import BlockManager
 from phi3_model.engine.sampling_params import SamplingParams
 from phi3_model.engine.sequence import Sequence
@@ -164,6 +167,69 @@ def test_a_second_copy_of_a_block_does_not_steal_the_hash():
     bm.release(c)
     d = seq(range(10, 19))
     assert bm.start(d) == 8 and d.block_table == [0, 1]  # a's freed blocks still serve the hash
+
+
+# ---- hash collisions: a hit is exact whatever block_hash returns ---------------------------------------------------
+
+@pytest.fixture
+def constant_hash(monkeypatch):
+    monkeypatch.setattr(block_manager, "block_hash", lambda parent, tokens, rope_long: 0)
+
+
+@pytest.fixture
+def hash_without_parent(monkeypatch):
+    """Blocks with equal tokens collide whatever precedes them."""
+    monkeypatch.setattr(block_manager, "block_hash", lambda parent, tokens, rope_long: hash((tokens, rope_long)))
+
+
+def test_a_colliding_hash_with_other_tokens_misses(constant_hash):
+    bm = BlockManager(16, BS)
+    a = seq(range(10, 19))
+    computed(bm, a)
+    b = seq(range(50, 59))  # every block of b hashes like every block of a
+    assert bm.start(b) == 0 and b.block_table == []
+    same = seq(range(10, 19))
+    # a's block 0 holds the one hash; a's block 1 could not register under it, so only block 0 hits
+    assert bm.start(same) == 4 and same.block_table == [a.block_table[0]]
+
+
+def test_a_colliding_block_with_equal_tokens_at_another_position_misses(hash_without_parent):
+    bm = BlockManager(16, BS)
+    a = seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    computed(bm, a)
+    b = seq([5, 6, 7, 8, 9])  # its block 0 has the tokens of a's block 1, whose keys follow [1, 2, 3, 4]
+    assert bm.start(b) == 0 and b.block_table == []
+
+
+def test_a_colliding_block_whose_parent_was_reused_misses_even_when_the_parent_id_matches(hash_without_parent):
+    bm = BlockManager(4, BS)
+    x, y, w = [1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]
+    a = seq_new(x + y, max_new_tokens=1)
+    computed(bm, a)
+    assert a.block_table == [0, 1]
+    bm.release(a)
+    c = seq_new(w, max_new_tokens=1)
+    computed(bm, c)
+    assert c.block_table == [0]  # block 0 now holds the keys of w; block 1 still holds y's keys after x
+    b = seq(w + y + [0])
+    assert bm.start(b) == 4 and b.block_table == [0]  # y in block 1 was computed after x, not after w
+
+
+def test_a_block_whose_parent_was_reused_gives_its_hash_to_a_recomputed_copy():
+    bm = BlockManager(4, BS)
+    x, y = [1, 2, 3, 4], [5, 6, 7, 8]
+    a = seq_new(x + y, max_new_tokens=1)
+    computed(bm, a)
+    bm.release(a)
+    c = seq_new([9, 9, 9, 9], max_new_tokens=1)
+    computed(bm, c)
+    assert c.block_table == [0]  # a's block 1 is still registered, but no prefix leads to it any more
+    d = seq_new(x + y, max_new_tokens=1)
+    assert bm.start(d) == 0
+    computed(bm, d)
+    assert d.block_table == [2, 3]  # block 1 stays free, registered under the hash d's block 3 needs
+    e = seq(x + y + [0])
+    assert bm.start(e) == 8 and e.block_table == d.block_table[:2]
 
 
 # ---- placement: sequences laid out consecutively so decode reads keys in place --------------------------------

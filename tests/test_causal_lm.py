@@ -6,6 +6,7 @@ and "data Redis" emits <|endoftext|> within a few tokens; the fixture checks tha
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -170,6 +171,9 @@ def test_compile_takes_sampler_objects(tiny_model_dir, lm):
 def test_the_default_sampler_is_top_k_5(tiny_model_dir, ref):
     backbone = load_checkpoint(tiny_model_dir)
     model = Phi3CausalLM(backbone, None)
+    assert model.sampler == TopKSampler() and model.sampler.params() == {"temperature": 1.0, "seed": None, "top_k": 5}
+    # the default with only a seed added: the draws below are fixed, so the verdict cannot change between runs
+    model.compile(sampler=dataclasses.replace(model.sampler, seed=1234))
     ids = [ref.ids(t) for t in TEXTS]
     T = 40
     out = model.generate(padded(ids, T), stop_token_ids=None)["token_ids"]

@@ -194,19 +194,34 @@ def test_prefix_cache_hits_give_identical_outputs_and_skip_exactly_the_shared_bl
     want = tiny["ref"](batch, n)
     total = sum(len(p) for p in batch)
     decode = len(batch) * (n - 1)  # the first new token of each comes from its prefill
-    for caching, computed in ((True, total - (len(batch) - 1) * k * bs + decode), (False, total + decode)):
+    shared = (len(batch) - 1) * k * bs  # every prompt but the first finds the system prompt's k blocks
+    for caching, cached in ((True, shared), (False, 0)):
         engine = Engine(tiny["model"], block_size=bs, num_blocks=256, enable_prefix_caching=caching)
         outs = engine.generate([Request(p, greedy(n)) for p in batch])
         assert [o.token_ids for o in outs] == want, f"prefix caching {caching}"
-        assert engine.num_computed_tokens == computed, f"prefix caching {caching}"
+        assert engine.scheduler.num_cached_tokens == cached, f"prefix caching {caching}"
+        assert engine.num_computed_tokens == total - cached + decode, f"prefix caching {caching}"
         assert engine.num_steps == n  # one batch
     # a later batch hits the blocks its finished predecessors left: each prompt's full blocks, last token excepted
     engine = Engine(tiny["model"], block_size=bs, num_blocks=256)
     engine.generate([Request(p, greedy(n)) for p in batch])
-    before = engine.num_computed_tokens
+    before, cached_before = engine.num_computed_tokens, engine.scheduler.num_cached_tokens
     outs = engine.generate([Request(p, greedy(n)) for p in batch])
     assert [o.token_ids for o in outs] == want
-    assert engine.num_computed_tokens - before == sum(len(p) - (len(p) - 1) // bs * bs for p in batch) + decode
+    hits = sum((len(p) - 1) // bs * bs for p in batch)
+    assert engine.scheduler.num_cached_tokens - cached_before == hits
+    assert engine.num_computed_tokens - before == total - hits + decode
+
+
+def test_a_prefix_cache_hash_collision_serves_no_other_prompts_keys(tiny, monkeypatch):
+    from phi3_model.engine import block_manager
+    monkeypatch.setattr(block_manager, "block_hash", lambda parent, tokens, rope_long: 0)  # every block collides
+    bs, (a, b) = 8, (1, 4)  # prompts of 30 and 40 tokens: 3 and 4 full blocks
+    engine = Engine(tiny["model"], block_size=bs, num_blocks=256)
+    first = engine.generate([Request(tiny["batch"][a], greedy())])[0]
+    outs = engine.generate([Request(tiny["batch"][b], greedy()), Request(tiny["batch"][a], greedy())])
+    assert [first.token_ids] + [o.token_ids for o in outs] == [tiny["want"][a], tiny["want"][b], tiny["want"][a]]
+    assert engine.scheduler.num_cached_tokens == bs  # the repeat hits the one block registered under hash 0
 
 
 # ---- requests that cannot run ------------------------------------------------------------------------------------

@@ -64,15 +64,23 @@ def test_in_place_and_gathered_decode_equal_sdpa_over_the_exact_keys(window):
         torch.testing.assert_close(out[row], ref, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_lm_head_equals_the_linear_and_follows_in_place_weight_updates():
+def test_packed_lm_head_equals_the_linear_and_follows_in_place_weight_updates(monkeypatch):
     from phi3_model.engine.packed_linear import PackedLinear
     torch.manual_seed(0)
     lin = torch.nn.Linear(32, 200, bias=False)
     packed = PackedLinear(lin)
-    x = torch.randn(5, 32)
+    if not packed.enabled:
+        pytest.skip("oneDNN weight packing is unavailable here (needs a CPU fp32 weight, torch built with mkldnn "
+                    "and torch.ops.mkldnn._reorder_linear_weight): only the plain linear would run")
+
+    def plain_linear(x):
+        raise AssertionError("the plain nn.Linear ran instead of the packed weight")
+
+    monkeypatch.setattr(lin, "forward", plain_linear)
+    x = torch.randn(5, 32, dtype=torch.float64)
     with torch.inference_mode():
-        torch.testing.assert_close(packed(x), x @ lin.weight.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed(x.float()).double(), x @ lin.weight.double().T, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         lin.weight.mul_(-2.0)  # what an optimizer step does: same storage, new values
-    with torch.inference_mode():
-        torch.testing.assert_close(packed(x), x @ lin.weight.T, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # a stale packed copy would give the old product, -1/2 of this one
+        torch.testing.assert_close(packed(x.float()).double(), x @ lin.weight.double().T, rtol=1e-5, atol=1e-5)

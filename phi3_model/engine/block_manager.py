@@ -5,6 +5,13 @@ A block holds `block_size` consecutive tokens of one or more sequences. Full blo
 shares them instead of recomputing. Freed blocks keep their hash until the block is reused, so a later request can
 still hit them (least recently freed reused first).
 
+The hash only finds a candidate; a hit is exact. Each registered block keeps its tokens, rope flag, and its parent
+block with the parent's generation (bumped whenever a block is taken for new keys). Block i of a sequence is a hit
+only if its tokens and rope equal the sequence's and its parent is the block matched for i - 1 (None for i = 0),
+still in the same generation: by induction from block 0 the whole prefix, and so every key, is the same, with
+O(block_size) work per block even if every hash collides. A registered block whose parent was reused or lost its
+registration can never be matched again, so it gives up its hash to the next block committed under it.
+
 Placement: a sequence's blocks are laid out consecutively in the pool when free space allows (its first blocks
 start a run sized for its whole expected length, next-fit from a cursor, and it grows into the following block),
 so decode attention can read its keys in place instead of gathering them. This is only a preference: any free
@@ -29,8 +36,12 @@ class BlockManager:
         self.block_size = block_size
         self.prefix_caching = enable_prefix_caching
         self.ref = [0] * num_blocks
+        # registered iff hash_of[b] is not None, and then by_hash[hash_of[b]] == b
         self.hash_of: list[int | None] = [None] * num_blocks
         self.by_hash: dict[int, int] = {}
+        # per registered block: (parent block or None, parent's generation or 0, rope_long, token ids)
+        self.origin: list[tuple | None] = [None] * num_blocks
+        self.generation = [0] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         # per sequence: hash of each of its full blocks (chained), so later blocks can be hashed incrementally
         self.seq_hashes: dict[int, list[int]] = {}
@@ -49,12 +60,28 @@ class BlockManager:
 
     def _take(self, block: int) -> int:
         del self.free[block]
-        old = self.hash_of[block]
-        if old is not None and self.by_hash.get(old) == block:
-            del self.by_hash[old]
-        self.hash_of[block] = None
+        if self.hash_of[block] is not None:
+            self._unregister(block)
+        self.generation[block] += 1  # its keys are about to change: children registered under it go stale
         self.ref[block] = 1
         return block
+
+    def _unregister(self, block: int) -> None:
+        del self.by_hash[self.hash_of[block]]
+        self.hash_of[block] = None
+        self.origin[block] = None
+
+    def _origin(self, parent: int | None, seq: Sequence, i: int) -> tuple:
+        """What block i of `seq` must have been registered with for its keys to be this sequence's."""
+        bs = self.block_size
+        tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+        return (parent, 0 if parent is None else self.generation[parent], seq.rope_long, tokens)
+
+    def _reachable(self, block: int) -> bool:
+        """Whether a start() could still match this registered block: its parent is registered and unchanged.
+        (One level only; commit() walks a sequence's blocks in order, so a dead chain gives way block by block.)"""
+        parent, parent_gen = self.origin[block][:2]
+        return parent is None or (self.generation[parent] == parent_gen and self.hash_of[parent] is not None)
 
     def _hashes(self, seq: Sequence, upto_blocks: int) -> list[int]:
         hashes = self.seq_hashes.setdefault(seq.seq_id, [])
@@ -72,11 +99,12 @@ class BlockManager:
         if not self.prefix_caching:
             return 0
         full = (len(seq.token_ids) - 1) // self.block_size
-        hits = 0
-        for h in self._hashes(seq, full):
+        hits, parent = 0, None
+        for i, h in enumerate(self._hashes(seq, full)):
             block = self.by_hash.get(h)
-            if block is None:
+            if block is None or self.origin[block] != self._origin(parent, seq, i):
                 break
+            parent = block
             if self.ref[block] == 0:
                 self.free.pop(block, None)
             self.ref[block] += 1
@@ -127,16 +155,25 @@ class BlockManager:
         return None
 
     def commit(self, seq: Sequence, num_tokens: int) -> None:
-        """Register the hashes of blocks that `num_tokens` tokens fill, so other sequences can share them."""
+        """Register the hashes of blocks that `num_tokens` tokens fill, so other sequences can share them. A hash
+        held by another block that start() can still reach stays with it (an equal copy, or a collision)."""
         if not self.prefix_caching:
             return
         full = num_tokens // self.block_size
         hashes = self._hashes(seq, full)
+        table = seq.block_table
         for i in range(full):
-            block, h = seq.block_table[i], hashes[i]
-            if self.hash_of[block] is None and h not in self.by_hash:
-                self.hash_of[block] = h
-                self.by_hash[h] = block
+            block, h = table[i], hashes[i]
+            if self.hash_of[block] is not None:
+                continue
+            holder = self.by_hash.get(h)
+            if holder is not None:
+                if self._reachable(holder):
+                    continue
+                self._unregister(holder)
+            self.hash_of[block] = h
+            self.by_hash[h] = block
+            self.origin[block] = self._origin(table[i - 1] if i else None, seq, i)
 
     def release(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):

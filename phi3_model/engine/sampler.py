@@ -1,13 +1,18 @@
 """Next-token choice per request: greedy rows in one argmax, sampled rows each with their own generator.
 
 Probabilities are softmax(float32(logits) / temperature) after top-k, then top-p (keep the smallest set of most
-likely tokens whose mass reaches p). A seeded request draws from its own torch.Generator, so its tokens do not
-depend on what else is batched with it.
+likely tokens whose mass reaches p), the order and sets of HF transformers' Temperature/TopK/TopP warpers and
+vLLM's apply_top_k_top_p: top-k keeps every token tied with the k-th; top-p keeps a token iff the mass of the tokens
+sorted before it is < p (theirs: iff the ascending cumulative mass up to it is > 1 - p, the same set). Neither
+definition says which of equally likely tokens straddling the top-p boundary survive: each breaks such ties by its
+sort order, so the three can keep different ones of them (as many, with the same mass). A seeded request draws from
+its own torch.Generator, so its tokens do not depend on what else is batched with it.
 """
 from __future__ import annotations
 
 import torch
 
+from .sampling_params import SamplingParams
 from .sequence import Sequence
 
 
@@ -25,6 +30,11 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [V] float32 -> the distribution [V] a sampled (temperature > 0) request draws its next token from."""
+    return filter_logits(logits / params.temperature, params.top_k, params.top_p).softmax(-1)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits [S, V] float32, one row per sequence -> next token ids."""
     early = [(i, list(seq.stopper.stop_ids)) for i, seq in enumerate(seqs)
@@ -38,7 +48,6 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         p = seq.params
         if p.greedy:
             continue
-        row = filter_logits(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = row.softmax(-1).cpu()
+        probs = probabilities(logits[i], p).cpu()
         out[i] = int(torch.multinomial(probs, 1, generator=seq.generator).item())
     return out
