@@ -100,6 +100,7 @@ def run(
     batch_size: Annotated[Optional[int], typer.Option(help=_h("batch_size"))] = None,
     shards_per_actor: Annotated[Optional[int], typer.Option(help=_h("shards_per_actor"))] = None,
     max_attempts: Annotated[Optional[int], typer.Option(help=_h("max_attempts"))] = None,
+    stall_timeout_s: Annotated[Optional[float], typer.Option("--stall-timeout", help=_h("stall_timeout_s"))] = None,
     address: Annotated[Optional[str], typer.Option(help=_h("address"))] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help=_h("overwrite"))] = None,
     progress: Annotated[Optional[str], typer.Option(help=_h("progress"))] = None,
@@ -123,7 +124,8 @@ def run(
                      stop=stop or None, stop_token_ids=_stop_ids(stop_token_ids), strip_prompt=strip_prompt,
                      shard_rows=shard_rows, actors=_number(actors, "actors"), gpus_per_actor=gpus_per_actor,
                      cpus_per_actor=_number(cpus_per_actor, "cpus_per_actor"), batch_size=batch_size,
-                     shards_per_actor=shards_per_actor, max_attempts=max_attempts, address=address,
+                     shards_per_actor=shards_per_actor, max_attempts=max_attempts,
+                     stall_timeout_s=stall_timeout_s, address=address,
                      overwrite=overwrite, progress=progress, log_every_s=log_every_s)
         job = load_config(config, flags)
         if dry_run:

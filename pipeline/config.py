@@ -58,6 +58,8 @@ class JobConfig(BaseModel):
     batch_size: int = Field(256, ge=1, description="requests each actor keeps in flight on its engine")
     shards_per_actor: int = Field(2, ge=1, description="shards in flight per actor (backpressure)")
     max_attempts: int = Field(3, ge=1, description="tries per shard before it is recorded as failed")
+    stall_timeout_s: float = Field(300.0, gt=0, description="an engine holding rows that completes no step for this "
+                                   "long is declared hung: its actor exits, Ray restarts it, its shards are retried")
     address: str | None = Field(None, description="Ray cluster to join (auto, ray://host:port); none: start a "
                                                    "local Ray sized to the machine")
     overwrite: bool = Field(False, description="replace the outputs of a different job in the output directory")

@@ -129,7 +129,7 @@ def start_actors(config: JobConfig, shards: int, joined: bool) -> tuple[list, li
     """Engine actors with their engines loaded, and where each runs; JobError if an engine cannot start."""
     n, cpus, gpus = actor_shape(config, shards, wait_s=RESOURCE_WAIT_S if joined else 0.0)
     backend = dict(name=config.backend, model=config.model, dtype=config.dtype, device=config.device,
-                   options=config.engine_options)
+                   options=config.engine_options, stall_timeout_s=config.stall_timeout_s)
     actors = [spawn(backend, batch_size=config.batch_size, num_cpus=cpus, num_gpus=gpus, max_restarts=MAX_RESTARTS)
               for _ in range(n)]
     try:

@@ -15,12 +15,13 @@ import pytest
 import pipeline
 from tests.pipeline_helpers import (FILES, PROMPTS, job, lm, manifest_events, read_outputs,  # noqa: F401
                                     reference_generate, write_prompts)
+from tests.fixtures.seam import GUARD_S
 
 NEW = 24
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def wait_for(predicate, timeout: float = 180.0, every: float = 0.05):
+def wait_for(predicate, timeout: float = GUARD_S, every: float = 0.05):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = predicate()
@@ -52,20 +53,19 @@ def expected(lm):
 
 
 @pytest.mark.slow
-def test_actor_killed_mid_shard_every_row_exactly_once(ray_local, tiny_model_dir, prompts_dir, expected, tmp_path):
+def test_actor_killed_mid_shard_every_row_exactly_once(ray_local, tiny_model_dir, prompts_dir, expected, tmp_path,
+                                                       seam):
     out = str(tmp_path / "out")
     config = job(prompts_dir, out, tiny_model_dir, max_new_tokens=NEW, shard_rows=2, actors=1, shards_per_actor=2)
     result: dict = {}
+    seam.hold(after_steps=1)  # the actor's engine stops after one step: its first shards are certainly in flight
     runner = threading.Thread(target=lambda: result.update(summary=pipeline.run(config)))
     runner.start()
-
-    def ready():
-        events = events_or_empty(out)
-        actors = [e for e in events if e["event"] == "actors"]
-        return actors and done_keys(events) and actors[0]["actors"][0]["pid"]
-    pid = wait_for(ready)
-    os.kill(pid, signal.SIGKILL)       # shards are in flight on it: shards_per_actor=2 and more are queued
-    runner.join(timeout=300)
+    pid, _ = seam.held()
+    assert [e for e in manifest_events(out) if e["event"] == "actors"][0]["actors"][0]["pid"] == pid
+    os.kill(pid, signal.SIGKILL)
+    seam.release()
+    runner.join(timeout=GUARD_S)
     summary = result["summary"]
     assert summary.ok and summary.rows_ok == len(PROMPTS)
 
@@ -75,12 +75,30 @@ def test_actor_killed_mid_shard_every_row_exactly_once(ray_local, tiny_model_dir
     shard_events = [e for e in manifest_events(out) if e["event"] == "shard"]
     assert all(e["status"] == "done" for e in shard_events)
     assert Counter(e["key"] for e in shard_events) == Counter(set(e["key"] for e in shard_events))
-    assert any(e["attempts"] >= 2 for e in shard_events), "the killed actor had a shard in flight"
+    assert sum(e["attempts"] >= 2 for e in shard_events) == 2, "the killed actor had 2 shards in flight"
+
+
+@pytest.mark.slow
+def test_actor_whose_engine_hangs_exits_and_its_shards_are_redispatched(
+        ray_local, tiny_model_dir, prompts_dir, expected, tmp_path, seam):
+    """A step that never returns: the actor's watchdog declares its engine stalled after stall_timeout_s, the actor
+    exits, Ray restarts it, and the driver sends its shards again; every row comes out right."""
+    out = str(tmp_path / "out")
+    config = job(prompts_dir, out, tiny_model_dir, max_new_tokens=NEW, shard_rows=2, actors=1, shards_per_actor=2,
+                 stall_timeout_s=2.0)
+    seam.stall()
+    summary = pipeline.run(config)
+    assert summary.ok and summary.rows_ok == len(PROMPTS)
+    assert [r["completion"] for r in read_outputs(out)] == expected
+    first = [e for e in manifest_events(out) if e["event"] == "actors"][0]["actors"][0]["pid"]
+    assert seam.stalled_pids() == [first]
+    shard_events = [e for e in manifest_events(out) if e["event"] == "shard"]
+    assert sum(e["attempts"] >= 2 for e in shard_events) == 2  # the two shards in flight on the hung engine
 
 
 @pytest.mark.slow
 def test_driver_killed_then_rerun_gives_identical_files_and_no_shard_twice(
-        ray_local, tiny_model_dir, prompts_dir, tmp_path):
+        ray_local, tiny_model_dir, prompts_dir, tmp_path, seam):
     """The uninterrupted run and both halves of the interrupted one run the same job (output-dir independent)."""
     reference = str(tmp_path / "reference")
     settings = dict(max_new_tokens=NEW, shard_rows=2)
@@ -90,16 +108,21 @@ def test_driver_killed_then_rerun_gives_identical_files_and_no_shard_twice(
     command = [sys.executable, "-m", "pipeline.cli", "run", "-i", prompts_dir, "-o", out, "--model", tiny_model_dir,
                "--max-new-tokens", str(NEW), "--shard-rows", "2", "--dtype", "float32", "--device", "cpu",
                "--address", ray_local, "--cpus-per-actor", "1", "--progress", "log"]
+    # Each row takes NEW steps and the actor runs at most 2 shards at once, so after 2.5 * NEW steps at least 2
+    # shards are done (the first two end by step 2 * NEW) and at most 4 (two at a time): the rest are not.
+    seam.hold(after_steps=int(2.5 * NEW))
     driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        seam.held()
         wait_for(lambda: len(done_keys(events_or_empty(out))) >= 2)
         driver.send_signal(signal.SIGKILL)
     finally:
         driver.wait(timeout=60)
+        seam.release()
     first = events_or_empty(out)
     finished_first = set(done_keys(first))
     total = first[0]["shards"]
-    assert 2 <= len(finished_first) < total and not os.path.exists(os.path.join(out, "_summary.json"))
+    assert 2 <= len(finished_first) <= 4 < total and not os.path.exists(os.path.join(out, "_summary.json"))
 
     # the rerun finds the cluster as a `ray job submit` entrypoint does: through RAY_ADDRESS
     address = command.index("--address")

@@ -10,7 +10,9 @@ import os
 import pyarrow as pa
 import ray
 
-from .backend import BackendConfig, create_backend
+from phi3_model.engine.sampling_params import EngineDied
+
+from .backend import BackendConfig, create_backend, exit_for_restart
 from .rows import RowSpec, run_table
 
 
@@ -49,7 +51,10 @@ class EngineActor:
     async def run(self, table: pa.Table, spec: RowSpec, label: str | None = None) -> pa.Table:
         """Result rows (workers.rows.RESULT_SCHEMA) for `table`'s rows, in order."""
         backend = await self._ready()
-        return await run_table(backend, table, spec, self.limit, id_prefix=label)
+        try:
+            return await run_table(backend, table, spec, self.limit, id_prefix=label)
+        except EngineDied as e:
+            exit_for_restart(e)
 
     async def close(self) -> None:
         if self.backend is not None:

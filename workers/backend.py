@@ -6,11 +6,15 @@ tokens give identical texts. Backends are chosen by name; each validates its own
 from __future__ import annotations
 
 import abc
+import logging
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from phi3_model.engine.sampling_params import Completion, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class BackendConfig(BaseModel):
@@ -45,6 +49,14 @@ class EngineBackend(abc.ABC):
     def failure(self) -> BaseException | None:
         """Why this backend can run nothing any more (its engine process died), or None while it can."""
         return None
+
+
+def exit_for_restart(error: BaseException) -> None:
+    """An actor whose engine died or hung cannot serve again: end its process, so Ray restarts it with a fresh
+    engine and the caller redispatches its work (raising instead would leave a dead engine serving calls)."""
+    log.error("engine died (%s); exiting so Ray restarts this actor", error)
+    logging.shutdown()
+    os._exit(1)
 
 
 def create_backend(config: BackendConfig) -> EngineBackend:

@@ -14,7 +14,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from .backend import BackendConfig, create_backend
+from phi3_model.engine.sampling_params import EngineDied
+
+from .backend import BackendConfig, create_backend, exit_for_restart
 from .rows import RESULT_SCHEMA, RowSpec, run_table
 
 
@@ -48,7 +50,10 @@ class Generate:
         if not isinstance(batch, pa.Table):
             raise TypeError(f"Generate takes pyarrow batches; pass batch_format='pyarrow' to map_batches "
                             f"(got {type(batch).__name__})")
-        results = self._call(run_table(self.backend, batch, self.spec, self.limit))
+        try:
+            results = self._call(run_table(self.backend, batch, self.spec, self.limit))
+        except EngineDied as e:
+            exit_for_restart(e)
         for name in RESULT_SCHEMA.names:
             if name in batch.column_names:
                 batch = batch.drop_columns([name])

@@ -28,11 +28,13 @@ max to get the native (and HF) results for short sequences, at the cost of refus
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from contextlib import aclosing
 
@@ -75,6 +77,35 @@ class VLLMOptions(BaseModel):
         return cls(**options)
 
 
+async def _in_own_thread(fn, abandon):
+    """fn() in a thread of its own, its result handed over and dropped. vLLM's startup imports modules that keep
+    an exception's traceback, which keeps the frames below it alive: in an executor thread that chain reaches the
+    work item holding the result, so the engine would live until interpreter exit, where AsyncLLM.__del__ fails
+    with a traceback printed after everything else."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    holder: dict = {}
+
+    def run():
+        try:
+            holder["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            holder["error"] = e
+        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    threading.Thread(target=run, name="phi3-vllm-start", daemon=True).start()
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:  # stopped while starting: let it finish, then undo it
+        await done
+        if "result" in holder:
+            await loop.run_in_executor(None, abandon, holder.pop("result"))
+        raise
+    if "error" in holder:
+        raise holder.pop("error")
+    return holder.pop("result")
+
+
 def check_entry_point() -> None:
     """vLLM's engine process learns ARCH only through the installed `vllm.general_plugins` entry point."""
     from importlib.metadata import entry_points
@@ -112,7 +143,7 @@ class VLLMBackend(EngineBackend):
     async def start(self) -> None:
         async with self._lock:
             if self.engine is None:
-                self.engine = await asyncio.get_running_loop().run_in_executor(None, self._build)
+                self.engine = await _in_own_thread(self._build, lambda engine: engine.shutdown())
 
     def _build(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -153,12 +184,12 @@ class VLLMBackend(EngineBackend):
             enforce_eager=o.enforce_eager if o.enforce_eager is not None else device.type == "cpu",
             enable_prefix_caching=o.enable_prefix_caching, block_size=o.block_size, seed=o.seed,
             disable_log_stats=True)
-        engine = AsyncLLM.from_engine_args(args)
-        built = engine.model_config.architectures
+        box = [AsyncLLM.from_engine_args(args)]  # never a local: see _in_own_thread
+        built = box[0].model_config.architectures
         if list(built) != [ARCH]:
-            engine.shutdown()
+            box.pop().shutdown()
             raise RuntimeError(f"vLLM resolved architectures {built}, expected [{ARCH!r}]")
-        return engine
+        return box.pop()
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The native engine's request checks, with its messages (the KV pool check is vLLM's own)."""
@@ -216,6 +247,8 @@ class VLLMBackend(EngineBackend):
             if handler is not None:  # stop reading outputs first, or it reports the engine core's exit as a crash
                 handler.cancel()
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+            del engine
+            gc.collect()  # its reference cycles, now: collected at interpreter exit, its __del__ prints a traceback
         if self._generation_dir:
             shutil.rmtree(self._generation_dir, ignore_errors=True)
             self._generation_dir = None
