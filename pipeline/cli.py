@@ -103,6 +103,9 @@ def run(
     stall_timeout_s: Annotated[Optional[float], typer.Option("--stall-timeout", help=_h("stall_timeout_s"))] = None,
     address: Annotated[Optional[str], typer.Option(help=_h("address"))] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help=_h("overwrite"))] = None,
+    retry_errors: Annotated[Optional[bool], typer.Option(
+        "--retry-errors", help=_h("retry_errors", "; a refused change is an error naming each key with its old and "
+                                  "new value, before anything is written"))] = None,
     progress: Annotated[Optional[str], typer.Option(help=_h("progress"))] = None,
     log_every_s: Annotated[Optional[float], typer.Option(help=_h("log_every_s"))] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan (files, shards, rows, actors) and "
@@ -110,9 +113,10 @@ def run(
 ) -> None:
     """Generate a completion for every row of the input Parquet files; write one Parquet file per input file.
 
-    Rerunning the same command resumes: finished shards are skipped. Exit status: 0 when every shard finished
-    (rows may still carry an `error`), 1 when shards failed or the engine could not start, 2 for a bad
-    configuration or input.
+    Rerunning the same command resumes: finished shards are skipped. Adding --retry-errors to the command of a
+    finished job recomputes only its rows with an `error` (e.g. with a longer --engine-option max_model_len=...).
+    Exit status: 0 when every shard finished (rows may still carry an `error`), 1 when shards failed or the engine
+    could not start, 2 for a bad configuration or input (or a retry refused).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("phi3_batch").setLevel(logging.INFO)
@@ -125,12 +129,11 @@ def run(
                      shard_rows=shard_rows, actors=_number(actors, "actors"), gpus_per_actor=gpus_per_actor,
                      cpus_per_actor=_number(cpus_per_actor, "cpus_per_actor"), batch_size=batch_size,
                      shards_per_actor=shards_per_actor, max_attempts=max_attempts,
-                     stall_timeout_s=stall_timeout_s, address=address,
-                     overwrite=overwrite, progress=progress, log_every_s=log_every_s)
+                     stall_timeout_s=stall_timeout_s, address=address, overwrite=overwrite,
+                     retry_errors=retry_errors, progress=progress, log_every_s=log_every_s)
         job = load_config(config, flags)
         if dry_run:
-            from .plan import make_plan
-            typer.echo(make_plan(job).describe())
+            typer.echo(_describe(job))
             return
         from .driver import JobError, run as drive
         try:
@@ -146,6 +149,19 @@ def run(
         typer.echo(f"error: {len(summary.failed_shards)} shard(s) failed: "
                    f"{', '.join(f['key'] for f in summary.failed_shards)}", err=True)
         raise typer.Exit(1)
+
+
+def _describe(job: JobConfig) -> str:
+    from .plan import make_plan
+    plan = make_plan(job)
+    if not job.retry_errors:
+        return plan.describe()
+    from .manifest import Manifest
+    from .retry import preview
+    from .sink import Sink
+    from .source import filesystem
+    sink = Sink(*filesystem(job.output))
+    return plan.describe() + "\n" + preview(plan, sink, Manifest.read(sink.fs, sink.dir))
 
 
 def main() -> None:

@@ -15,6 +15,12 @@ from workers.rows import RowError, RowSpec, sampling
 
 StopTokenIds = Literal["auto", "none"] | list[int]
 
+# What decides a row's output bytes besides the input files: the job's fingerprint, and the keys a retry of the
+# error rows refuses to change (the rows it keeps were computed with them).
+ROW_KEYS = ("model", "backend", "dtype", "prompt_column", "messages_column", "id_column", "keep_columns",
+            "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "strip_prompt",
+            "shard_rows")
+
 
 class ConfigError(ValueError):
     """A job configuration or input that cannot run; the message names the key or file and what would be right."""
@@ -63,6 +69,11 @@ class JobConfig(BaseModel):
     address: str | None = Field(None, description="Ray cluster to join (auto, ray://host:port); none: start a "
                                                    "local Ray sized to the machine")
     overwrite: bool = Field(False, description="replace the outputs of a different job in the output directory")
+    retry_errors: bool = Field(False, description="recompute only the rows whose error cell is set in the finished "
+                                                  "job in the output directory, keeping every other row as it is; "
+                                                  "accepts changed engine_options, device and execution settings, "
+                                                  "refuses a change to the model, backend, dtype, columns, sampling "
+                                                  "defaults, strip_prompt, shard_rows or input files")
     progress: Literal["auto", "bar", "log", "off"] = Field("auto", description="auto: a bar on a terminal, "
                                                                                 "log lines otherwise")
     log_every_s: float = Field(10.0, gt=0, description="seconds between progress log lines")
@@ -80,6 +91,13 @@ class JobConfig(BaseModel):
         if v != "auto" and v <= 0:
             raise ValueError(f"cpus_per_actor must be 'auto' or positive, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _retry(self):
+        if self.retry_errors and self.overwrite:
+            raise ValueError("retry_errors keeps the rows without an error and overwrite replaces every row; "
+                             "set one of them")
+        return self
 
     @model_validator(mode="after")
     def _sampling(self):
@@ -107,10 +125,7 @@ class JobConfig(BaseModel):
     def fingerprint(self, files: list[dict]) -> str:
         """Hash of everything that decides the output bytes: the input files, the model, the row semantics and the
         shard cut. Actors, GPUs, batch size and the cluster address are left out: a rerun may change them."""
-        keys = ("model", "backend", "dtype", "prompt_column", "messages_column", "id_column", "keep_columns",
-                "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids",
-                "strip_prompt", "shard_rows")
-        blob = json.dumps({"config": {k: getattr(self, k) for k in keys}, "files": files}, sort_keys=True)
+        blob = json.dumps({"config": {k: getattr(self, k) for k in ROW_KEYS}, "files": files}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -147,6 +162,8 @@ def explain(error: ValidationError, source: str | None = None) -> str:
         top = str(err["loc"][0]) if err["loc"] else ""
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}; allowed keys: {', '.join(sorted(fields))}")
+        elif not err["loc"]:     # a check across keys: its message names them; the input is the whole mapping
+            lines.append(err["msg"].removeprefix("Value error, "))
         elif err["type"] == "missing":
             lines.append(f"{key}: required ({fields[top].description})")
         else:

@@ -3,7 +3,8 @@ number in flight per actor, write parts, assemble files, record it all in the ma
 
 Nothing is written before the plan, the output directory and the engines have all been checked: a job refused for
 its input, its output directory or its model leaves the output as it was. Driver memory is bounded by the shards in
-flight (actors x shards_per_actor), not by the input's size.
+flight (actors x shards_per_actor), not by the input's size. With retry_errors the same path runs over the error rows
+of a finished job only (pipeline/retry.py).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from .dispatch import Dispatcher, Flight
 from .manifest import Manifest
 from .plan import Plan, make_plan
 from .progress import Progress
+from .retry import Retry, check as check_retry, load as load_retry
 from .shards import Shard
-from .sink import Sink
+from .sink import Sink, part_stats
 from .source import ShardReader, filesystem
 from .summary import Summary
 
@@ -45,7 +47,7 @@ def run(config: JobConfig) -> Summary:
     fs, out = filesystem(config.output)
     sink = Sink(fs, out)
     found, manifest = claim_output(plan, sink)
-    job = Job(plan, sink, manifest)
+    job = Job(plan, sink, manifest, load_retry(plan, sink) if config.retry_errors else None)
     owned = connect(config) if job.todo else False
     actors, infos = [], []
     try:
@@ -70,6 +72,8 @@ def claim_output(plan: Plan, sink: Sink) -> tuple[Manifest | None, Manifest]:
                   files=[dict(f.identity(), name=f.name, shards=len(plan.shards_of(i)))
                          for i, f in enumerate(plan.files)])
     found = Manifest.read(sink.fs, sink.dir)
+    if config.retry_errors:
+        check_retry(found, plan, sink)
     manifest = Manifest.open(sink.fs, sink.dir, plan.fingerprint, header, config.overwrite)
     if found is None and not config.overwrite:
         taken = [f.name for f in plan.files if sink.exists(sink.output_path(f.name))]
@@ -144,14 +148,20 @@ def start_actors(config: JobConfig, shards: int, joined: bool) -> tuple[list, li
 
 
 class Job:
-    """One run's bookkeeping: which shards remain, parts and files written, the manifest, progress."""
+    """One run's bookkeeping: which shards remain, parts and files written, the manifest, progress. With a Retry,
+    the shards holding error rows (only those rows are sent) and the files they are in."""
 
-    def __init__(self, plan: Plan, sink: Sink, manifest: Manifest):
-        self.plan, self.sink, self.manifest = plan, sink, manifest
+    def __init__(self, plan: Plan, sink: Sink, manifest: Manifest, retry: Retry | None = None):
+        self.plan, self.sink, self.manifest, self.retry = plan, sink, manifest, retry
         done = {k for k, e in manifest.shards().items() if e["status"] == "done"}
         self.files_done = manifest.done_files()
-        self.todo = [s for s in plan.shards if s.name not in self.files_done
-                     and (s.key not in done or not sink.exists(sink.part_path(s)))]
+        if retry is not None:
+            self.files_done -= {plan.files[i].name for i in retry.files}
+            self.todo = [s for s in plan.shards if s.key in retry.select]
+        else:
+            self.todo = [s for s in plan.shards if s.name not in self.files_done
+                         and (s.key not in done or not sink.exists(sink.part_path(s)))]
+        self.retried = dict(rows=0, ok=0, failed=0)    # rows recomputed by a retry, and how they came out
         self.remaining = {i: sum(1 for s in self.todo if s.file == i) for i in range(len(plan.files))}
         self.failed: dict[str, dict] = {}
         self.progress: Progress | None = None
@@ -168,6 +178,12 @@ class Job:
         manifest.start()
         if actors:
             manifest.record(dict(event="actors", actors=actors))
+        if self.retry is not None:
+            manifest.record(self.retry.event(plan, manifest.header))
+            last = manifest.shards()
+            for key, stats in self.retry.settled.items():   # parts of an interrupted retry whose event was lost
+                if any(last.get(key, {}).get(k) != v for k, v in stats.items()):
+                    manifest.record(dict(event="shard", key=key, status="done", attempts=0, retried=0, **stats))
         for i, left in self.remaining.items():
             if left == 0:
                 self.assemble(i)
@@ -176,10 +192,15 @@ class Job:
         """Every remaining shard through the actors; seconds taken."""
         config, plan = self.plan.config, self.plan
         todo = {s.key for s in self.todo}
-        self.progress = Progress(plan.rows, len(plan.shards), sum(s.rows for s in plan.shards if s.key not in todo),
-                                 len(plan.shards) - len(todo), config.progress, config.log_every_s)
+        if self.retry is not None:     # progress over the rows retried
+            self.progress = Progress(self.retry.rows, len(todo), 0, 0, config.progress, config.log_every_s)
+        else:
+            self.progress = Progress(plan.rows, len(plan.shards), sum(s.rows for s in plan.shards if s.key not in todo),
+                                     len(plan.shards) - len(todo), config.progress, config.log_every_s)
         t0 = time.monotonic()
         reader = ShardReader(plan.fs, plan.files, plan.read_columns, config.shard_rows)
+        if self.retry is not None:
+            reader = self.retry.reader(reader)
         try:
             Dispatcher(actors, reader, plan.row_columns, config.row_spec(), config.shards_per_actor,
                        config.max_attempts, self.done, self.fail, self.progress.tick).run(self.todo)
@@ -189,25 +210,41 @@ class Job:
         return time.monotonic() - t0
 
     def done(self, f: Flight, results: pa.Table) -> None:
-        self.sink.write_part(f.shard, output_rows(self.plan, f.shard, f.rows, results))
-        ok = results.column("error").null_count
-        stats = dict(rows=f.shard.rows, ok=ok, errors=f.shard.rows - ok,
-                     prompt_tokens=pc.sum(results.column("prompt_tokens")).as_py() or 0,
-                     completion_tokens=pc.sum(results.column("completion_tokens")).as_py() or 0)
-        self.manifest.record(dict(event="shard", key=f.shard.key, status="done", attempts=f.attempt, **stats))
-        self.progress.advance(f.shard.rows, stats["completion_tokens"])
+        extra = {}
+        if self.retry is not None:
+            table = self.retry.merge(self.sink, f.shard, results)
+            ok = results.column("error").null_count
+            extra = dict(retried=results.num_rows, retried_ok=ok)
+            self.retried.update(rows=self.retried["rows"] + results.num_rows, ok=self.retried["ok"] + ok,
+                                failed=self.retried["failed"] + results.num_rows - ok)
+        else:
+            table = output_rows(self.plan, f.shard, f.rows, results)
+        self.sink.write_part(f.shard, table)
+        stats = part_stats(table)
+        self.manifest.record(dict(event="shard", key=f.shard.key, status="done", attempts=f.attempt, **stats,
+                                  **extra))
+        self.progress.advance(results.num_rows, pc.sum(results.column("completion_tokens")).as_py() or 0)
         self.remaining[f.shard.file] -= 1
         if self.remaining[f.shard.file] == 0:
             self.assemble(f.shard.file)
 
     def fail(self, shard: Shard, attempts: int, error: str) -> None:
         self.failed[shard.key] = dict(error=error, attempts=attempts)
-        self.manifest.record(dict(event="shard", key=shard.key, status="failed", error=error, attempts=attempts))
+        # a shard failing its retry keeps its rows (and last `shard` event) as they were, so its file is rebuilt
+        # all the same; the next retry tries its error rows again
+        kind = "retry_failed" if self.retry is not None else "shard"
+        self.manifest.record(dict(event=kind, key=shard.key, status="failed", error=error, attempts=attempts))
         self.progress.advance(0, 0, failed=True)
+        if self.retry is not None:
+            self.remaining[shard.file] -= 1
+            if self.remaining[shard.file] == 0:
+                self.assemble(shard.file)
 
     def assemble(self, i: int) -> None:
         name = self.plan.files[i].name
-        if name in self.files_done or any(s.key in self.failed for s in self.plan.shards_of(i)):
+        if name in self.files_done:
+            return
+        if self.retry is None and any(s.key in self.failed for s in self.plan.shards_of(i)):
             return
         rows = self.sink.assemble(name, self.plan.shards_of(i), self.plan.schemas[i])
         self.manifest.record(dict(event="file", name=name, rows=rows))
@@ -218,15 +255,17 @@ class Job:
         plan = self.plan
         ok = [e for e in self.manifest.shards().values() if e["status"] == "done"]
         p = self.progress
+        # rows of failed shards have no output, except in a retry, where they keep their rows (counted in `ok`)
+        lost = 0 if self.retry is not None else sum(s.rows for s in plan.shards if s.key in self.failed)
         summary = Summary(
             output=plan.config.output, job=plan.fingerprint, rows=plan.rows, rows_ok=sum(e["ok"] for e in ok),
-            rows_failed=sum(e["errors"] for e in ok) + sum(s.rows for s in plan.shards if s.key in self.failed),
+            rows_failed=sum(e["errors"] for e in ok) + lost,
             shards=len(plan.shards), shards_ok=len(ok), shards_skipped=len(plan.shards) - len(self.todo),
             failed_shards=[dict(key=k, **v) for k, v in self.failed.items()],
             prompt_tokens=sum(e["prompt_tokens"] for e in ok),
             completion_tokens=sum(e["completion_tokens"] for e in ok), wall_s=wall_s, generate_s=generate_s,
             run_rows=p.run_rows if p else 0, run_completion_tokens=p.tokens if p else 0, actors=actors,
-            files=sorted(self.files_done))
+            files=sorted(self.files_done), retried=self.retried if self.retry is not None else None)
         self.sink.write_summary(summary.to_dict())
         return summary
 

@@ -11,6 +11,7 @@ import posixpath
 import uuid
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -39,18 +40,41 @@ class Sink:
         self.fs.create_dir(posixpath.dirname(path), recursive=True)
         self._write_table(path, table)
 
+    def parts(self) -> set[str]:
+        """Paths of the part files present."""
+        selector = pafs.FileSelector(posixpath.join(self.dir, PARTS), allow_not_found=True, recursive=True)
+        return {i.path for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File
+                and not i.base_name.startswith(".")}
+
+    def shard_table(self, shard: Shard, output: pq.ParquetFile | None = None) -> pa.Table:
+        """A shard's rows: its part when there is one, else its rows in the (open) output file, where a retry of
+        the error rows leaves the shards it did not touch."""
+        if output is None or self.exists(self.part_path(shard)):
+            return pq.read_table(self.part_path(shard), filesystem=self.fs)
+        return rows_of(output, shard.start, shard.stop)
+
+    def open_output(self, name: str) -> pq.ParquetFile | None:
+        path = self.output_path(name)
+        return pq.ParquetFile(path, filesystem=self.fs) if self.exists(path) else None
+
     def assemble(self, name: str, shards: list[Shard], schema: pa.Schema) -> int:
-        """Stream the parts of `shards` (in order) into the output file; returns its row count."""
+        """Stream the parts of `shards` (in order) into the output file, a shard without a part copied from the
+        file being replaced; returns its row count."""
         path = self.output_path(name)
         tmp = posixpath.join(self.dir, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
         rows = 0
-        with self.fs.open_output_stream(tmp) as out, pq.ParquetWriter(out, schema) as writer:
-            for shard in shards:
-                table = pq.read_table(self.part_path(shard), filesystem=self.fs).cast(schema)
-                writer.write_table(table, row_group_size=max(table.num_rows, 1))
-                rows += table.num_rows
-            if not shards:
-                writer.write_table(schema.empty_table())
+        current = self.open_output(name)
+        try:
+            with self.fs.open_output_stream(tmp) as out, pq.ParquetWriter(out, schema) as writer:
+                for shard in shards:
+                    table = self.shard_table(shard, current).cast(schema)
+                    writer.write_table(table, row_group_size=max(table.num_rows, 1))
+                    rows += table.num_rows
+                if not shards:
+                    writer.write_table(schema.empty_table())
+        finally:
+            if current is not None:
+                current.close()
         self.fs.move(tmp, path)
         return rows
 
@@ -88,3 +112,25 @@ class Sink:
         with self.fs.open_output_stream(tmp) as out:
             pq.write_table(table, out)
         self.fs.move(tmp, path)
+
+
+def rows_of(file: pq.ParquetFile, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of an open Parquet file, reading only the row groups they lie in."""
+    groups, offset, first = [], 0, 0
+    for g in range(file.metadata.num_row_groups):
+        n = file.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            first = first if groups else offset
+            groups.append(g)
+        offset += n
+    if not groups:
+        return file.schema_arrow.empty_table()
+    return file.read_row_groups(groups).slice(start - first, stop - start)
+
+
+def part_stats(table: pa.Table) -> dict:
+    """The counts a shard's manifest event records for its rows (RESULT_SCHEMA columns)."""
+    ok = table.column("error").null_count
+    return dict(rows=table.num_rows, ok=ok, errors=table.num_rows - ok,
+                prompt_tokens=pc.sum(table.column("prompt_tokens")).as_py() or 0,
+                completion_tokens=pc.sum(table.column("completion_tokens")).as_py() or 0)

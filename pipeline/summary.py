@@ -23,6 +23,7 @@ class Summary:
     run_completion_tokens: int
     actors: list[dict] = field(default_factory=list)
     files: list[str] = field(default_factory=list)   # output files written or already complete
+    retried: dict | None = None   # --retry-errors: {rows, ok, failed}, the rows recomputed and how they came out
 
     @property
     def ok(self) -> bool:
@@ -48,6 +49,10 @@ class Summary:
                f"this run {self.run_rows} rows in {self.wall_s:.1f} s ({self.generate_s:.1f} s generating): "
                f"{self.output_tokens_per_s:.1f} output tok/s, {self.requests_per_s:.2f} rows/s",
                f"output   {self.output}"]
+        if self.retried is not None:
+            r = self.retried
+            out.insert(1, f"retry    {r['rows']} row(s) with an error recomputed: {r['ok']} ok now, "
+                          f"{r['failed']} failed again; every other row kept")
         for f in self.failed_shards:
             out.append(f"FAILED   shard {f['key']} after {f['attempts']} attempt(s): {f['error']}")
         return out
