@@ -80,7 +80,6 @@ def test_random_phi3_mini_builds_in_bf16_under_9_gb():
     assert r["numel"] == 3_821_079_552 and r["dtypes"] == ["torch.bfloat16"], r
     assert r["peak_bytes"] < 9 * GB, report  # bf16 weights alone are 7.64 GB
     assert 0.018 < r["std"] < 0.022, r  # initialised, N(0, 0.02)
-    assert r["cpu_s"] < 60, report  # CPU, not wall: the box is shared
 
 
 @pytest.mark.timeout(120)
