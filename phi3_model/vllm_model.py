@@ -25,6 +25,7 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
+from . import seam
 from .config import Phi3Config
 
 from .vllm_registry import ARCH
@@ -147,6 +148,7 @@ class Phi3BatchForCausalLM(nn.Module):
         return self.model(input_ids, positions, inputs_embeds)  # [N, C]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        seam.before_step(lambda: False, 0)  # tests only (hang a step); here, outside any compiled graph
         return self.logits_processor(self.lm_head, hidden_states)  # [N, vocab]; None on TP ranks > 0
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

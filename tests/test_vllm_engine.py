@@ -166,3 +166,28 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(vllm_loop,
     assert all(b.token_ids == alone.token_ids for b in batch)
     assert other.token_ids != alone.token_ids
     assert alone.token_ids != reference[4]  # it did sample
+
+
+@pytest.mark.slow
+def test_an_engine_whose_step_never_returns_is_declared_stalled(vllm_loop, vllm_model_dir, seam):
+    """vLLM's engine core hangs in a step (the seam blocks our model's compute_logits forever): the backend's
+    watchdog fails the calls in flight with EngineStalled after stall_timeout_s, and every later call."""
+    from phi3_model.engine.sampling_params import EngineDied, EngineStalled
+    from tests.fixtures.vllm_engine import start_vllm
+    backend = start_vllm(vllm_loop, vllm_model_dir, stall_timeout_s=2.0, max_model_len=128)
+    try:
+        seam.stall()
+        outcomes = vllm_loop.run(_gather_exceptions(
+            [backend.generate([1, 5 + i, 9], SamplingParams(**GREEDY)) for i in range(3)]))
+        assert all(isinstance(o, EngineStalled) and "no engine step completed" in str(o) for o in outcomes)
+        assert isinstance(backend.failure(), EngineDied)
+        with pytest.raises(EngineStalled):
+            vllm_loop.run(backend.generate([1, 5, 9], SamplingParams(**GREEDY)))
+        assert len(seam.stalled_pids()) == 1  # vLLM's worker process, hung in the step
+    finally:
+        vllm_loop.run(backend.close())
+
+
+async def _gather_exceptions(coros):
+    import asyncio
+    return await asyncio.gather(*coros, return_exceptions=True)

@@ -35,13 +35,15 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from contextlib import aclosing
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from phi3_model.engine.sampling_params import Completion, EngineDied, RequestError, SamplingParams
+from phi3_model.engine.sampling_params import Completion, EngineDied, EngineStalled, RequestError, SamplingParams
 from phi3_model.engine.stopping import Stopper
+from phi3_model.engine.watchdog import Watchdog
 from phi3_model.presets import load_tokenizer, pick_device, pick_dtype, resolve
 from phi3_model.vllm_registry import ARCH, hf_overrides, register
 
@@ -139,11 +141,17 @@ class VLLMBackend(EngineBackend):
         self.longrope = None  # None (no LongRoPE), "short" or "long": the factor set vLLM uses for every token
         self._generation_dir: str | None = None
         self._lock = asyncio.Lock()
+        self.error: BaseException | None = None  # EngineStalled once the watchdog fired
+        self._calls: set[asyncio.Task] = set()  # generate() calls in flight (what the watchdog fails)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.watchdog = Watchdog(config.stall_timeout_s, lambda: len(self._calls), self._stalled)
 
     async def start(self) -> None:
         async with self._lock:
             if self.engine is None:
                 self.engine = await _in_own_thread(self._build, lambda engine: engine.shutdown())
+                self._loop = asyncio.get_running_loop()
+                self.watchdog.start()
 
     def _build(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -212,6 +220,8 @@ class VLLMBackend(EngineBackend):
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        if self.error is not None:
+            raise self.error
         if self.engine is None:
             await self.start()
         prompt = list(prompt_token_ids)
@@ -222,9 +232,14 @@ class VLLMBackend(EngineBackend):
         vllm_id = f"{request_id or 'req'}-{uuid.uuid4().hex}"  # unique even when callers reuse ids
         ended = None
         stream = self.engine.generate(TokensPrompt(prompt_token_ids=prompt), sp, vllm_id)
+        task = asyncio.current_task()
+        if not self._calls:
+            self.watchdog.progress()  # idle until now: the stall clock starts here
+        self._calls.add(task)
         try:
             async with aclosing(stream):  # leaving early closes the stream, which aborts the vLLM request
                 async for out in stream:
+                    self.watchdog.progress(time.monotonic() - self.watchdog.last)  # a step's output: progress
                     step = out.outputs[0]
                     if any(stopper.append(t) for t in step.token_ids):
                         break
@@ -234,13 +249,29 @@ class VLLMBackend(EngineBackend):
             raise RequestError(str(e)) from e
         except EngineDeadError as e:  # its engine core process is gone
             raise EngineDied(f"vLLM engine core died: {e}") from e
+        except asyncio.CancelledError:
+            if self.error is not None:  # cancelled by the watchdog
+                raise self.error from None
+            raise
+        finally:
+            self._calls.discard(task)
         if not stopper.finished:  # vLLM ended the request for a reason of its own (abort, error)
             c = stopper.to_completion(len(prompt), request_id)
             c.finish_reason, c.error = "error", f"vLLM ended the request early (finish_reason {ended!r})"
             return c
         return stopper.to_completion(len(prompt), request_id)
 
+    def failure(self) -> BaseException | None:
+        return self.error
+
+    def _stalled(self, why: str) -> None:
+        """Watchdog thread: every call in flight fails with EngineStalled, and so does every later one."""
+        self.error = EngineStalled(f"vLLM: {why}")
+        for task in list(self._calls):
+            self._loop.call_soon_threadsafe(task.cancel)
+
     async def close(self) -> None:
+        self.watchdog.stop()
         engine, self.engine = self.engine, None
         if engine is not None:
             handler = getattr(engine, "output_handler", None)
