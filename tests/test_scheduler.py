@@ -1,7 +1,8 @@
 """Scheduler + BlockManager without a model (vLLM v1 style).
 
-`step()` below does what the engine does around the forward: schedule, mark the fed tokens computed, and append a
-deterministic "sampled" token to every sequence whose last token ran. Block size 4 throughout.
+`step()` below is the engine's step with the forward and sampler replaced by a deterministic "sample" (1000 + the
+sequence's length) for every sequence whose last token ran; the scheduler's own postprocess does the rest. Block
+size 4 throughout.
 """
 from __future__ import annotations
 
@@ -26,14 +27,7 @@ def scheduler(num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 64, lon
 
 def step(sched: Scheduler) -> list[tuple[Sequence, int]]:
     batch = sched.schedule()
-    sched.after_step(batch)
-    for item in batch:
-        s = item.seq
-        if s.num_computed == len(s):
-            token = 1000 + len(s)  # deterministic "sample"
-            s.token_ids.append(token)
-            if s.stopper.append(token):
-                sched.finish(s)
+    sched.postprocess(batch, [1000 + len(i.seq) for i in batch if i.samples])
     return [(item.seq, item.num_tokens) for item in batch]
 
 
@@ -71,7 +65,7 @@ def test_chunked_prefill_splits_a_prompt_by_max_num_batched_tokens():
         batch = sched.schedule()
         assert [(i.seq, i.num_tokens) for i in batch] == [(a, want)]
         assert batch[0].samples == (want == 5)  # only the last chunk gives the next token
-        sched.after_step(batch)
+        sched.postprocess(batch, [0] if batch[0].samples else [])
         tables.append(len(a.block_table))
     assert tables == [2, 4, 6]  # blocks cover 8, 16, 21 tokens
     assert a.num_computed == 21

@@ -142,17 +142,10 @@ class Engine:
                 raise RuntimeError("scheduler made no progress with work pending (KV pool too small?)")
             return []
         logits = self.runner.run(batch)
-        self.scheduler.after_step(batch)
+        tokens = sample(logits, [b.seq for b in batch if b.samples])
         self.num_computed_tokens += sum(b.num_tokens for b in batch)
         self.num_steps += 1
-        sampling = [b.seq for b in batch if b.seq.num_computed == len(b.seq)]
-        finished = []
-        for seq, token in zip(sampling, sample(logits, sampling)):
-            seq.token_ids.append(token)
-            if seq.stopper.append(token):
-                self.scheduler.finish(seq)
-                finished.append(seq)
-        return finished
+        return self.scheduler.postprocess(batch, tokens)
 
     def completion(self, seq: Sequence) -> Completion:
         return seq.stopper.to_completion(seq.prompt_len, seq.request_id)

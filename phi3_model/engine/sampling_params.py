@@ -1,7 +1,7 @@
 """Per-request sampling parameters and the completion every backend returns."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -68,7 +68,6 @@ class Completion:
     completion_tokens: int = 0
     error: str | None = None
     request_id: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class EngineDied(RuntimeError):

@@ -81,7 +81,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
         # 1. running sequences, oldest first: their pending tokens (1 when decoding, a chunk when prefilling)
-        for seq in sorted(self.running, key=lambda s: s.arrival):
+        for seq in sorted(self.running, key=lambda s: s.seq_id):  # oldest first
             if seq not in self.running or budget == 0:
                 continue
             if not (decode if seq.num_pending == 1 else prefill):
@@ -91,7 +91,7 @@ class Scheduler:
                 self.blocks.start(seq)
             n = min(seq.num_pending, budget)
             while not self.blocks.ensure(seq, seq.num_computed + n):
-                victim = max(self.running, key=lambda s: s.arrival)
+                victim = max(self.running, key=lambda s: s.seq_id)  # the newest
                 self._preempt(victim)
                 batch = [b for b in batch if b.seq is not victim]
                 if victim is seq:
@@ -129,9 +129,22 @@ class Scheduler:
         # sequence, so a registered block always gets its keys.)
         self.blocks.commit(seq, seq.num_computed + n)
 
-    def after_step(self, batch: list[ScheduledSeq]) -> None:
+    def postprocess(self, batch: list[ScheduledSeq], sampled: list[int]) -> list[Sequence]:
+        """After the forward: the fed tokens are computed; each sequence whose last token ran gets its sampled token
+        (`sampled`: one per such sequence, in batch order) and its stop rule; finished ones leave (blocks freed).
+        Returns the sequences that finished."""
+        finished = []
+        tokens = iter(sampled)
         for item in batch:
-            item.seq.num_computed += item.num_tokens
+            seq = item.seq
+            seq.num_computed += item.num_tokens
+            if seq.num_computed == len(seq):
+                token = next(tokens)
+                seq.token_ids.append(token)
+                if seq.stopper.append(token):
+                    self.finish(seq)
+                    finished.append(seq)
+        return finished
 
     def finish(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED

@@ -26,7 +26,7 @@ class Sequence:
     """
 
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, stopper: Stopper,
-                 request_id: str | None = None, arrival: int | None = None):
+                 request_id: str | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
@@ -36,9 +36,7 @@ class Sequence:
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_computed = 0
-        self.num_cached_hits = 0  # prompt tokens served by the prefix cache (stats)
         self.rope_long = False
-        self.arrival = self.seq_id if arrival is None else arrival
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator(device="cpu").manual_seed(params.seed)
