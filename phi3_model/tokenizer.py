@@ -137,6 +137,25 @@ class Phi3Tokenizer:
             raise RuntimeError(f"SentencePiece merged the anchor {ANCHOR!r} into {text[:20]!r}; cannot drop the prefix")
         return ids[k:]
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` continuing other text: no dummy-prefix space in front (special tokens not recognized)."""
+        return self._encode_plain(text, after_special=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as it reads inside a completion: "▁" is a space, a byte piece its byte (U+FFFD when the
+        byte is part of a multi-byte character), an added token its string."""
+        if token_id in self.added_ids:
+            return self.added_ids[token_id]
+        if not 0 <= token_id < self.sp_size:
+            return ""
+        piece = self.sp.id_to_piece(token_id)
+        if self.sp.is_byte(token_id):
+            byte = int(piece[3:5], 16)
+            return chr(byte) if byte < 0x80 else "\ufffd"
+        if self.sp.is_control(token_id) or self.sp.is_unknown(token_id):
+            return ""
+        return piece.replace("\u2581", " ")
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Special-token strings (longest first) -> their ids; the text between -> SentencePiece ids."""
         ids = [self.bos_token_id] if add_bos else []

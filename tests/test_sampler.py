@@ -117,5 +117,5 @@ def test_a_sampled_request_draws_only_and_all_of_the_surviving_tokens():
     assert len(keep) == 5 and allowed[list(keep)].min() > 0.1  # top-p drops one of the top 6; none is rare
     assert (logits / 1.5).softmax(-1)[list(keep)].sum() < 0.6  # unfiltered draws would leave the set often
     seq = Sequence([1], params, Stopper(params, None))
-    draws = [sample(logits[None], [seq])[0] for _ in range(2000)]  # seeded: the same draws on every run
+    draws = [sample(logits[None], [seq])[0][0] for _ in range(2000)]  # seeded: the same draws on every run
     assert set(draws) == keep

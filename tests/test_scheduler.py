@@ -27,7 +27,7 @@ def scheduler(num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 64, lon
 
 def step(sched: Scheduler) -> list[tuple[Sequence, int]]:
     batch = sched.schedule()
-    sched.postprocess(batch, [1000 + len(i.seq) for i in batch if i.samples])
+    sched.postprocess(batch, [(1000 + len(i.seq), None) for i in batch if i.samples])
     return [(item.seq, item.num_tokens) for item in batch]
 
 
@@ -65,7 +65,7 @@ def test_chunked_prefill_splits_a_prompt_by_max_num_batched_tokens():
         batch = sched.schedule()
         assert [(i.seq, i.num_tokens) for i in batch] == [(a, want)]
         assert batch[0].samples == (want == 5)  # only the last chunk gives the next token
-        sched.postprocess(batch, [0] if batch[0].samples else [])
+        sched.postprocess(batch, [(0, None)] if batch[0].samples else [])
         tables.append(len(a.block_table))
     assert tables == [2, 4, 6]  # blocks cover 8, 16, 21 tokens
     assert a.num_computed == 21

@@ -96,7 +96,7 @@ class BlockManager:
         """Attach cached prefix blocks to a sequence with no blocks. Returns the number of tokens served by the
         cache (always leaving at least one token to compute, so the step produces logits)."""
         assert not seq.block_table
-        if not self.prefix_caching:
+        if not self.prefix_caching or seq.prompt_logprobs:  # prompt logprobs need every prompt position computed
             return 0
         full = (len(seq.token_ids) - 1) // self.block_size
         hits, parent = 0, None

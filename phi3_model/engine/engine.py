@@ -13,11 +13,13 @@ from ..model import Phi3ForCausalLM
 from .block_manager import BlockManager
 from .paged_attention import KVCache
 from .runner import ModelRunner
-from .sampler import sample
+from .grammar import Grammars
+from .rules import Rules
+from .sampler import prompt_logprobs, sample
 from .sampling_params import Completion, RequestError, SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence
-from .stopping import Stopper
+from .sequence import Group, Sequence
+from .stopping import Stopper, completion, to_logprob
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, long_after,
                                    config.schedule)
         self.runner = ModelRunner(model, self.cache)
+        self.grammars: Grammars | None = None  # built with the first structured request
         self.num_computed_tokens = 0  # tokens that went through the model (prefill + decode), for stats
         self.num_steps = 0
         log.info("KV pool: %d blocks x %d tokens = %.1f MiB", num_blocks, config.block_size,
@@ -107,9 +110,12 @@ class Engine:
         bad = [t for t in req.prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        bad = [t for t in req.params.stop_token_ids if t >= vocab]
-        if bad:
-            raise RequestError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab})")
+        p = req.params
+        for name, ids in (("stop_token_ids", p.stop_token_ids), ("allowed_token_ids", p.allowed_token_ids or ()),
+                          ("logit_bias", p.logit_bias or {})):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise RequestError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if n >= self.max_model_len:
             raise RequestError(f"prompt has {n} tokens, model context is {self.max_model_len} "
                                f"(at most {self.max_model_len - 1} prompt tokens leave room for one new token)")
@@ -118,37 +124,80 @@ class Engine:
             raise RequestError(f"request needs {need} tokens of KV cache (prompt {n} + up to "
                                f"{req.params.max_new_tokens} new), the whole pool holds {self.pool_tokens}")
 
-    def add_request(self, req: Request) -> Sequence:
+    def add_request(self, req: Request) -> Group:
+        """The request's n sequences, queued. Raises RequestError (nothing queued) when it cannot run."""
         self.validate(req)
-        stopper = Stopper(req.params, self.model.config.eos_token_id, self.tokenizer, self.max_model_len,
-                          len(req.prompt_token_ids))
-        seq = Sequence(req.prompt_token_ids, req.params, stopper, req.request_id)
-        self.scheduler.add(seq)
-        return seq
+        p, n = req.params, len(req.prompt_token_ids)
+        group = Group(req.request_id, n, p)
+        eos = self.model.config.eos_token_id
+        vocab = self.model.config.vocab_size
+        constraint = p.constraint
+        for i in range(p.n):
+            sp = p.for_sample(i) if p.n > 1 else p
+            stopper = Stopper(sp, eos, self.tokenizer, self.max_model_len, n)
+            matcher = self._grammars().matcher(*constraint) if constraint else None
+            rules = Rules.build(sp, stopper.stop_ids, vocab, self.tokenizer, constrained=matcher is not None)
+            group.seqs.append(Sequence(req.prompt_token_ids, sp, stopper, req.request_id, group, rules, matcher,
+                                       prompt_logprobs=i == 0 and p.prompt_logprobs is not None))
+        for seq in group.seqs:
+            self.scheduler.add(seq)
+        return group
 
-    def abort(self, seq: Sequence) -> None:
-        if seq in self.scheduler.waiting:
-            self.scheduler.waiting.remove(seq)
-        self.scheduler.finish(seq)
+    def _grammars(self) -> Grammars:
+        if self.grammars is None:
+            if self.tokenizer is None:
+                raise RequestError("structured output needs the model's tokenizer; this engine was built without one")
+            self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.model.config.eos_token_id)
+        return self.grammars
+
+    def abort(self, group: Group) -> None:
+        for seq in group.seqs:
+            if seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+            self.scheduler.finish(seq)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self) -> list[Sequence]:
-        """One forward over the scheduled batch. Returns the sequences that finished in it."""
+    def step(self) -> list[Group]:
+        """One forward over the scheduled batch. Returns the requests that finished in it."""
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress with work pending (KV pool too small?)")
             return []
-        logits = self.runner.run(batch)
-        tokens = sample(logits, [b.seq for b in batch if b.samples])
+        logits, prompt = self.runner.run(batch)
+        for seq, start, rows in prompt:
+            self._prompt_logprobs(seq, start, rows)
+        tokens = sample(logits, [b.seq for b in batch if b.samples], self.grammars)
         self.num_computed_tokens += sum(b.num_tokens for b in batch)
         self.num_steps += 1
-        return self.scheduler.postprocess(batch, tokens)
+        done = []
+        for seq in self.scheduler.postprocess(batch, tokens):
+            if seq.group.finished and seq.group not in done:
+                done.append(seq.group)
+        return done
 
-    def completion(self, seq: Sequence) -> Completion:
-        return seq.stopper.to_completion(seq.prompt_len, seq.request_id)
+    def _prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """logits [n, V] of prompt positions start..start+n-1 predict tokens start+1..; keep those inside the
+        prompt not collected yet (a recompute after preemption feeds positions again)."""
+        group = seq.group
+        have = len(group.prompt_logprobs)  # entries for prompt tokens 1..have
+        first, last = max(start, have), min(start + logits.shape[0], seq.prompt_len - 1)  # predicting positions
+        if first < last:
+            targets = seq.token_ids[first + 1:last + 1]
+            group.prompt_logprobs += prompt_logprobs(logits[first - start:last - start], targets,
+                                                     group.params.prompt_logprobs)
+        if len(group.prompt_logprobs) >= seq.prompt_len - 1:
+            seq.prompt_logprobs = False  # complete: a recompute may read the prefix cache again
+
+    def completion(self, group: Group) -> Completion:
+        prompt = None
+        if group.params.prompt_logprobs is not None:
+            ids = group.seqs[0].token_ids
+            prompt = [None] + [to_logprob(self.tokenizer, ids[i + 1], e) for i, e in enumerate(group.prompt_logprobs)]
+        return completion([s.stopper.to_sample() for s in group.seqs], group.prompt_len, group.request_id,
+                          group.error, prompt)
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         """All requests through one continuous batch; completions in input order. A request that cannot run
@@ -157,11 +206,11 @@ class Engine:
         index = {}
         for i, req in enumerate(requests):
             try:
-                index[self.add_request(req).seq_id] = i
+                index[id(self.add_request(req))] = i
             except RequestError as e:
                 out[i] = Completion([], "", "error", prompt_tokens=len(req.prompt_token_ids), error=str(e),
                                     request_id=req.request_id)
         while self.has_work():
-            for seq in self.step():
-                out[index[seq.seq_id]] = self.completion(seq)
+            for group in self.step():
+                out[index[id(group)]] = self.completion(group)
         return out

@@ -37,8 +37,8 @@ class Transport(Protocol):
 
 
 def run_loop(engine: Engine, transport: Transport) -> None:
-    seqs: dict[int, object] = {}  # rid -> Sequence
-    rids: dict[int, int] = {}  # seq_id -> rid
+    groups: dict[int, object] = {}  # rid -> the request in the engine (engine.sequence.Group)
+    rids: dict[int, int] = {}  # id(group) -> rid
     longest = 0.0
     while True:
         block = not engine.has_work()
@@ -53,14 +53,14 @@ def run_loop(engine: Engine, transport: Transport) -> None:
         for kind, rid, req in msgs:
             if kind == "add":
                 try:
-                    seq = engine.add_request(req)
+                    group = engine.add_request(req)
                 except (RequestError, ValueError) as e:
                     out.append((rid, None, RequestError(str(e))))
                     continue
-                seqs[rid], rids[seq.seq_id] = seq, rid
-            elif (seq := seqs.pop(rid, None)) is not None:  # abort
-                del rids[seq.seq_id]
-                engine.abort(seq)
+                groups[rid], rids[id(group)] = group, rid
+            elif (group := groups.pop(rid, None)) is not None:  # abort
+                del rids[id(group)]
+                engine.abort(group)
         if engine.has_work():
             seam.before_step(transport.has_message, engine.num_steps)
             t = time.perf_counter()
@@ -69,25 +69,25 @@ def run_loop(engine: Engine, transport: Transport) -> None:
             except Exception as e:  # noqa: BLE001 - a bug or device fault: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 error = RuntimeError(f"engine step failed: {type(e).__name__}: {e}")
-                out += [(rid, None, error) for rid in seqs]
-                for seq in seqs.values():
-                    engine.abort(seq)
-                seqs.clear()
+                out += [(rid, None, error) for rid in groups]
+                for group in groups.values():
+                    engine.abort(group)
+                groups.clear()
                 rids.clear()
                 finished = []
             longest = max(longest, time.perf_counter() - t)
-            for seq in finished:
-                if (rid := rids.pop(seq.seq_id, None)) is not None:
-                    del seqs[rid]
-                    out.append((rid, engine.completion(seq), None))
+            for group in finished:
+                if (rid := rids.pop(id(group), None)) is not None:
+                    del groups[rid]
+                    out.append((rid, engine.completion(group), None))
             transport.deliver(out, engine.num_steps, longest)
         elif out:
             transport.deliver(out, engine.num_steps, longest)
     closed = RuntimeError("engine closed")
-    for seq in seqs.values():
-        engine.abort(seq)
-    if seqs:
-        transport.deliver([(rid, None, closed) for rid in seqs], engine.num_steps, longest)
+    for group in groups.values():
+        engine.abort(group)
+    if groups:
+        transport.deliver([(rid, None, closed) for rid in groups], engine.num_steps, longest)
 
 
 # ---- the caller's side ------------------------------------------------------------------------------------------

@@ -102,9 +102,17 @@ class ModelRunner:
                            torch.tensor(blocks, dtype=torch.long, device=dev), nb, masked)
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        """-> logits [S, V] float32, one row per sampling sequence, in batch order."""
+    def run(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, list]:
+        """-> (logits [S, V] float32, one row per sampling sequence, in batch order; for each sequence that computes
+        its prompt's log-probabilities, (sequence, first position fed, logits [n, V] float32 of its n fed rows))."""
         ids, pos, ctx, sample_rows = self.build(batch)
         with attention_context(ctx):
             hidden = self.model(ids, pos)
-        return self.lm_head(hidden[sample_rows]).float()
+        prompt = []
+        row = 0
+        for item in batch:
+            if item.seq.prompt_logprobs:
+                prompt.append((item.seq, item.seq.num_computed,
+                               self.lm_head(hidden[row:row + item.num_tokens]).float()))
+            row += item.num_tokens
+        return self.lm_head(hidden[sample_rows]).float(), prompt

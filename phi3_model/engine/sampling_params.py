@@ -1,10 +1,15 @@
 """Per-request sampling parameters and the completion every backend returns."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit; vLLM's default max_logprobs)
+MAX_N = 128
+STRUCTURED = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
 class SamplingParams(BaseModel):
@@ -12,6 +17,11 @@ class SamplingParams(BaseModel):
 
     The model's own end token (config.eos_token_id) stops generation unless `ignore_eos`; `stop_token_ids` and
     `stop` strings always do, once `min_new_tokens` tokens exist.
+
+    Order of the logits' processing, per generated token: log-probabilities are taken from the raw fp32 logits;
+    then logit_bias is added, tokens outside allowed_token_ids and those completing a bad word are masked, the stop
+    tokens are masked before min_new_tokens, the grammar's mask is applied, and temperature, top-k and top-p shape
+    the distribution sampled from.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -25,6 +35,23 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] = Field((), description="strings that end generation (cut from the text)")
     min_new_tokens: int = Field(0, ge=0, description="no stop before this many tokens")
     ignore_eos: bool = Field(False, description="do not stop on the model's end token")
+    n: int = Field(1, ge=1, le=MAX_N, description="samples per prompt; sample i of a seeded request draws from "
+                   "seed + i (as a request with that seed alone would)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probability of each generated "
+                                 "token plus this many most likely alternatives")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the same for every prompt "
+                                        "token after the first")
+    logit_bias: dict[int, float] | None = Field(None, description="token id -> bias added to its logit "
+                                                "(-100..100; 100 all but forces it)")
+    bad_words: tuple[str, ...] = Field((), description="words never generated (as the token sequences they "
+                                       "encode to, with and without a leading space)")
+    allowed_token_ids: tuple[int, ...] | None = Field(None, description="only these tokens may be generated")
+    skip_special_tokens: bool = Field(False, description="drop <|end|> and other special tokens from the text")
+    json_schema: dict[str, Any] | None = Field(None, description="the output is JSON valid against this schema")
+    json_object: bool = Field(False, description="the output is a JSON object")
+    regex: str | None = Field(None, description="the output matches this regular expression")
+    choice: tuple[str, ...] | None = Field(None, description="the output is exactly one of these strings")
+    grammar: str | None = Field(None, description="the output follows this EBNF grammar (root rule `root`)")
 
     @field_validator("stop_token_ids")
     @classmethod
@@ -33,31 +60,119 @@ class SamplingParams(BaseModel):
             raise ValueError(f"stop_token_ids must be non-negative token ids, got {list(v)}")
         return v
 
-    @field_validator("stop")
+    @field_validator("stop", "bad_words")
     @classmethod
-    def _strings(cls, v):
+    def _strings(cls, v, info):
         if any(not s for s in v):
-            raise ValueError("stop strings must be non-empty")
+            raise ValueError(f"{info.field_name} must be non-empty strings")
+        return v
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def _schema_text(cls, v):
+        if isinstance(v, str):  # a schema given as its JSON text
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema is not valid JSON: {e}") from None
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"json_schema must be a JSON object (a schema), got {type(v).__name__}")
+        return v
+
+    @field_validator("choice")
+    @classmethod
+    def _choices(cls, v):
+        if v is not None and (not v or any(not c for c in v)):
+            raise ValueError("choice must be a non-empty list of non-empty strings")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        for token, bias in (v or {}).items():
+            if token < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias {{{token}: {bias}}}: token ids are >= 0 and biases in -100..100")
+        return v
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _allowed(cls, v):
+        if v is not None and (not v or any(t < 0 for t in v)):
+            raise ValueError("allowed_token_ids must be a non-empty list of token ids >= 0")
         return v
 
     @model_validator(mode="after")
-    def _min_le_max(self):
+    def _consistent(self):
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
+        given = [k for k in STRUCTURED if getattr(self, k) not in (None, False)]
+        if len(given) > 1:
+            raise ValueError(f"give at most one structured output field ({', '.join(STRUCTURED)}); got "
+                             f"{' and '.join(given)}")
+        if self.n > 1 and self.greedy:
+            raise ValueError(f"n={self.n} with greedy decoding (temperature 0) would give {self.n} identical "
+                             "samples; set a temperature > 0 or n=1")
         return self
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(kind, canonical text) of the structured output asked for, or None."""
+        if self.json_schema is not None:
+            return "json_schema", json.dumps(self.json_schema, sort_keys=True, separators=(",", ":"))
+        if self.json_object:
+            return "json_object", ""
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json.dumps(list(self.choice))
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        return None
+
+    def for_sample(self, i: int) -> "SamplingParams":
+        """Sample i of n: one sequence with seed + i."""
+        update = {"n": 1}
+        if self.seed is not None:
+            update["seed"] = (self.seed + i) % 2**63
+        return self.model_copy(update=update)
+
 
 FinishReason = Literal["stop", "length", "error"]
+
+
+@dataclass(slots=True)
+class Logprob:
+    """A token's log-probability under the raw model (fp32 log_softmax of its logits, before any bias, mask or
+    temperature), with the most likely alternatives at that position (`top`, most likely first)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list["Logprob"] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Sample:
+    """One of a request's n generated sequences."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    stop_reason: int | str | None = None
+    logprobs: list[Logprob] | None = None  # one per generated token, when asked
+    cumulative_logprob: float | None = None  # sum of the generated tokens' logprobs, when asked
 
 
 @dataclass(slots=True)
 class Completion:
     """token_ids: generated ids (a matched stop token id is the last one). text: their decoded text, with a
     matched stop string and everything after it cut. stop_reason: the matched token id or string (None on length).
+    These and `logprobs` are the first sample's; `samples` holds all n when n > 1 (empty for n = 1).
+    `prompt_logprobs`: one entry per prompt token (None for the first), when asked.
     """
 
     token_ids: list[int]
@@ -68,6 +183,15 @@ class Completion:
     completion_tokens: int = 0
     error: str | None = None
     request_id: str | None = None
+    logprobs: list[Logprob] | None = None
+    cumulative_logprob: float | None = None
+    samples: list[Sample] = field(default_factory=list)
+    prompt_logprobs: list[Logprob | None] | None = None
+
+    @property
+    def all_samples(self) -> list[Sample]:
+        return self.samples or [Sample(self.token_ids, self.text, self.finish_reason, self.stop_reason,
+                                       self.logprobs, self.cumulative_logprob)]
 
 
 class EngineDied(RuntimeError):

@@ -129,21 +129,35 @@ class Scheduler:
         # sequence, so a registered block always gets its keys.)
         self.blocks.commit(seq, seq.num_computed + n)
 
-    def postprocess(self, batch: list[ScheduledSeq], sampled: list[int]) -> list[Sequence]:
+    def postprocess(self, batch: list[ScheduledSeq], sampled: list[tuple[int | None, tuple | None]]) -> list[Sequence]:
         """After the forward: the fed tokens are computed; each sequence whose last token ran gets its sampled token
-        (`sampled`: one per such sequence, in batch order) and its stop rule; finished ones leave (blocks freed).
+        (`sampled`: (token, logprob entry) per such sequence, in batch order; token None when its rules allowed
+        none), its grammar advanced and its stop rule applied; finished ones leave (blocks freed).
         Returns the sequences that finished."""
         finished = []
         tokens = iter(sampled)
         for item in batch:
             seq = item.seq
             seq.num_computed += item.num_tokens
-            if seq.num_computed == len(seq):
-                token = next(tokens)
+            if seq.num_computed != len(seq):
+                continue
+            token, logprob = next(tokens)
+            if token is None:
+                seq.group.error = ("no token can come next: the request's grammar, allowed_token_ids, bad_words "
+                                   "and logit_bias exclude every token")
+                seq.stopper.finish_reason = "error"
+                done = True
+            else:
                 seq.token_ids.append(token)
-                if seq.stopper.append(token):
-                    self.finish(seq)
-                    finished.append(seq)
+                grammar_done = False
+                if seq.matcher is not None:
+                    if not seq.matcher.accept_token(token):
+                        raise RuntimeError(f"grammar refused token {token} it allowed")
+                    grammar_done = seq.matcher.is_terminated()
+                done = seq.stopper.append(token, logprob, grammar_done)
+            if done:
+                self.finish(seq)
+                finished.append(seq)
         return finished
 
     def finish(self, seq: Sequence) -> None:

@@ -26,13 +26,20 @@ class Sequence:
     """
 
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, stopper: Stopper,
-                 request_id: str | None = None):
+                 request_id: str | None = None, group: "Group | None" = None, rules=None, matcher=None,
+                 prompt_logprobs: bool = False):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.prompt_len = len(prompt_token_ids)
         self.params = params
         self.stopper = stopper
+        self.group = group
+        self.rules = rules  # logits processing of its own (engine.rules.Rules), or None
+        self.matcher = matcher  # xgrammar GrammarMatcher of a structured request, or None
+        # this sequence computes its prompt's log-probabilities: it needs every prompt position's logits, so it
+        # reads nothing from the prefix cache
+        self.prompt_logprobs = prompt_logprobs
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_computed = 0
@@ -56,3 +63,20 @@ class Sequence:
         """Forget every cached key (preemption, or a switch of LongRoPE factors): recompute from token 0."""
         self.block_table = []
         self.num_computed = 0
+
+
+class Group:
+    """One request inside the engine: its n sequences (samples) and, when asked, its prompt's log-probabilities.
+    Finished when every sequence is."""
+
+    def __init__(self, request_id: str | None, prompt_len: int, params: SamplingParams):
+        self.request_id = request_id
+        self.prompt_len = prompt_len
+        self.params = params
+        self.seqs: list[Sequence] = []
+        self.prompt_logprobs: list[tuple] = []  # (logprob, top ids, top logprobs) per prompt token after the first
+        self.error: str | None = None  # the request failed inside the engine (no token its rules allow)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status == Status.FINISHED for s in self.seqs)

@@ -1,12 +1,13 @@
 """When one request ends, and its text. Shared by every backend so identical tokens give identical Completions.
 
 Text rule (KerasHub's): the generated ids decoded with `<s>`, `<|endoftext|>` and padding dropped and every other
-special token (e.g. `<|end|>` when generation stopped on it) kept. A matched stop string and everything after it
-are cut from the text; the tokens stay.
+special token (e.g. `<|end|>` when generation stopped on it) kept; `skip_special_tokens` drops those too. A matched
+stop string and everything after it are cut from the text; the tokens stay. A structured request's text is exactly
+its value: the end token that closes it stays in the tokens, not in the text.
 """
 from __future__ import annotations
 
-from .sampling_params import Completion, RequestError, SamplingParams
+from .sampling_params import Completion, Logprob, RequestError, Sample, SamplingParams
 
 
 def visible_ids(tokenizer) -> callable:
@@ -14,8 +15,17 @@ def visible_ids(tokenizer) -> callable:
     return lambda ids: [t for t in ids if t not in hidden]
 
 
-def decode_completion(tokenizer, ids: list[int]) -> str:
-    return tokenizer.decode(visible_ids(tokenizer)(ids)) if tokenizer is not None else ""
+def decode_completion(tokenizer, ids: list[int], skip_special_tokens: bool = False) -> str:
+    if tokenizer is None:
+        return ""
+    return tokenizer.decode(visible_ids(tokenizer)(ids), skip_special_tokens=skip_special_tokens)
+
+
+def to_logprob(tokenizer, token: int, entry: tuple) -> Logprob:
+    """(logprob, top ids, top logprobs) -> Logprob with token texts."""
+    text = tokenizer.token_text if tokenizer is not None else str
+    lp, ids, lps = entry
+    return Logprob(token, text(token), lp, [Logprob(t, text(t), v) for t, v in zip(ids, lps)])
 
 
 class Stopper:
@@ -34,25 +44,38 @@ class Stopper:
         if max_total_tokens is not None:
             self.max_new = min(self.max_new, max_total_tokens - prompt_len)
         self.token_ids: list[int] = []
+        self.logprobs: list[tuple] | None = [] if params.logprobs is not None else None
         self.text: str | None = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.constrained = params.constraint is not None
+        self._hide_last = False  # the last token closed a structured value: not part of the text
         self._scan_from = 0  # text length before the newest token: a stop string must end after it
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def append(self, token: int) -> bool:
-        """Record one generated token; True when the request is finished."""
+    def _decode(self, ids: list[int]) -> str:
+        return decode_completion(self.tokenizer, ids, self.params.skip_special_tokens)
+
+    def append(self, token: int, logprob: tuple | None = None, grammar_done: bool = False) -> bool:
+        """Record one generated token (with its logprob entry, when asked); True when the request is finished.
+        grammar_done: the token completed the request's structured value (its grammar accepts nothing more)."""
         self.token_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
         n = len(self.token_ids)
+        if grammar_done:
+            self.finish_reason, self.stop_reason, self._hide_last = "stop", token, True
+            return True
         if self.params.stop and n == self.params.min_new_tokens > 1:
             # strings completed inside the first min_new_tokens - 1 tokens do not count
-            self._scan_from = len(decode_completion(self.tokenizer, self.token_ids[:-1]))
+            self._scan_from = len(self._decode(self.token_ids[:-1]))
         if n >= self.params.min_new_tokens:
             if token in self.stop_ids:
                 self.finish_reason, self.stop_reason = "stop", token
+                self._hide_last = self.constrained
                 return True
             if self.params.stop and self._match_stop_string():
                 return True
@@ -62,7 +85,7 @@ class Stopper:
         return False
 
     def _match_stop_string(self) -> bool:
-        text = decode_completion(self.tokenizer, self.token_ids)
+        text = self._decode(self.token_ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
             return False
         best = None
@@ -77,9 +100,26 @@ class Stopper:
         self.finish_reason, self.stop_reason = "stop", best[1]
         return True
 
-    def to_completion(self, prompt_tokens: int, request_id: str | None = None) -> Completion:
+    def to_sample(self) -> Sample:
         if self.text is None:
-            self.text = decode_completion(self.tokenizer, self.token_ids)
-        return Completion(token_ids=list(self.token_ids), text=self.text, finish_reason=self.finish_reason or "length",
-                          stop_reason=self.stop_reason, prompt_tokens=prompt_tokens,
-                          completion_tokens=len(self.token_ids), request_id=request_id)
+            self.text = self._decode(self.token_ids[:-1] if self._hide_last else self.token_ids)
+        logprobs = cumulative = None
+        if self.logprobs is not None:
+            logprobs = [to_logprob(self.tokenizer, t, e) for t, e in zip(self.token_ids, self.logprobs)]
+            cumulative = sum(e.logprob for e in logprobs)
+        return Sample(list(self.token_ids), self.text, self.finish_reason or "length", self.stop_reason, logprobs,
+                      cumulative)
+
+    def to_completion(self, prompt_tokens: int, request_id: str | None = None) -> Completion:
+        return completion([self.to_sample()], prompt_tokens, request_id)
+
+
+def completion(samples: list[Sample], prompt_tokens: int, request_id: str | None = None, error: str | None = None,
+               prompt_logprobs: list[Logprob | None] | None = None) -> Completion:
+    """A request's Completion from its samples: the first one's fields at the top, all of them in `samples`."""
+    first = samples[0]
+    return Completion(token_ids=first.token_ids, text=first.text, finish_reason="error" if error else
+                      first.finish_reason, stop_reason=first.stop_reason, prompt_tokens=prompt_tokens,
+                      completion_tokens=len(first.token_ids), error=error, request_id=request_id,
+                      logprobs=first.logprobs, cumulative_logprob=first.cumulative_logprob,
+                      samples=samples if len(samples) > 1 else [], prompt_logprobs=prompt_logprobs)

@@ -1,0 +1,97 @@
+"""Structured output: grammar-constrained decoding with xgrammar.
+
+Why xgrammar: vLLM's default structured-output backend, so the native engine and the vLLM backend constrain with the
+same library (llguidance is the alternative; xgrammar's compiled grammars precompute token masks per grammar state,
+which keeps the per-step cost of a batch of constrained rows to one bitmask fill and one in-place mask kernel).
+
+Per engine: the tokenizer's vocabulary as xgrammar sees it (SentencePiece pieces, byte-fallback; added and control
+tokens as empty strings, which xgrammar treats as special: never inside a grammar) and a bounded cache of compiled
+grammars keyed by their canonical text (a job's rows usually share one schema: compiled once). Per constrained
+sequence: a GrammarMatcher advanced with each generated token. The model's end token (config.eos_token_id) is the
+grammar's stop token: once the value is complete it is the only token allowed, and it ends the request.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+
+import torch
+
+from .sampling_params import RequestError
+
+_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: ")  # "[13:34:17] /project/cpp/x.cc:83: " before xgrammar errors
+
+
+def _xgr():
+    import xgrammar
+    return xgrammar
+
+
+def encoded_vocab(tokenizer, vocab_size: int) -> list[str]:
+    """Token id -> its SentencePiece piece; "" (special) for added tokens, control pieces and padding rows."""
+    sp = tokenizer.sp
+    special = set(tokenizer.added_ids) | {i for i in (sp.bos_id(), sp.eos_id(), sp.unk_id()) if i >= 0}
+    return ["" if i in special or i >= tokenizer.sp_size else sp.id_to_piece(i) for i in range(vocab_size)]
+
+
+class Grammars:
+    def __init__(self, tokenizer, vocab_size: int, eos_token_id: int, cache_size: int = 256):
+        xgr = _xgr()
+        self.vocab_size = vocab_size
+        self.info = xgr.TokenizerInfo(encoded_vocab(tokenizer, vocab_size), xgr.VocabType.BYTE_FALLBACK,
+                                      vocab_size=vocab_size, stop_token_ids=[eos_token_id], add_prefix_space=True)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+        self.batch = xgr.BatchGrammarMatcher(max_threads=1)
+        self.cache: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self.cache_size = cache_size
+        self.compiled = 0  # grammars compiled (cache misses)
+        self.compile_s = 0.0  # seconds spent compiling
+        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+
+    def compile(self, kind: str, text: str):
+        """kind: json_schema | json_object | regex | choice | grammar; text: its canonical text (choice: one
+        alternative per element of a JSON list). Raises RequestError naming the field and the problem."""
+        key = (kind, text)
+        grammar = self.cache.get(key)
+        if grammar is not None:
+            self.cache.move_to_end(key)
+            return grammar
+        t = time.perf_counter()
+        try:
+            if kind == "json_schema":
+                grammar = self.compiler.compile_json_schema(text, any_whitespace=False)
+            elif kind == "json_object":
+                grammar = self.compiler.compile_builtin_json_grammar()
+            elif kind == "regex":
+                grammar = self.compiler.compile_regex(text)
+            elif kind == "choice":
+                import json
+                alternatives = " | ".join(json.dumps(c) for c in json.loads(text))  # EBNF string literals
+                grammar = self.compiler.compile_grammar(f"root ::= {alternatives}")
+            elif kind == "grammar":
+                grammar = self.compiler.compile_grammar(text)
+            else:
+                raise ValueError(f"unknown structured output kind {kind!r}")
+        except RuntimeError as e:
+            why = _CPP_PREFIX.sub("", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            raise RequestError(f"{kind}: cannot be compiled: {why}") from None
+        self.compile_s += time.perf_counter() - t
+        self.compiled += 1
+        self.cache[key] = grammar
+        if len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return grammar
+
+    def matcher(self, kind: str, text: str):
+        return _xgr().GrammarMatcher(self.compile(kind, text))
+
+    def mask(self, logits: torch.Tensor, rows: list[int], matchers: list) -> None:
+        """logits [S, V] float32, in place: every token the matcher of row `rows[i]` does not allow gets -inf.
+        One bitmask fill for all rows, one masking kernel."""
+        xgr = _xgr()
+        if self._bitmask.shape[0] < logits.shape[0]:
+            self._bitmask = xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)
+        bitmask = self._bitmask[:logits.shape[0]]
+        self.batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
