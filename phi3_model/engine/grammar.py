@@ -28,6 +28,21 @@ def _xgr():
     return xgrammar
 
 
+# xgrammar 0.2.8 writes a JSON string with maxLength as characters [^"\\\r\n], which lets raw control characters
+# (U+0000..U+001F) into the string: JSON (RFC 8259) requires them escaped, and strict parsers reject them. Its own
+# unbounded strings exclude them; so do ours, everywhere.
+_LOOSE_CHAR = '[^\\"\\\\\\r\\n]'
+_JSON_CHAR = '[^\\"\\\\\\0-\\x1f]'
+
+
+ANY_OBJECT = '{"type": "object", "additionalProperties": true}'
+
+
+def json_schema_ebnf(schema_text: str) -> str:
+    """The EBNF both backends constrain a json_schema request with (compact separators, no free whitespace)."""
+    return str(_xgr().Grammar.from_json_schema(schema_text, any_whitespace=False)).replace(_LOOSE_CHAR, _JSON_CHAR)
+
+
 def encoded_vocab(tokenizer, vocab_size: int) -> list[str]:
     """Token id -> its SentencePiece piece; "" (special) for added tokens, control pieces and padding rows."""
     sp = tokenizer.sp
@@ -60,9 +75,9 @@ class Grammars:
         t = time.perf_counter()
         try:
             if kind == "json_schema":
-                grammar = self.compiler.compile_json_schema(text, any_whitespace=False)
-            elif kind == "json_object":
-                grammar = self.compiler.compile_builtin_json_grammar()
+                grammar = self.compiler.compile_grammar(json_schema_ebnf(text))
+            elif kind == "json_object":  # any object (xgrammar's built-in JSON grammar allows any value)
+                grammar = self.compiler.compile_grammar(json_schema_ebnf(ANY_OBJECT))
             elif kind == "regex":
                 grammar = self.compiler.compile_regex(text)
             elif kind == "choice":

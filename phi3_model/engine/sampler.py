@@ -59,12 +59,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], grammars=None) -> list[tu
         processed = False
         rows, matchers = [], []
         for i, seq in enumerate(seqs):
-            rules = seq.rules
-            if rules is None:
+            if seq.rules is None and seq.matcher is None:
                 continue
             if not processed:
                 x, processed = logits.clone(), True
-            rules.apply(x[i], seq)
+            if seq.rules is not None:
+                seq.rules.apply(x[i], seq)
             if seq.matcher is not None:
                 rows.append(i)
                 matchers.append(seq.matcher)
