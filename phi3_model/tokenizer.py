@@ -3,6 +3,12 @@
 References: KerasHub `Phi3Tokenizer` (SentencePiece proto with the added tokens appended as user-defined pieces),
 torchtune `Phi3MiniTokenizer`, Hugging Face `tokenizer_config.json` of microsoft/Phi-3-mini-4k-instruct.
 Unlike HF, the role tokens do not `rstrip`: the newline after `<|user|>` is kept (KerasHub, torchtune).
+
+Text <-> ids is one SentencePiece pass over the whole string with the added tokens as user-defined pieces, as
+KerasHub does: the model's normalizer (identity for Phi-3; nmt_nfkc, whitespace removal for others) sees the text
+around special tokens exactly as it would without them, and decoding keeps the space SentencePiece writes after one.
+We differ from KerasHub only at a text that starts with a special token, where SentencePiece's dummy prefix gives a
+lone "▁" first: it is dropped (HF, legacy=False, agrees with us).
 """
 from __future__ import annotations
 
@@ -27,7 +33,6 @@ CHAT_TEMPLATE = (
     "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
     "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
-ANCHOR = "\n"  # a byte-fallback piece (<0x0A>) that never merges: encoded in front of a segment, then cut off
 
 
 def _read_json(path: str):
@@ -75,8 +80,12 @@ class Phi3Tokenizer:
         self.added_tokens = dict(sorted(added.items(), key=lambda kv: kv[1]))
         self.added_ids = {i: t for t, i in self.added_tokens.items()}
         self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")")
-        self._anchor_ids = self.sp.encode(ANCHOR)
-        self._anchor_text = self.sp.decode(self._anchor_ids)
+        self._one_pass, self._cont = _variants(model_proto, list(self.added_tokens))
+        # user-defined piece n + j in the one-pass model <-> the j-th added token's id
+        self._to_real = {n + j: i for j, i in enumerate(self.added_tokens.values())}
+        self._to_pass = {i: p for p, i in self._to_real.items()}
+        lone = self._one_pass.piece_to_id("\u2581")
+        self._lone = None if lone == self._one_pass.unk_id() else lone  # the dummy prefix alone
         self.sp_size = n
         self.vocab_size = max(n - 1, *self.added_ids) + 1
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
@@ -87,6 +96,10 @@ class Phi3Tokenizer:
         self.end_token_ids = (self.added_tokens["<|endoftext|>"], self.end_token_id)  # KerasHub "auto" stops
         controls = {i for i in (self.sp.bos_id(), self.sp.eos_id()) if i >= 0}
         self.special_token_ids = frozenset(self.added_ids) | controls
+        # what generate's text rule hides: <s>, <|endoftext|> and padding, whatever tokenizer_config.json names the
+        # eos token (some checkpoints name <|end|>, which the rule keeps)
+        self.hidden_token_ids = frozenset({self.bos_token_id, self.added_tokens["<|endoftext|>"],
+                                           self.pad_token_id} - {self.end_token_id})
 
     @classmethod
     def from_dir(cls, directory: str) -> "Phi3Tokenizer":
@@ -119,27 +132,9 @@ class Phi3Tokenizer:
                        f"added tokens {min(self.added_ids)}..{max(self.added_ids)}")
 
     # ---- text <-> ids ----
-    def _encode_plain(self, text: str, after_special: bool) -> list[int]:
-        """SentencePiece ids of one segment without special tokens.
-
-        SentencePiece puts a dummy-prefix "▁" in front of every input. Only the start of the text gets it: a segment
-        that follows a special token is encoded without it, exactly as KerasHub's single SentencePiece pass over the
-        whole string (added tokens as user-defined pieces) and torchtune's `trim_leading_whitespace` do. So
-        "<|user|>\\nHi" is [<|user|>, <0x0A>, "Hi" pieces]. We differ from KerasHub only at a text that starts with a
-        special token, where it emits a lone "▁" first, and from torchtune's template, which encodes the newline after
-        a role token with the prefix ("▁", <0x0A>); neither is kept here (HF, legacy=False, agrees with us).
-        """
-        if not after_special:
-            return self.sp.encode(text)
-        ids = self.sp.encode(ANCHOR + text)
-        k = len(self._anchor_ids)
-        if ids[:k] != self._anchor_ids:
-            raise RuntimeError(f"SentencePiece merged the anchor {ANCHOR!r} into {text[:20]!r}; cannot drop the prefix")
-        return ids[k:]
-
     def encode_continuation(self, text: str) -> list[int]:
         """Ids of `text` continuing other text: no dummy-prefix space in front (special tokens not recognized)."""
-        return self._encode_plain(text, after_special=True)
+        return self._cont.encode(text)
 
     def token_text(self, token_id: int) -> str:
         """One token's text as it reads inside a completion: "▁" is a space, a byte piece its byte (U+FFFD when the
@@ -157,20 +152,12 @@ class Phi3Tokenizer:
         return piece.replace("\u2581", " ")
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Special-token strings (longest first) -> their ids; the text between -> SentencePiece ids."""
-        ids = [self.bos_token_id] if add_bos else []
-        for i, part in enumerate(self._split.split(text)):
-            if i % 2:
-                ids.append(self.added_tokens[part])
-            elif part:
-                ids.extend(self._encode_plain(part, after_special=i > 0))
-        return ids
-
-    def _decode_plain(self, ids: list[int], after_special: bool) -> str:
-        if not after_special:
-            return self.sp.decode(ids)
-        # SentencePiece drops a leading "▁" as the dummy prefix; behind the anchor a leading space survives.
-        return self.sp.decode(self._anchor_ids + ids)[len(self._anchor_text):]
+        """Special-token strings (longest first) -> their ids; the text around them SentencePiece's, in one pass."""
+        ids = self._one_pass.encode(text)
+        if len(ids) > 1 and ids[0] == self._lone and ids[1] in self._to_real:  # dummy prefix before a special
+            ids = ids[1:]
+        ids = [self._to_real.get(i, i) for i in ids]
+        return [self.bos_token_id] + ids if add_bos else ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`. Added tokens render as their strings (dropped with skip_special_tokens); <s>/</s> render
@@ -181,21 +168,15 @@ class Phi3Tokenizer:
         an incomplete UTF-8 byte sequence (byte-fallback pieces) at the end of `ids[:n]` decodes as U+FFFD, which
         the completed character replaces once its remaining bytes arrive.
         """
-        out, run, after_special = [], [], False
+        out = []
         for t in ids:
             t = int(t)
-            if t in self.added_ids:
-                if run:
-                    out.append(self._decode_plain(run, after_special))
-                    run = []
+            if t in self._to_pass:
                 if not skip_special_tokens:
-                    out.append(self.added_ids[t])
-                after_special = True
+                    out.append(self._to_pass[t])
             elif 0 <= t < self.sp_size:
-                run.append(t)
-        if run:
-            out.append(self._decode_plain(run, after_special))
-        return "".join(out)
+                out.append(t)
+        return self._one_pass.decode(out)
 
     # ---- chat ----
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
@@ -234,8 +215,23 @@ class Phi3Tokenizer:
                 json.dump(obj, f, indent=2, ensure_ascii=False)
 
 
+def _variants(model_proto: bytes, added: list[str]) -> tuple[spm.SentencePieceProcessor, spm.SentencePieceProcessor]:
+    """(the model with `added` appended as user-defined pieces, the model without its dummy prefix)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    one = pb.ModelProto()
+    one.ParseFromString(model_proto)
+    for piece in added:
+        one.pieces.add(piece=piece, score=0.0, type=pb.ModelProto.SentencePiece.USER_DEFINED)
+    cont = pb.ModelProto()
+    cont.ParseFromString(model_proto)
+    cont.normalizer_spec.add_dummy_prefix = False
+    return (spm.SentencePieceProcessor(model_proto=one.SerializeToString()),
+            spm.SentencePieceProcessor(model_proto=cont.SerializeToString()))
+
+
 def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 512,
-                    compact_ids: bool = False) -> Phi3Tokenizer:
+                    compact_ids: bool = False, normalization: str = "identity",
+                    remove_extra_whitespaces: bool = False) -> Phi3Tokenizer:
     """A small Llama-2-style SentencePiece BPE model (byte fallback; 0 <unk>, 1 <s>, 2 </s>) plus the Phi-3 added
     tokens, saved to out_dir. compact_ids=False: the reference ids 32000..32010; True: ids right after the pieces.
 
@@ -246,8 +242,9 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 512,
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name=normalization,
+        remove_extra_whitespaces=remove_extra_whitespaces, add_dummy_prefix=True, split_digits=True,
+        allow_whitespace_only_pieces=True,
         character_coverage=0.99995, num_threads=1, minloglevel=2)
     proto = buf.getvalue()
     n = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()

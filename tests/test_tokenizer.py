@@ -212,3 +212,51 @@ def test_missing_model_file_names_the_directory(tmp_path):
 def test_bad_role_names_the_message_and_the_roles(tok):
     with pytest.raises(ValueError, match=r"message 1: role 'tool' .*system, user, assistant"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}])
+
+
+# ---- SentencePiece models whose normalizer rewrites whitespace (nmt_nfkc, remove_extra_whitespaces) ----------------
+
+@pytest.fixture(scope="module")
+def nfkc(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("nfkc"))
+    train_tokenizer(CORPUS, d, vocab_size=400, compact_ids=True, normalization="nmt_nfkc",
+                    remove_extra_whitespaces=True)
+    return d
+
+
+AROUND_SPECIALS = ["<|end|> Hi there", "Hi<|end|>\n<|assistant|>\n", "<|user|>\nWhat is  it?<|end|>\n",
+                   "x <|endoftext|>  y", "ﬁne<|end|>　wide space"]
+
+
+@pytest.mark.parametrize("text", AROUND_SPECIALS)
+def test_with_a_whitespace_normalizer_ids_equal_one_sentencepiece_pass(nfkc, text):
+    """KerasHub's reference: the model with the added tokens as user-defined pieces, one pass over the string (ids
+    follow the pieces); only a lone dummy-prefix piece before a leading special token is ours to drop."""
+    tok = Phi3Tokenizer.from_dir(nfkc)
+    kh = proto_variant(os.path.join(nfkc, "tokenizer.model"), user_pieces=tok.added_tokens)
+    want = kh.encode(text)
+    if text.startswith("<|") and kh.id_to_piece(want[0]) == "\u2581":
+        want = want[1:]
+    assert tok.encode(text) == want
+    assert tok.decode(tok.encode(text)) == kh.decode(kh.encode(text))
+
+
+def test_with_a_whitespace_normalizer_text_after_a_special_token_keeps_its_space(nfkc):
+    tok = Phi3Tokenizer.from_dir(nfkc)
+    ids = tok.encode("<|end|> Hi")
+    assert tok.decode(ids) == "<|end|> Hi"  # was "<|end|>Hi": the space lost after the special token
+    assert tok.decode(ids[1:]) == "Hi"  # alone, the leading space is SentencePiece's dummy prefix
+    assert tok.decode([tok.end_token_id] + tok.encode("Hi")) == "<|end|> Hi"
+
+
+def test_an_eos_token_named_end_in_tokenizer_config_stays_in_completion_text(tiny_tokenizer_dir, tmp_path):
+    from phi3_model.engine.stopping import decode_completion
+    shutil.copytree(tiny_tokenizer_dir, tmp_path / "t")
+    cfg_path = tmp_path / "t" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["eos_token"] = "<|end|>"
+    cfg_path.write_text(json.dumps(cfg))
+    tok = Phi3Tokenizer.from_dir(str(tmp_path / "t"))
+    assert tok.eos_token_id == 32007
+    ids = tok.encode("Paris<|end|><|endoftext|>", add_bos=True)
+    assert decode_completion(tok, ids) == "Paris<|end|>"  # <s> and <|endoftext|> hidden, <|end|> kept

@@ -11,7 +11,7 @@ from .sampling_params import Completion, Logprob, RequestError, Sample, Sampling
 
 
 def visible_ids(tokenizer) -> callable:
-    hidden = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    hidden = tokenizer.hidden_token_ids
     return lambda ids: [t for t in ids if t not in hidden]
 
 
