@@ -41,7 +41,7 @@ def _with_ids(path: Path, rows: list[tuple[str, dict]], auto_ids: bool) -> list[
     position: JSONL line from 1, Parquet row from 0). -> the ids generated."""
     missing = [(where, row) for where, row in rows if row.get("id") is None]
     if missing and not auto_ids:
-        more = f" (and {len(missing) - 1} more rows)" if len(missing) > 1 else ""
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         fail(f"{path}: {missing[0][0]}{more} has no id; give each request a unique \"id\", or pass --auto-ids to "
              f"name such rows {path.stem}-<line> (JSONL) / {path.stem}-<row> (Parquet)")
     for where, row in missing:
