@@ -166,3 +166,20 @@ def test_cli_enqueue_results_and_stats(redis_server, redis_url, queue_prefix, qu
     assert (stats["requests"], stats["results"], stats["dead"], stats["group"]["pending"]) == (0, 7, 0, 0)
     assert [w["name"] for w in stats["workers"]] == ["w1"] and stats["workers"][0]["processed"] == "7"
     audit(redis_server.client(), queue_prefix, [e["id"] for e in exported])
+
+
+def test_a_background_loop_that_fails_stops_the_worker_naming_the_loop(redis_server, redis_url, queue_prefix,
+                                                                        queue_engine):
+    from workers.queue.worker import WorkerFailed
+
+    class ProbeRaises:  # the engine, except that asking it whether it failed raises (in the health loop)
+        def __getattr__(self, name):
+            return getattr(queue_engine, name)
+
+        def failure(self):
+            raise RuntimeError("probe broke")
+    worker = QueueWorker(ProbeRaises(), worker_config(redis_url, queue_prefix, until_empty=False))
+    with pytest.raises(WorkerFailed, match="worker w1: its health_loop loop failed: probe broke"):
+        asyncio.run(run_bounded(worker))
+    health = worker_health(redis_server.client(), queue_prefix, "w1")
+    assert (health["state"], health["reason"]) == ("failed", "health_loop loop failed")

@@ -300,8 +300,9 @@ class QueueWorker:
         except RedisUnusable as e:
             self._die(e)
         except BaseException as e:  # noqa: BLE001
-            log.exception("worker %s: %s failed", self.cfg.name, loop.__name__)
-            self._die(e, f"its {getattr(loop, 'func', loop).__name__} loop failed")
+            name = getattr(loop, "func", loop).__name__  # beat_loop and health_loop come as partials
+            log.exception("worker %s: %s failed", self.cfg.name, name)
+            self._die(e, f"its {name} loop failed")
 
     async def _redis(self, call):
         """`await call()`, retried through Redis outages (reconnect.py)."""
