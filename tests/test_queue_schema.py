@@ -118,7 +118,7 @@ def test_cli_errors_hide_the_password(redis_server, redis_url):
     try:
         url = f"redis://alice:wrong-pw@127.0.0.1:{redis_server.port}/0"
         out = CliRunner().invoke(queue_app, ["stats", "--url", url])
-        assert out.exit_code == 2
+        assert out.exit_code == 3  # Redis refused the URL (README: exit codes)
         assert "wrong-pw" not in out.output and "alice:***@" in out.output
         ok = CliRunner().invoke(queue_app, ["stats", "--json", "--url",
                                             f"redis://alice:right-pw@127.0.0.1:{redis_server.port}/0"])

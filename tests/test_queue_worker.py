@@ -147,7 +147,7 @@ def test_cli_enqueue_results_and_stats(redis_server, redis_url, queue_prefix, qu
     (tmp_path / "in.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
     cli = CliRunner()
     common = ["--url", redis_url, "--prefix", queue_prefix]
-    for args in (["--input", str(tmp_path / "in.parquet")], ["--input", str(tmp_path / "in.jsonl")],
+    for args in (["--input", str(tmp_path / "in.parquet")], ["--input", str(tmp_path / "in.jsonl"), "--auto-ids"],
                  ["--prompt", "Paris is", "--id", "one", "--max-new-tokens", "2"]):
         out = cli.invoke(queue_app, ["enqueue", *args, *common])
         assert out.exit_code == 0, out.output
@@ -161,8 +161,25 @@ def test_cli_enqueue_results_and_stats(redis_server, redis_url, queue_prefix, qu
     assert [t["id"] for t in table] == [r["id"] for r in rows] and all(t["completion_tokens"] == 3 for t in table)
     out = cli.invoke(queue_app, ["results", "--out", str(tmp_path / "all.jsonl"), *common])
     exported = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
-    assert sorted(e["id"] for e in exported) == sorted([r["id"] for r in rows] + ["in-0", "one"])
+    assert sorted(e["id"] for e in exported) == sorted([r["id"] for r in rows] + ["in-1", "one"])  # line 1
     stats = json.loads(cli.invoke(queue_app, ["stats", "--json", *common]).output)
     assert (stats["requests"], stats["results"], stats["dead"], stats["group"]["pending"]) == (0, 7, 0, 0)
     assert [w["name"] for w in stats["workers"]] == ["w1"] and stats["workers"][0]["processed"] == "7"
     audit(redis_server.client(), queue_prefix, [e["id"] for e in exported])
+
+
+def test_a_background_loop_that_fails_stops_the_worker_naming_the_loop(redis_server, redis_url, queue_prefix,
+                                                                        queue_engine):
+    from workers.queue.worker import WorkerFailed
+
+    class ProbeRaises:  # the engine, except that asking it whether it failed raises (in the health loop)
+        def __getattr__(self, name):
+            return getattr(queue_engine, name)
+
+        def failure(self):
+            raise RuntimeError("probe broke")
+    worker = QueueWorker(ProbeRaises(), worker_config(redis_url, queue_prefix, until_empty=False))
+    with pytest.raises(WorkerFailed, match="worker w1: its health_loop loop failed: probe broke"):
+        asyncio.run(run_bounded(worker))
+    health = worker_health(redis_server.client(), queue_prefix, "w1")
+    assert (health["state"], health["reason"]) == ("failed", "health_loop loop failed")

@@ -57,7 +57,11 @@ def dead_letter(entry_id: bytes, raw: bytes | None, error: str, deliveries: int,
 
 def explain(e: Exception) -> str:
     if isinstance(e, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'request'}: {err['msg']}" for err in e.errors())
+        parts = []
+        for err in e.errors():  # a model-level check has no location; its message names the request already
+            where, msg = ".".join(map(str, err["loc"])), err["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}" if where else msg)
+        return "; ".join(parts)
     return f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from . import scripts
 from .connection import Names, connect
@@ -58,16 +58,35 @@ class QueueClient:
 
     async def add(self, requests: list[dict | QueueRequest]) -> list[tuple[str, str]]:
         """-> [(request id, stream entry id)]; requests are validated here, so a bad one raises before any is sent."""
+        return [(rid, entry) for rid, entry, _ in await self.enqueue(requests, existing="add")]
+
+    async def enqueue(self, requests: list[dict | QueueRequest], existing: str = "skip"):
+        """Like `add`, deciding per request whose id already has a result (an answered or dead-lettered id):
+        existing = add (enqueue it all the same: the worker keeps the first result), skip (do not enqueue it),
+        replace (delete the result, then enqueue). -> [(request id, entry id or None, added|skipped|replaced)]."""
+        if existing not in ("add", "skip", "replace"):
+            raise ValueError(f"existing={existing!r}: expected add, skip or replace")
         parsed = [_request(x) for x in requests]
         if not parsed:
             return []
-        entries = await self._enqueue(keys=[self.names.requests],
-                                      args=[self.maxlen, *(r.model_dump_json(exclude_none=True) for r in parsed)])
-        return list(zip((r.id for r in parsed), entries.decode().split(" ")))
+        pairs = [x for r in parsed for x in (r.id, r.model_dump_json(exclude_none=True))]
+        reply = await self._enqueue(keys=[self.names.requests],
+                                    args=[self.maxlen, existing, self.names.result(""), *pairs])
+        out = []
+        for r, item in zip(parsed, reply.decode().split(" ")):
+            if item == "-":
+                out.append((r.id, None, "skipped"))
+            else:
+                out.append((r.id, item.lstrip("="), "replaced" if item.startswith("=") else "added"))
+        return out
 
-    async def _add_when_room(self, batch, max_backlog):
+    async def wait_for_room(self, max_backlog: int | None) -> None:
+        """Wait while the stream holds more entries than `max_backlog` (back-pressure instead of trimming)."""
         while max_backlog is not None and await self.r.xlen(self.names.requests) > max_backlog:
             await asyncio.sleep(0.02)
+
+    async def _add_when_room(self, batch, max_backlog):
+        await self.wait_for_room(max_backlog)
         return await self.add(batch)
 
     # ---- results ------------------------------------------------------------------------------------------------
@@ -80,8 +99,10 @@ class QueueClient:
     async def results(self, ids: Iterable[str], timeout: float | None = None) -> dict[str, QueueResult]:
         return {res.id: res async for res in self.iter_results(ids, timeout)}
 
-    async def iter_results(self, ids: Iterable[str], timeout: float | None = None) -> AsyncIterator[QueueResult]:
-        """Yields each id's result as it arrives (in arrival order)."""
+    async def iter_results(self, ids: Iterable[str], timeout: float | None = None,
+                           waiting_for: Callable[[int], None] | None = None) -> AsyncIterator[QueueResult]:
+        """Yields each id's result as it arrives (in arrival order). waiting_for(number of ids without a result
+        yet) is called about once a second while some are missing."""
         waiting = set(ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         cursors = {s: await self._last_id(s) for s in (self.names.results, self.names.dead)}
@@ -90,6 +111,8 @@ class QueueClient:
             yield res
         recheck = time.monotonic() + RECHECK_S
         while waiting:
+            if waiting_for is not None:
+                waiting_for(len(waiting))
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise TimeoutError(f"{len(waiting)} of the awaited results are not there after {timeout} s "

@@ -30,10 +30,13 @@ class WorkerConfig(BaseModel):
     max_deliveries: int = Field(5, ge=1, description="an entry delivered more often is dead-lettered")
     result_ttl_s: int = Field(7 * 86400, ge=1, description="results expire after this many seconds")
     results_maxlen: int = Field(100_000, ge=1, description="approximate cap of the results announcement stream")
-    health_interval_s: float = Field(5.0, gt=0)
+    health_interval_s: float = Field(5.0, gt=0, description="seconds between refreshes of the health hash")
     health_ttl_s: float = Field(60.0, gt=0, description="the health hash expires this long after the last refresh")
-    backoff_min_s: float = Field(0.05, gt=0)
-    backoff_max_s: float = Field(5.0, gt=0)
+    backoff_min_s: float = Field(0.05, gt=0, description="first pause after a failed Redis call; doubles per failure")
+    backoff_max_s: float = Field(5.0, gt=0, description="longest pause between retries of a failed Redis call")
+    reconnect_limit_s: float = Field(300.0, gt=0, description="a worker whose Redis calls keep failing with "
+                                     "connection errors this long exits (non-zero); a password or database "
+                                     "the server refuses ends it at once")
     until_empty: bool = Field(False, description="exit 0 once the stream and every pending list are empty")
     defaults: dict[str, Any] = Field(default_factory=dict, description="sampling defaults for fields a request omits")
 

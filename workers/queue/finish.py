@@ -4,10 +4,13 @@ recorded for whoever runs them next."""
 from __future__ import annotations
 
 import json
+import logging
 
 from pydantic_core import PydanticSerializationError, to_json
 
 from phi3_model import seam
+
+log = logging.getLogger("phi3.queue")
 
 
 def dump(body: dict) -> bytes:
@@ -29,6 +32,9 @@ async def settle(w, batch: list[tuple]) -> None:
         for flag, p in zip(flags.decode(), results):
             if flag == "0":
                 c.duplicates += 1
+                log.warning("request id %r already had a result: the result just computed for it was dropped and "
+                            "the first one kept (ids must be unique; `queue enqueue --replace` recomputes an id)",
+                            p[0])
             else:
                 c.processed += 1
                 c.errors += p[2] == "error"

@@ -25,13 +25,20 @@ end
 return table.concat(out)
 """
 
-# KEYS: requests stream. ARGV: approximate maxlen, then request JSONs. Returns the new entry ids, space-separated.
+# KEYS: requests stream. ARGV: approximate maxlen, mode, result key prefix, then (request id, request JSON) pairs.
+# mode `add`: every request is added; `skip`: one whose id has a result is not; `replace`: its result is deleted
+# first. Returns per request, space-separated: its new entry id, `-` (skipped), or `=` + entry id (result replaced).
 ENQUEUE = """
-local ids = {}
-for i = 2, #ARGV do
-  ids[#ids + 1] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'r', ARGV[i])
+local out, mode, rk = {}, ARGV[2], ARGV[3]
+for i = 4, #ARGV, 2 do
+  local mark = ''
+  if mode ~= 'add' and redis.call('EXISTS', rk .. ARGV[i]) == 1 then
+    if mode == 'skip' then mark = '-' else redis.call('DEL', rk .. ARGV[i]); mark = '=' end
+  end
+  if mark == '-' then out[#out + 1] = '-'
+  else out[#out + 1] = mark .. redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'r', ARGV[i + 1]) end
 end
-return table.concat(ids, ' ')
+return table.concat(out, ' ')
 """
 
 # KEYS: results stream. ARGV: ttl s, results maxlen, result key prefix, then one string of records

@@ -34,3 +34,42 @@ async def queue_stats(r, names: Names) -> dict:
             out["workers"].append(h)
     out["workers"].sort(key=lambda h: h.get("name", ""))
     return out
+
+
+def summary_line(s: dict) -> str:
+    head = (f"requests {s['requests']}  results {s['results']}  dead {s['dead']}  "
+            f"awaiting retry {s['awaiting_retry']}")
+    g = s["group"]
+    if g is None:
+        return f"{head}\nno consumer group yet: no worker has started"
+    lag = "unknown" if g["lag"] is None else g["lag"]  # Redis cannot count it past deleted entries
+    return f"{head}  pending {g['pending']}  lag {lag}"
+
+
+def render(s: dict, console) -> None:
+    """The stats as text on a rich Console, readable at 80 columns: the summary line, then two narrow tables
+    (liveness, counters) rather than one wide one whose headers a terminal would cut."""
+    from rich import box
+    from rich.table import Column, Table
+
+    console.print(summary_line(s))
+    health = {w["name"]: w for w in s["workers"]}
+    consumers = {c["name"]: c for c in s["consumers"]}
+    names = list(consumers) + [n for n in health if n not in consumers]
+    if not names:
+        return
+
+    def table(*heads: str) -> Table:  # numbers right-aligned; a long worker name folds instead of cutting headers
+        return Table(Column("worker", overflow="fold"), *(Column(h, justify="right") for h in heads),
+                     box=box.SIMPLE_HEAD)
+
+    live = table("state", "pending", "in flight", "idle s", "seen s ago")
+    counts = table("processed", "errors", "failed", "dead", "reclaimed", "duplicates")
+    for n in names:
+        h, c = health.get(n, {}), consumers.get(n, {})
+        live.add_row(n, h.get("state", "-"), str(c.get("pending", "-")), h.get("in_flight", "-"),
+                     str(c.get("idle_s", "-")), str(h.get("age_s", "-")))
+        counts.add_row(n, *(h.get(k, "-") for k in ("processed", "errors", "failed", "dead", "reclaimed",
+                                                     "duplicates")))
+    console.print(live)
+    console.print(counts)

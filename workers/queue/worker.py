@@ -16,23 +16,24 @@ import time
 from collections import deque
 from functools import partial
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
-
 from phi3_model import seam
 from phi3_model.engine.sampling_params import EngineDied, EngineStalled, RequestError
 
 from .admit import Job, ParamsCache, admit_entries, dead_letter
 from .config import WorkerConfig
 from .connection import Names, connect, redact
+from .errors import RedisUnreachable, RedisUnusable
 from .finish import dump, settle
-from .health import Counters, Health
+from .health import Counters, Health, beat_loop, health_loop
 from .ops import Ops, entry_time
+from .reconnect import sleep_unless, with_retry
 from .schema import row_spec
 
 log = logging.getLogger("phi3.queue")
 
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+class WorkerFailed(RuntimeError):
+    """The worker could not go on (its engine died or stalled, a loop failed); what it held stays pending."""
 
 
 class QueueWorker:
@@ -50,6 +51,7 @@ class QueueWorker:
         self.done: deque = deque()  # finished outcomes for the acker: (kind, entry id, payload)
         self._done_added = asyncio.Event()
         self.stopping = False
+        self._stop = asyncio.Event()  # set once with `stopping`: ends backoff pauses early
         self.state = "starting"
         self._changed = asyncio.Event()
         self.spec = row_spec(config.defaults)  # the Parquet job's request semantics, with this worker's defaults
@@ -65,7 +67,8 @@ class QueueWorker:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._on_term)
             asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._on_term)
         log.info("worker %s on %s, prefix %r", self.cfg.name, redact(self.cfg.url), self.cfg.prefix)
-        background = [asyncio.create_task(self._guard(f)) for f in (self._acker, self._beat_loop, self._health_loop)]
+        background = [asyncio.create_task(self._guard(f)) for f in (self._acker, partial(beat_loop, self),
+                                                                     partial(health_loop, self))]
         try:
             if await self._redis(self.ops.ensure_group):
                 self.counters.groups_created += 1
@@ -76,6 +79,17 @@ class QueueWorker:
             while self.solo:
                 await self._run_solo()
             await self._until(lambda: not self.active)
+        except RedisUnreachable:
+            if not self.stopping:
+                raise
+            held = len(self.active) + len(self.solo)
+            if held:
+                raise RedisUnreachable(
+                    f"stopped while Redis at {redact(self.cfg.url)} was unreachable: {held} held entries stay "
+                    f"pending (not acked); other workers reclaim them after --claim-idle "
+                    f"({self.cfg.claim_idle_s:g} s)") from None
+            log.warning("stopped while Redis at %s was unreachable; this worker held no entries",
+                        redact(self.cfg.url))
         finally:  # no engine call outlives the worker (its loop may close next)
             tasks = background + list(self._tasks)
             for t in tasks:
@@ -98,7 +112,12 @@ class QueueWorker:
     def stop(self) -> None:
         """Stop reading; finish and ack what is held, then `run` returns."""
         self.stopping = True
+        self._stop.set()
         self._changed.set()
+
+    async def stop_requested(self, seconds: float) -> None:
+        """Pause `seconds`, or less if the worker is asked to stop meanwhile."""
+        await sleep_unless(self._stop, seconds)
 
     # ---- reading ------------------------------------------------------------------------------------------------
     @property
@@ -240,29 +259,6 @@ class QueueWorker:
                 self.active.discard(e)
             self._changed.set()
 
-    # ---- liveness -----------------------------------------------------------------------------------------------
-    async def _beat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.heartbeat)
-            held = list(self.active) + [j.entry_id for j in self.solo]
-            if not held:
-                continue
-            gone = await self._redis(lambda: self.ops.heartbeat(held))
-            if gone:
-                self.counters.stolen += len(gone)
-                log.warning("%d held entries were reclaimed by another worker; their results may be computed "
-                            "twice (raise --claim-idle above the longest request)", len(gone))
-
-    async def _health_loop(self) -> None:
-        while True:
-            if (failure := self.backend.failure()) is not None:  # noticed even with nothing in flight
-                self._die(failure)
-            try:
-                await self.health.publish(self.state, len(self.active) + len(self.solo), self.reason)
-            except TRANSIENT + (ResponseError,):
-                pass
-            await asyncio.sleep(self.cfg.health_interval_s)
-
     # ---- plumbing -----------------------------------------------------------------------------------------------
     def _finish(self, item: tuple) -> None:
         self.done.append(item)
@@ -276,7 +272,9 @@ class QueueWorker:
 
     def _check(self) -> None:
         if self._fatal is not None:
-            raise RuntimeError(f"worker {self.cfg.name}: {self._fatal_why}") from self._fatal
+            if isinstance(self._fatal, RedisUnusable):  # its message is the one line the user sees
+                raise self._fatal
+            raise WorkerFailed(f"worker {self.cfg.name}: {self._fatal_why}: {self._fatal}") from self._fatal
 
     def _die(self, error: BaseException, why: str = "its engine died") -> None:
         """The worker must not go on: it raises (the process exits non-zero) and what it holds stays pending, to
@@ -284,7 +282,10 @@ class QueueWorker:
         if self._fatal is None:
             if isinstance(error, EngineStalled):
                 why = "its engine stalled"
-            log.error("worker %s: %s: %s", self.cfg.name, why, error)
+            elif isinstance(error, RedisUnusable):  # raised to whoever runs the worker, which says it
+                why = "redis unreachable" if isinstance(error, RedisUnreachable) else "redis refused it"
+            if not isinstance(error, RedisUnusable):
+                log.error("worker %s: %s: %s", self.cfg.name, why, error)
             self._fatal, self._fatal_why = error, why
             self.reason = "stalled" if isinstance(error, EngineStalled) else why.removeprefix("its ")
         self._changed.set()
@@ -296,38 +297,16 @@ class QueueWorker:
             await loop()
         except asyncio.CancelledError:
             raise
+        except RedisUnusable as e:
+            self._die(e)
         except BaseException as e:  # noqa: BLE001
-            log.exception("worker %s: %s failed", self.cfg.name, loop.__name__)
-            self._die(e, f"its {loop.__name__} loop failed")
+            name = getattr(loop, "func", loop).__name__  # beat_loop and health_loop come as partials
+            log.exception("worker %s: %s failed", self.cfg.name, name)
+            self._die(e, f"its {name} loop failed")
 
     async def _redis(self, call):
-        """Run `call()` until it succeeds: connection errors (Redis down, restarting, loading) and NOGROUP (Redis
-        restarted empty or flushed: the group is recreated) are retried with capped exponential backoff."""
-        delay, failing = self.cfg.backoff_min_s, False
-        while True:
-            try:
-                out = await call()
-                if failing:
-                    log.warning("redis at %s is reachable again", redact(self.cfg.url))
-                return out
-            except TRANSIENT as e:
-                self.counters.reconnects += 1
-                if not failing:
-                    log.warning("redis at %s: %s; retrying with backoff (at most %.1f s apart)",
-                                redact(self.cfg.url), redact(f"{type(e).__name__}: {e}"), self.cfg.backoff_max_s)
-                failing = True
-            except ResponseError as e:  # UNBLOCKED: the stream vanished under a blocking read
-                if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
-                    raise
-                log.warning("consumer group %r of %r is gone (Redis restarted empty or was flushed); recreating it",
-                            self.names.group, self.names.requests)
-                try:
-                    if await self.ops.ensure_group():
-                        self.counters.groups_created += 1
-                except TRANSIENT:
-                    pass
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.cfg.backoff_max_s)
+        """`await call()`, retried through Redis outages (reconnect.py)."""
+        return await with_retry(self, call)
 
     def _on_term(self) -> None:
         loop = asyncio.get_running_loop()
