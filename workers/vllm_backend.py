@@ -39,8 +39,6 @@ import time
 import uuid
 from contextlib import aclosing
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from phi3_model.engine.sampling_params import Completion, EngineDied, EngineStalled, RequestError, SamplingParams
 from phi3_model.engine.stopping import Stopper
 from phi3_model.engine.watchdog import Watchdog
@@ -48,35 +46,9 @@ from phi3_model.presets import load_tokenizer, pick_device, pick_dtype, resolve
 from phi3_model.vllm_registry import ARCH, hf_overrides, register
 
 from .backend import BackendConfig, EngineBackend
+from .backend_options import VLLMOptions
 
 log = logging.getLogger(__name__)
-
-
-class VLLMOptions(BaseModel):
-    """What `BackendConfig.options` may hold for name='vllm'."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_model_len: int | None = Field(None, ge=2, description="context length (default: max_position_embeddings); "
-                                      "also decides LongRoPE's factor set, see the module doc")
-    max_num_seqs: int = Field(256, ge=1, description="sequences in one batch")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens in one step (default: vLLM's)")
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="GPU memory share for weights + KV")
-    kv_cache_space_gib: float | None = Field(None, gt=0.0, description="KV cache size in GiB (CPU: the KV space; "
-                                             "the VLLM_CPU_KVCACHE_SPACE environment variable wins when set)")
-    tensor_parallel_size: int = Field(1, ge=1)
-    enforce_eager: bool | None = Field(None, description="no torch.compile / CUDA graphs (default: True on CPU)")
-    enable_prefix_caching: bool = True
-    block_size: int | None = Field(None, ge=1, description="tokens per KV block (default: vLLM's)")
-    seed: int = Field(0, ge=0, description="engine seed (unseeded requests draw from it)")
-
-    @classmethod
-    def parse(cls, options: dict) -> "VLLMOptions":
-        allowed = list(cls.model_fields)
-        unknown = [k for k in options if k not in cls.model_fields]
-        if unknown:
-            raise ValueError(f"vllm backend option {unknown[0]!r} is unknown; allowed options: {', '.join(allowed)}")
-        return cls(**options)
 
 
 async def _in_own_thread(fn, abandon):
