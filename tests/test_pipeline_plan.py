@@ -243,7 +243,7 @@ def test_invalid_row_values_name_the_field_and_the_value():
 # ---- actors -----------------------------------------------------------------------------------------------------
 
 def test_actor_count_and_size_follow_the_cluster():
-    from pipeline.driver import _shape
+    from pipeline.actors import _shape
     base = JobConfig(input="a", output="b", model="m")
     cluster = {"CPU": 16.0, "GPU": 4.0}
     assert _shape(base, 100, cluster) == (1, 16.0, 0.0)                        # CPU only: one actor, every CPU
