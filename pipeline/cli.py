@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -162,6 +163,8 @@ def run(
         except JobError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1)
+        except KeyboardInterrupt:
+            _interrupted()
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -170,6 +173,16 @@ def run(
         typer.echo(f"error: {len(summary.failed_shards)} shard(s) failed: "
                    f"{', '.join(f['key'] for f in summary.failed_shards)}", err=True)
         raise typer.Exit(1)
+
+
+def _interrupted() -> None:
+    """Ctrl-C: the job's finally blocks have run (actors ended, a local Ray stopped whole), so end here without
+    the interpreter's teardown, where a Ray core worker interrupted mid-construction crashes (SIGSEGV)."""
+    typer.echo("error: interrupted; finished shards are kept: rerun the same command to resume", err=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _describe(config: JobConfig) -> str:

@@ -193,18 +193,19 @@ def ray_job(actors: int = typer.Option(2, "--actors", min=1), num_cpus: float = 
             health_interval: float = _W["health_interval"], until_empty: bool = _W["until_empty"],
             stall_timeout: float = _W["stall_timeout"], url: str = URL, prefix: str = PREFIX):
     """A Ray job whose actors are consumers of the same group (named NAME-0 .. NAME-{N-1})."""
-    import ray
+    import os
 
     from workers.queue.ray_actor import run_actors
+
+    from .ray_session import ray_session
     wc = _worker_config(url, prefix, name, read_count, max_in_flight, block_ms, claim_idle, max_deliveries,
                         result_ttl, health_interval, until_empty)
     bc = _backend_config(backend, model, dtype, device, option, stall_timeout)
-    ray.init(address=address, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
-    try:
+    # without an address a local Ray may start: it is stopped whole on any exit (pipeline/ray_session.py)
+    with ray_session(address, local=not address and not os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                     log_to_driver=True):
         for row in run_actors(actors, bc, wc, num_cpus=num_cpus, num_gpus=num_gpus):
             typer.echo(json.dumps(row))
-    finally:
-        ray.shutdown()
 
 
 @queue_app.command()
