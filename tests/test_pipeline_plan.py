@@ -73,6 +73,25 @@ def test_fingerprint_ignores_execution_settings_and_follows_row_semantics():
     assert base.fingerprint([dict(files[0], size=11)]) != base.fingerprint(files)
 
 
+def test_id_column_auto_fingerprints_as_the_explicit_setting_it_amounts_to(tmp_path):
+    files = [{"path": "/a/x.parquet", "rows": 3, "size": 10}]
+    # what the release before id_column auto computed for these configurations (id_column null, and id)
+    assert JobConfig(input="a", output="b", model="m").fingerprint(files, id_column=None) == "35383dc50b650e09"
+    assert JobConfig(input="a", output="b", model="m").fingerprint(files, id_column="id") == "9904f30698d9767b"
+    write(str(tmp_path / "in" / "plain.parquet"), pa.table({"prompt": ["x", "y"]}))
+    auto = make_plan(validate_config(job(tmp_path)))
+    assert auto.id_columns == {0: None}
+    assert auto.fingerprint == make_plan(validate_config(job(tmp_path, id_column=None))).fingerprint
+    assert auto.recorded_config()["id_column"] is None
+    write(str(tmp_path / "ids" / "own.parquet"), pa.table({"id": [7, 8], "prompt": ["x", "y"]}))
+    auto = make_plan(validate_config(job(tmp_path, input=str(tmp_path / "ids"))))
+    assert auto.id_columns == {0: "id"} and auto.schemas[0].field("id").type == pa.int64()
+    assert auto.fingerprint == make_plan(validate_config(job(tmp_path, input=str(tmp_path / "ids"),
+                                                             id_column="id"))).fingerprint
+    with pytest.raises(ConfigError, match="has its own 'id' column"):
+        make_plan(validate_config(job(tmp_path, input=str(tmp_path / "ids"), id_column=None)))
+
+
 # ---- input discovery and plan -----------------------------------------------------------------------------------
 
 def test_directory_and_glob_list_parquet_files_in_name_order(tmp_path):
@@ -182,6 +201,52 @@ def test_run_help_documents_every_configuration_key():
         assert JobConfig.model_fields[key].description in text, key
 
 
+PANELS = {"Input", "Output", "Model and engine", "Sampling", "Execution", "Cluster"}
+
+
+def help_panels(text: str) -> dict[str, dict[str, str]]:
+    """Rendered `run --help` -> {panel title: {first flag: the default shown}}."""
+    out = {}
+    for title, body in re.findall(r"╭─ (.+?) ─+╮\n(.*?)╰", text, re.S):
+        rows = re.split(r"\n(?=│ --)", body.strip("\n"))
+        out[title] = {}
+        for row in rows:
+            flat = " ".join(row.replace("│", " ").split())
+            shown = re.search(r"\[default: \((.*?)\)\]", flat)
+            out[title][flat.split()[0]] = shown.group(1) if shown else None
+    return out
+
+
+def test_run_help_shows_every_option_with_its_help_and_default_in_a_panel():
+    import typer.main
+    command = typer.main.get_command(app).commands["run"]
+    options = [p for p in command.params if p.name != "help"]
+    for p in options:
+        assert p.help and len(p.help) > 20, p.name       # described
+    result = runner.invoke(app, ["run", "--help"], terminal_width=200, env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    panels = help_panels(result.output)
+    assert set(panels) == PANELS | {"Options"} and set(panels["Options"]) == {"--help"}
+    shown = {flag: default for title in PANELS for flag, default in panels[title].items()}
+    assert sorted(shown) == sorted(p.opts[0] for p in options)    # every option, in exactly one panel
+    assert sum(len(panels[t]) for t in PANELS) == len(options)
+    assert all(shown[flag] for flag in shown), shown              # each with a default shown
+    # the defaults shown are those a job runs with (and its manifest records): a configuration of the required
+    # keys only, validated; and the values a user reported missing, as numbers
+    config = validate_config({"input": "i", "output": "o", "model": "m"}).model_dump(mode="json")
+    flags = {p.opts[0]: p for p in options}
+    for flag, p in flags.items():
+        key = {"engine_option": "engine_options", "stall_timeout_s": "stall_timeout_s"}.get(p.name, p.name)
+        if key in ("input", "output", "model"):
+            assert shown[flag].startswith("required"), flag
+        elif key in config:
+            value = config[key]
+            want = "none" if value in (None, [], {}) else str(value).lower() if isinstance(value, bool) else str(value)
+            assert shown[flag] == want, (flag, shown[flag], want)
+    assert (shown["--max-new-tokens"], shown["--batch-size"], shown["--shard-rows"]) == ("256", "256", "1000")
+    assert (shown["--config"], shown["--dry-run"]) == ("none", "false")
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     write(str(tmp_path / "in" / "a.parquet"), pa.table({"prompt": [str(i) for i in range(12)]}), row_group_size=4)
     out = tmp_path / "out"
@@ -191,6 +256,19 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert "1 file(s), 12 rows, 3 shard(s)" in result.output and "a.parquet" in result.output
     assert "actors  2" in result.output
     assert not out.exists()
+
+
+def test_dry_run_says_how_many_actors_will_run_and_why(tmp_path):
+    write(str(tmp_path / "in" / "a.parquet"), pa.table({"prompt": [str(i) for i in range(12)]}), row_group_size=4)
+    args = ["run", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "m", "--dry-run"]
+    cpus = len(os.sched_getaffinity(0))    # a local Ray takes the machine's CPUs
+    result = runner.invoke(app, args + ["--actors", "99"])    # one shard of 12 rows
+    assert result.exit_code == 0, result.output
+    assert f"actors  1 (asked for 99; the input has 1 shard(s) to run), 0 GPU and {cpus} CPU each" in result.output
+    result = runner.invoke(app, args + ["--shard-rows", "4"])
+    assert "actors  1 (auto: one actor when no GPUs are asked for)" in result.output
+    result = runner.invoke(app, args + ["--shard-rows", "4", "--actors", "2", "--address", "auto"])
+    assert "actors  2 (the joined cluster's CPUs and GPUs decide; at most 3, the shards to run)" in result.output
 
 
 def test_bad_configuration_exits_2_naming_the_key(tmp_path):
