@@ -140,7 +140,8 @@ class Job:
             reader = self.retry.reader(reader)
         try:
             Dispatcher(actors, reader, plan.row_columns, config.row_spec(), config.shards_per_actor,
-                       config.max_attempts, self.done, self.fail, self.progress.tick).run(self.todo)
+                       config.max_attempts, self.done, self.fail, self.progress.tick,
+                       self.progress.in_flight).run(self.todo)
         finally:
             reader.close()
             self.progress.close()
