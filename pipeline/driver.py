@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from .actors import JobError, start_actors, starts_local_ray, stop_actors
+from .actors import JobError, start_actors, starts_local_ray, stop_actors  # noqa: F401 - JobError: the CLI catches it here
 from .config import ConfigError, JobConfig
 from .dispatch import Dispatcher, Flight
 from .manifest import Manifest
