@@ -63,7 +63,7 @@ class EngineActor:
         try:
             return await run_table(backend, table, spec, self.limit, id_prefix=label, on_row=count)
         except EngineDied as e:
-            exit_for_restart(e)
+            exit_for_restart(e, backend)
         finally:
             self.finished.pop(key, None)
 

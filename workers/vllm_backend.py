@@ -242,6 +242,9 @@ class VLLMBackend(EngineBackend):
     def failure(self) -> BaseException | None:
         return self.error
 
+    def remove_files(self) -> None:
+        remove_run_directory(self._files)
+
     def _stalled(self, why: str) -> None:
         """Watchdog thread: every call in flight fails with EngineStalled, and so does every later one."""
         self.error = EngineStalled(f"vLLM: {why}")
