@@ -47,9 +47,8 @@ class Plan:
         for i, f in enumerate(self.files):
             lines.append(f"  {f.name:<32} {f.rows:>10} rows {len(f.row_groups):>5} row group(s) "
                          f"{len(self.shards_of(i)):>6} shard(s)")
-        ids = {"id" if v else "made up ('<file name>:<row index>')" for v in self.id_columns.values()}
-        lines += [f"ids     {', '.join(sorted(ids))}" + (f" (id_column {c.id_column})" if c.id_column != "auto"
-                                                          else " (id_column auto)"),
+        ids = sorted({f"column {v!r}" if v else "'<file name>:<row index>'" for v in self.id_columns.values()})
+        lines += [f"ids     {', '.join(ids)} (id_column {'null' if c.id_column is None else c.id_column})",
                   f"output  {c.output} (job {self.fingerprint})",
                   f"engine  {c.backend} {c.model} dtype={c.dtype} device={c.device}"]
         return "\n".join(lines)
