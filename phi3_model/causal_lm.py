@@ -13,6 +13,7 @@ Semantics of `generate` (KerasHub's CausalLM.generate, as documented; see shared
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -134,8 +135,16 @@ class Phi3CausalLM:
 
     def _generate_batch(self, prompts: list[str], max_length, stop_token_ids, strip_prompt) -> list[str]:
         max_length = max_length or self.preprocessor.sequence_length
+        context = self.engine.max_model_len
+        if max_length > context:
+            warnings.warn(f"max_length={max_length} is above the model's context of {context} tokens; generation "
+                          f"stops at {context} tokens", stacklevel=3)
         reqs = []
         for i, text in enumerate(prompts):
+            if isinstance(text, (list, tuple)):
+                raise TypeError(f"prompt {i} is {type(text).__name__}, expected str: a list is one batch of prompts; "
+                                f"to generate several batches pass an iterator or dataset of batches, e.g. "
+                                f"generate(iter(batches))")
             if not isinstance(text, str):
                 raise TypeError(f"prompt {i} is {type(text).__name__}, expected str")
             ids = self.preprocessor.generate_preprocess(text)

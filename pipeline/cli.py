@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -25,10 +26,27 @@ def _group() -> None:
     """Batch inference for Phi-3 models: Parquet jobs on Ray."""
 
 
-def _h(key: str, extra: str = "") -> str:
+INPUT, OUTPUT, ENGINE, SAMPLING, EXECUTION, CLUSTER = ("Input", "Output", "Model and engine", "Sampling",
+                                                      "Execution", "Cluster")
+
+
+def _shown(value) -> str:
+    """A default as the YAML key takes it."""
+    if value is None or value == [] or value == {}:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _o(key: str, *decls: str, panel: str, extra: str = "") -> typer.models.OptionInfo:
+    """The option of config key `key`: its description, its default as the job would run with it, its panel. Flags
+    default to None (not given), so a config file's value is not overridden by a flag's default."""
     field = JobConfig.model_fields[key]
-    default = "" if field.is_required() else f" [default: {field.get_default(call_default_factory=True)!r}]"
-    return f"{field.description}{extra}{default} (config key: {key})"
+    default = ("required: here or in --config" if field.is_required()
+               else _shown(field.get_default(call_default_factory=True)))
+    return typer.Option(*decls, help=f"{field.description}{extra} (config key: {key})", show_default=default,
+                        rich_help_panel=panel)
 
 
 def _list(text: Optional[str]) -> Optional[list[str]]:
@@ -70,46 +88,50 @@ def _options(pairs: Optional[list[str]]) -> Optional[dict]:
 
 @app.command()
 def run(
-    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file with the job's keys; flags "
-                                                                          "given here override it")] = None,
-    input: Annotated[Optional[str], typer.Option("--input", "-i", help=_h("input"))] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help=_h("output"))] = None,
-    model: Annotated[Optional[str], typer.Option(help=_h("model"))] = None,
-    backend: Annotated[Optional[str], typer.Option(help=_h("backend"))] = None,
-    dtype: Annotated[Optional[str], typer.Option(help=_h("dtype"))] = None,
-    device: Annotated[Optional[str], typer.Option(help=_h("device"))] = None,
-    engine_option: Annotated[Optional[list[str]], typer.Option(
-        help=_h("engine_options", "; KEY=VALUE, repeatable"))] = None,
-    prompt_column: Annotated[Optional[str], typer.Option(help=_h("prompt_column"))] = None,
-    messages_column: Annotated[Optional[str], typer.Option(help=_h("messages_column"))] = None,
-    id_column: Annotated[Optional[str], typer.Option(help=_h("id_column"))] = None,
-    keep_columns: Annotated[Optional[str], typer.Option(help=_h("keep_columns", "; comma-separated"))] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help=_h("max_new_tokens"))] = None,
-    temperature: Annotated[Optional[float], typer.Option(help=_h("temperature"))] = None,
-    top_k: Annotated[Optional[int], typer.Option(help=_h("top_k"))] = None,
-    top_p: Annotated[Optional[float], typer.Option(help=_h("top_p"))] = None,
-    seed: Annotated[Optional[int], typer.Option(help=_h("seed"))] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help=_h("stop", "; repeatable"))] = None,
-    stop_token_ids: Annotated[Optional[str], typer.Option(help=_h("stop_token_ids", "; ids comma-separated"))] = None,
-    strip_prompt: Annotated[Optional[bool], typer.Option("--strip-prompt/--no-strip-prompt",
-                                                         help=_h("strip_prompt"))] = None,
-    shard_rows: Annotated[Optional[int], typer.Option(help=_h("shard_rows"))] = None,
-    actors: Annotated[Optional[str], typer.Option(help=_h("actors"))] = None,
-    gpus_per_actor: Annotated[Optional[float], typer.Option(help=_h("gpus_per_actor"))] = None,
-    cpus_per_actor: Annotated[Optional[str], typer.Option(help=_h("cpus_per_actor"))] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=_h("batch_size"))] = None,
-    shards_per_actor: Annotated[Optional[int], typer.Option(help=_h("shards_per_actor"))] = None,
-    max_attempts: Annotated[Optional[int], typer.Option(help=_h("max_attempts"))] = None,
-    stall_timeout_s: Annotated[Optional[float], typer.Option("--stall-timeout", help=_h("stall_timeout_s"))] = None,
-    address: Annotated[Optional[str], typer.Option(help=_h("address"))] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help=_h("overwrite"))] = None,
-    retry_errors: Annotated[Optional[bool], typer.Option(
-        "--retry-errors", help=_h("retry_errors", "; a refused change is an error naming each key with its old and "
-                                  "new value, before anything is written"))] = None,
-    progress: Annotated[Optional[str], typer.Option(help=_h("progress"))] = None,
-    log_every_s: Annotated[Optional[float], typer.Option(help=_h("log_every_s"))] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan (files, shards, rows, actors) and "
-                                                            "exit without running anything")] = False,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", "-c", help="YAML file with the job's keys; flags given here override it", show_default="none",
+        rich_help_panel=INPUT)] = None,
+    input: Annotated[Optional[str], _o("input", "--input", "-i", panel=INPUT)] = None,
+    prompt_column: Annotated[Optional[str], _o("prompt_column", panel=INPUT)] = None,
+    messages_column: Annotated[Optional[str], _o("messages_column", panel=INPUT)] = None,
+    id_column: Annotated[Optional[str], _o("id_column", panel=INPUT)] = None,
+    shard_rows: Annotated[Optional[int], _o("shard_rows", panel=INPUT)] = None,
+    output: Annotated[Optional[str], _o("output", "--output", "-o", panel=OUTPUT)] = None,
+    keep_columns: Annotated[Optional[str], _o("keep_columns", panel=OUTPUT, extra="; comma-separated")] = None,
+    strip_prompt: Annotated[Optional[bool], _o("strip_prompt", "--strip-prompt/--no-strip-prompt",
+                                               panel=OUTPUT)] = None,
+    overwrite: Annotated[Optional[bool], _o("overwrite", "--overwrite", panel=OUTPUT)] = None,
+    retry_errors: Annotated[Optional[bool], _o(
+        "retry_errors", "--retry-errors", panel=OUTPUT, extra="; a refused change is an error naming each key with "
+        "its old and new value, before anything is written")] = None,
+    model: Annotated[Optional[str], _o("model", panel=ENGINE)] = None,
+    backend: Annotated[Optional[str], _o("backend", panel=ENGINE)] = None,
+    dtype: Annotated[Optional[str], _o("dtype", panel=ENGINE)] = None,
+    device: Annotated[Optional[str], _o("device", panel=ENGINE)] = None,
+    engine_option: Annotated[Optional[list[str]], _o("engine_options", panel=ENGINE,
+                                                     extra="; NAME=VALUE, repeatable")] = None,
+    stall_timeout_s: Annotated[Optional[float], _o("stall_timeout_s", "--stall-timeout", panel=ENGINE)] = None,
+    max_new_tokens: Annotated[Optional[int], _o("max_new_tokens", panel=SAMPLING)] = None,
+    temperature: Annotated[Optional[float], _o("temperature", panel=SAMPLING)] = None,
+    top_k: Annotated[Optional[int], _o("top_k", panel=SAMPLING)] = None,
+    top_p: Annotated[Optional[float], _o("top_p", panel=SAMPLING)] = None,
+    seed: Annotated[Optional[int], _o("seed", panel=SAMPLING)] = None,
+    stop: Annotated[Optional[list[str]], _o("stop", panel=SAMPLING, extra="; repeatable")] = None,
+    stop_token_ids: Annotated[Optional[str], _o("stop_token_ids", panel=SAMPLING,
+                                                extra="; ids comma-separated")] = None,
+    batch_size: Annotated[Optional[int], _o("batch_size", panel=EXECUTION)] = None,
+    shards_per_actor: Annotated[Optional[int], _o("shards_per_actor", panel=EXECUTION)] = None,
+    max_attempts: Annotated[Optional[int], _o("max_attempts", panel=EXECUTION)] = None,
+    progress: Annotated[Optional[str], _o("progress", panel=EXECUTION)] = None,
+    log_every_s: Annotated[Optional[float], _o("log_every_s", panel=EXECUTION)] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="print the plan (files, shards, rows, ids, what a rerun keeps, the actors that would "
+        "start) and exit without writing or starting anything", show_default="false",
+        rich_help_panel=EXECUTION)] = False,
+    address: Annotated[Optional[str], _o("address", panel=CLUSTER)] = None,
+    actors: Annotated[Optional[str], _o("actors", panel=CLUSTER)] = None,
+    gpus_per_actor: Annotated[Optional[float], _o("gpus_per_actor", panel=CLUSTER)] = None,
+    cpus_per_actor: Annotated[Optional[str], _o("cpus_per_actor", panel=CLUSTER)] = None,
 ) -> None:
     """Generate a completion for every row of the input Parquet files; write one Parquet file per input file.
 
@@ -141,6 +163,8 @@ def run(
         except JobError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1)
+        except KeyboardInterrupt:
+            _interrupted()
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -151,17 +175,37 @@ def run(
         raise typer.Exit(1)
 
 
-def _describe(job: JobConfig) -> str:
+def _interrupted() -> None:
+    """Ctrl-C: the job's finally blocks have run (actors ended, a local Ray stopped whole), so end here without
+    the interpreter's teardown, where a Ray core worker interrupted mid-construction crashes (SIGSEGV)."""
+    typer.echo("error: interrupted; finished shards are kept: rerun the same command to resume", err=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def _describe(config: JobConfig) -> str:
+    """The plan, what this run would do in the output directory (resume, retry), and the actors it would start:
+    the checks of a real run, without writing or starting anything."""
+    from .actors import describe
+    from .driver import Job, claim_output
     from .plan import make_plan
-    plan = make_plan(job)
-    if not job.retry_errors:
-        return plan.describe()
-    from .manifest import Manifest
-    from .retry import preview
+    from .retry import load, preview
     from .sink import Sink
     from .source import filesystem
-    sink = Sink(*filesystem(job.output))
-    return plan.describe() + "\n" + preview(plan, sink, Manifest.read(sink.fs, sink.dir))
+    plan = make_plan(config)
+    sink = Sink(*filesystem(config.output))
+    found, manifest = claim_output(plan, sink)
+    job = Job(plan, sink, manifest, load(plan, sink) if config.retry_errors else None)
+    lines = [plan.describe()]
+    if config.retry_errors:
+        lines.append(preview(plan, sink, found))
+    elif len(job.todo) < len(plan.shards):
+        lines.append(f"resume  {len(plan.shards) - len(job.todo)} shard(s) finished by an earlier run are kept; "
+                     f"{len(job.todo)} to run")
+    lines.append(describe(config, len(job.todo)) if job.todo else "actors  none: nothing left to run")
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workers.backend_options import OptionError, parse_options
 from workers.rows import RowError, RowSpec, sampling
 
 StopTokenIds = Literal["auto", "none"] | list[int]
@@ -35,7 +36,8 @@ class JobConfig(BaseModel):
     prompt_column: str = Field("prompt", description="column holding the prompt text")
     messages_column: str | None = Field(None, description="column of chat messages (list of {role, content}); "
                                                             "used instead of prompt_column when set")
-    id_column: str | None = Field(None, description="column holding row ids (default: '<file name>:<row index>')")
+    id_column: str | None = Field("auto", description="column holding row ids; auto: the input's 'id' column "
+                                  "when it has one, else '<file name>:<row index>' (null: always the latter)")
     keep_columns: list[str] | None = Field(None, description="input columns copied to the output; 'id' is the row id "
                                                               "(default: id and the prompt or messages column)")
     # the engine
@@ -43,7 +45,10 @@ class JobConfig(BaseModel):
     backend: Literal["native", "vllm"] = Field("native", description="engine backend: native | vllm")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)")
     device: str = Field("auto", description="auto | cpu | cuda")
-    engine_options: dict[str, Any] = Field(default_factory=dict, description="backend-specific engine options")
+    engine_options: dict[str, Any] = Field(default_factory=dict, description="the backend's engine options "
+                                           "(native: block_size, num_blocks, kv_cache_bytes, max_num_seqs, "
+                                           "max_num_batched_tokens, enable_prefix_caching, schedule, max_model_len, "
+                                           "threads, process, cpus; vllm: see README, Backends)")
     # sampling defaults (per-row columns of the same names override them)
     max_new_tokens: int = Field(256, description="largest number of tokens generated per row")
     temperature: float = Field(0.0, description="0 = greedy (the job's default)")
@@ -100,6 +105,17 @@ class JobConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _engine_options(self):
+        """Validated into the backend's own options model, so the actors receive options that are valid (the
+        values as that model reads them: `block_size="16"` becomes 16)."""
+        try:
+            parsed = parse_options(self.backend, self.engine_options)
+        except OptionError as e:
+            raise ValueError(f"engine_options: {e}") from None
+        self.engine_options = parsed.model_dump(mode="json", exclude_unset=True)
+        return self
+
+    @model_validator(mode="after")
     def _sampling(self):
         try:
             sampling({}, self.row_spec(), end_token_ids=())
@@ -122,10 +138,12 @@ class JobConfig(BaseModel):
     def kept(self) -> list[str]:
         return list(self.keep_columns) if self.keep_columns is not None else ["id", self.source_column]
 
-    def fingerprint(self, files: list[dict]) -> str:
+    def fingerprint(self, files: list[dict], **resolved: Any) -> str:
         """Hash of everything that decides the output bytes: the input files, the model, the row semantics and the
-        shard cut. Actors, GPUs, batch size and the cluster address are left out: a rerun may change them."""
-        blob = json.dumps({"config": {k: getattr(self, k) for k in ROW_KEYS}, "files": files}, sort_keys=True)
+        shard cut. Actors, GPUs, batch size and the cluster address are left out: a rerun may change them.
+        resolved: keys as they resolve for these files (id_column 'auto' -> 'id' or None)."""
+        config = {k: resolved.get(k, getattr(self, k)) for k in ROW_KEYS}
+        blob = json.dumps({"config": config, "files": files}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -170,4 +188,4 @@ def explain(error: ValidationError, source: str | None = None) -> str:
             hint = f" [{fields[top].description}]" if top in fields else ""
             lines.append(f"{key}: {err['msg']} (got {err.get('input')!r}){hint}")
     where = f" in {source}" if source else ""
-    return f"invalid job configuration{where}:\n  " + "\n  ".join(lines)
+    return f"invalid job configuration{where}: " + "; ".join(lines)

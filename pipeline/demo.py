@@ -46,18 +46,24 @@ def answer(text: str) -> str:
     return text.removesuffix("<|end|>").strip()
 
 
-def parquet_job(model: str, out: str, rows: int) -> None:
+def write_demo_prompts(directory: str, rows: int) -> list[tuple[str, str]]:
+    """demo.parquet in `directory`: an `id` column (q000, ...) and chat `messages`; -> (question, answer) per row."""
     qa = demo_questions(rows)
-    src = os.path.join(out, "prompts")
-    os.makedirs(src, exist_ok=True)
+    os.makedirs(directory, exist_ok=True)
     table = pa.table({"id": [f"q{i:03d}" for i in range(rows)],
                       "messages": [[{"role": "user", "content": q}] for q, _ in qa]})
-    pq.write_table(table, os.path.join(src, "demo.parquet"), row_group_size=20)
+    pq.write_table(table, os.path.join(directory, "demo.parquet"), row_group_size=20)
+    return qa
+
+
+def parquet_job(model: str, out: str, rows: int) -> None:
+    src = os.path.join(out, "prompts")
+    qa = write_demo_prompts(src, rows)
     dst = os.path.join(out, "completions")
     shutil.rmtree(dst, ignore_errors=True)  # a fresh run each time (a rerun into it would resume, computing nothing)
     print(f"\n== Parquet job: {rows} chat prompts -> phi3-batch run (embedded local Ray, native engine)")
     t0 = time.time()
-    cli("run", "--input", src, "--output", dst, "--model", model, "--messages-column", "messages", "--id-column", "id",
+    cli("run", "--input", src, "--output", dst, "--model", model, "--messages-column", "messages",
         "--max-new-tokens", "16")
     result = pq.read_table(os.path.join(dst, "demo.parquet")).to_pylist()
     right = sum(answer(r["completion"]) == a for r, (_, a) in zip(result, qa))

@@ -21,6 +21,7 @@ from .source import ShardReader
 
 log = logging.getLogger("phi3_batch")
 ALIVE, RECOVERING, DEAD = "alive", "recovering", "dead"
+STATS_EVERY_S = 1.0     # actors with shards in flight are asked for their finished rows at most this often
 
 
 @dataclass
@@ -30,14 +31,24 @@ class Flight:
     attempt: int
     rows: pa.Table      # the shard's input rows (kept columns are copied from here into the output)
 
+    @property
+    def label(self) -> str:
+        """The shard's attempt as the actor names it (its request ids and its stats)."""
+        return f"{self.shard.key}/{self.attempt}"
+
 
 class Dispatcher:
     def __init__(self, actors: list, reader: ShardReader, row_columns: dict[int, list[str]], spec, per_actor: int,
                  max_attempts: int, on_done: Callable[[Flight, pa.Table], None],
-                 on_failed: Callable[[Shard, int, str], None], tick: Callable[[], None] = lambda: None):
+                 on_failed: Callable[[Shard, int, str], None], tick: Callable[[], None] = lambda: None,
+                 in_flight: Callable[[int, int], None] = lambda rows, tokens: None):
+        """in_flight(rows, tokens): rows (and their output tokens) finished so far in the shards in flight."""
         self.actors, self.reader, self.row_columns, self.spec = actors, reader, row_columns, spec
         self.per_actor, self.max_attempts = per_actor, max_attempts
-        self.on_done, self.on_failed, self.tick = on_done, on_failed, tick
+        self.on_done, self.on_failed, self.tick, self.in_flight = on_done, on_failed, tick, in_flight
+        self.stats: dict[ray.ObjectRef, int] = {}     # stats() calls pending -> actor
+        self.stats_at = float("-inf")
+        self.partial: dict[str, list[int]] = {}       # flight label -> [rows, tokens] finished so far
         self.state = [ALIVE] * len(actors)
         self.load = [0] * len(actors)
         self.restarts = [0] * len(actors)
@@ -56,6 +67,7 @@ class Dispatcher:
                 break
             self._fill()
             self._ping()
+            self._poll_stats()
             waiting = list(self.flights) + list(self.pings)
             if not waiting:
                 time.sleep(0.1)      # every actor is restarting and waits for its next ping
@@ -64,6 +76,30 @@ class Dispatcher:
             for ref in ready:
                 self._pinged(ref) if ref in self.pings else self._landed(ref)
             self.tick()
+
+    def _poll_stats(self) -> None:
+        """Collect the stats() answers that are in (never waiting for one), and ask the actors with shards in
+        flight again once the last round is in and STATS_EVERY_S has passed."""
+        if self.stats:
+            ready, _ = ray.wait(list(self.stats), num_returns=len(self.stats), timeout=0)
+            for ref in ready:
+                self.stats.pop(ref)
+                try:
+                    self.partial.update(ray.get(ref))
+                except (RayActorError, RayTaskError):
+                    pass             # a dead actor: its shards come back through their own refs
+            self._report()
+        now = time.monotonic()
+        if not self.stats and now - self.stats_at >= STATS_EVERY_S:
+            self.stats_at = now
+            for i in sorted({f.actor for f in self.flights.values()}):
+                if self.state[i] == ALIVE:
+                    self.stats[self.actors[i].stats.remote()] = i
+
+    def _report(self) -> None:
+        labels = {f.label for f in self.flights.values()}
+        self.partial = {k: v for k, v in self.partial.items() if k in labels}
+        self.in_flight(sum(v[0] for v in self.partial.values()), sum(v[1] for v in self.partial.values()))
 
     def _fill(self) -> None:
         alive = [i for i, s in enumerate(self.state) if s == ALIVE]
@@ -76,14 +112,15 @@ class Dispatcher:
                     self._retry(shard, attempt, f"reading rows {shard.start}..{shard.stop} of "
                                                 f"{self.reader.files[shard.file].path}: {e}")
                     continue
-                ref = self.actors[i].run.remote(rows.select(self.row_columns[shard.file]), self.spec,
-                                                f"{shard.key}/{attempt}")
-                self.flights[ref] = Flight(shard, i, attempt, rows)
+                flight = Flight(shard, i, attempt, rows)
+                ref = self.actors[i].run.remote(rows.select(self.row_columns[shard.file]), self.spec, flight.label)
+                self.flights[ref] = flight
                 self.load[i] += 1
 
     def _landed(self, ref) -> None:
         f = self.flights.pop(ref)
         self.load[f.actor] -= 1
+        self._report()           # its rows leave the in-flight count before the shard is counted done
         try:
             results = ray.get(ref)
         except RayActorError as e:

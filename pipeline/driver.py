@@ -8,24 +8,22 @@ of a finished job only (pipeline/retry.py).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import os
 import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import ray
-from ray.exceptions import RayActorError, RayTaskError
 
-from workers.actor import spawn
-
+from .actors import JobError, start_actors, starts_local_ray, stop_actors  # noqa: F401 - JobError: the CLI catches it here
 from .config import ConfigError, JobConfig
 from .dispatch import Dispatcher, Flight
 from .manifest import Manifest
 from .plan import Plan, make_plan
 from .progress import Progress
+from .ray_session import ray_session
 from .retry import Retry, check as check_retry, load as load_retry
 from .shards import Shard
 from .sink import Sink, part_stats
@@ -33,12 +31,6 @@ from .source import ShardReader, filesystem
 from .summary import Summary
 
 log = logging.getLogger("phi3_batch")
-MAX_RESTARTS = 4
-RESOURCE_WAIT_S = 300.0   # a joined cluster may still be adding GPU nodes
-
-
-class JobError(RuntimeError):
-    """The job could not run at all (the engine failed to start)."""
 
 
 def run(config: JobConfig) -> Summary:
@@ -48,19 +40,16 @@ def run(config: JobConfig) -> Summary:
     sink = Sink(fs, out)
     found, manifest = claim_output(plan, sink)
     job = Job(plan, sink, manifest, load_retry(plan, sink) if config.retry_errors else None)
-    owned = connect(config) if job.todo else False
-    actors, infos = [], []
-    try:
-        if job.todo:
-            actors, infos = start_actors(config, len(job.todo), joined=not owned)
-        job.begin(found, infos)
-        generate_s = job.dispatch(actors) if job.todo else 0.0
-        return job.summarize(time.monotonic() - t0, generate_s, infos)
-    finally:
-        for a in actors:
-            ray.kill(a)
-        if owned:
-            ray.shutdown()
+    with (connect(config) if job.todo else contextlib.nullcontext(False)) as owned:
+        actors, infos = [], []
+        try:
+            if job.todo:
+                actors, infos = start_actors(config, len(job.todo), joined=not (owned and starts_local_ray(config)))
+            job.begin(found, infos)
+            generate_s = job.dispatch(actors) if job.todo else 0.0
+            return job.summarize(time.monotonic() - t0, generate_s, infos)
+        finally:
+            stop_actors(actors)
 
 
 def claim_output(plan: Plan, sink: Sink) -> tuple[Manifest | None, Manifest]:
@@ -68,7 +57,7 @@ def claim_output(plan: Plan, sink: Sink) -> tuple[Manifest | None, Manifest]:
     config = plan.config
     if sink.fs.get_file_info(sink.dir).type == pafs.FileType.File:
         raise ConfigError(f"output {config.output!r} is a file; expected a directory")
-    header = dict(config=config.model_dump(mode="json"), shards=len(plan.shards),
+    header = dict(config=plan.recorded_config(), shards=len(plan.shards),
                   files=[dict(f.identity(), name=f.name, shards=len(plan.shards_of(i)))
                          for i, f in enumerate(plan.files)])
     found = Manifest.read(sink.fs, sink.dir)
@@ -84,67 +73,15 @@ def claim_output(plan: Plan, sink: Sink) -> tuple[Manifest | None, Manifest]:
     return found, manifest
 
 
-def connect(config: JobConfig) -> bool:
-    """Join or start Ray; True when this call started it (and so must stop it)."""
-    if ray.is_initialized():
-        return False
+def connect(config: JobConfig):
+    """Join the cluster named (--address, or RAY_ADDRESS inside `ray job submit`) or start a new local Ray, never
+    one found on the machine; a context yielding True when this job connected (and so disconnects, and stops
+    every process of a Ray it started)."""
     if config.address:
-        ray.init(address=config.address, logging_level=logging.WARNING)
-    elif os.environ.get("RAY_ADDRESS"):          # inside `ray job submit`
-        ray.init(logging_level=logging.WARNING)
-    else:                                         # a new local Ray, never one found on the machine
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    return True
-
-
-def actor_shape(config: JobConfig, shards: int, wait_s: float = 0.0) -> tuple[int, float, float]:
-    """(actors, CPUs each, GPUs each) for this cluster. A joined cluster may still be adding nodes: wait up to
-    `wait_s` for the GPUs asked for before refusing."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            return _shape(config, shards, ray.cluster_resources())
-        except ConfigError as e:
-            if time.monotonic() >= deadline or not config.gpus_per_actor:
-                raise
-            log.warning("%s; waiting for nodes to join", e)
-            time.sleep(5)
-
-
-def _shape(config: JobConfig, shards: int, res: dict) -> tuple[int, float, float]:
-    cpus, gpus = res.get("CPU", 1.0), res.get("GPU", 0.0)
-    if config.actors == "auto":
-        n = int(gpus // config.gpus_per_actor) if config.gpus_per_actor else 1
-    else:
-        n = config.actors
-    if config.gpus_per_actor and (n < 1 or n * config.gpus_per_actor > gpus):
-        raise ConfigError(f"{max(n, 1)} actor(s) x gpus_per_actor {config.gpus_per_actor:g} needs "
-                          f"{max(n, 1) * config.gpus_per_actor:g} GPUs; the Ray cluster has {gpus:g}")
-    n = max(1, min(n, shards))
-    each = config.cpus_per_actor if config.cpus_per_actor != "auto" else (
-        1.0 if config.gpus_per_actor else math.floor(cpus / n * 1000) / 1000)
-    if n * each > cpus + 1e-9:
-        raise ConfigError(f"{n} actor(s) x cpus_per_actor {each:g} needs {n * each:g} CPUs; the Ray cluster has "
-                          f"{cpus:g} (lower cpus_per_actor or actors)")
-    return n, each, config.gpus_per_actor
-
-
-def start_actors(config: JobConfig, shards: int, joined: bool) -> tuple[list, list[dict]]:
-    """Engine actors with their engines loaded, and where each runs; JobError if an engine cannot start."""
-    n, cpus, gpus = actor_shape(config, shards, wait_s=RESOURCE_WAIT_S if joined else 0.0)
-    backend = dict(name=config.backend, model=config.model, dtype=config.dtype, device=config.device,
-                   options=config.engine_options, stall_timeout_s=config.stall_timeout_s)
-    actors = [spawn(backend, batch_size=config.batch_size, num_cpus=cpus, num_gpus=gpus, max_restarts=MAX_RESTARTS)
-              for _ in range(n)]
-    try:
-        infos = ray.get([a.info.remote() for a in actors])
-    except (RayTaskError, RayActorError) as e:
-        for a in actors:
-            ray.kill(a)
-        cause = getattr(e, "cause", None) or e
-        raise JobError(f"the {config.backend} engine failed to start for model {config.model!r}: {cause}") from None
-    log.info("%d actor(s) ready (%g CPU, %g GPU each): %s", n, cpus, gpus, infos)
-    return actors, infos
+        return ray_session(config.address, local=False, logging_level=logging.WARNING)
+    if os.environ.get("RAY_ADDRESS"):
+        return ray_session(None, local=False, logging_level=logging.WARNING)
+    return ray_session("local", local=True, include_dashboard=False, logging_level=logging.WARNING)
 
 
 class Job:
@@ -203,7 +140,8 @@ class Job:
             reader = self.retry.reader(reader)
         try:
             Dispatcher(actors, reader, plan.row_columns, config.row_spec(), config.shards_per_actor,
-                       config.max_attempts, self.done, self.fail, self.progress.tick).run(self.todo)
+                       config.max_attempts, self.done, self.fail, self.progress.tick,
+                       self.progress.in_flight).run(self.todo)
         finally:
             reader.close()
             self.progress.close()
@@ -272,11 +210,11 @@ class Job:
 
 def output_rows(plan: Plan, shard: Shard, rows: pa.Table, results: pa.Table) -> pa.Table:
     """The kept input columns (the row id made up when there is no id column) beside the result columns."""
-    config, schema = plan.config, plan.schemas[shard.file]
+    config, schema, ids = plan.config, plan.schemas[shard.file], plan.id_columns[shard.file]
     columns = []
     for name in config.kept:
-        if name == "id" and config.id_column is None:
+        if name == "id" and ids is None:
             columns.append(pa.array([f"{shard.name}:{i}" for i in range(shard.start, shard.stop)], pa.string()))
         else:
-            columns.append(rows.column(config.id_column if name == "id" else name))
+            columns.append(rows.column(ids if name == "id" else name))
     return pa.Table.from_arrays(columns + results.columns, schema=schema)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -159,16 +160,18 @@ def ray_job(actors: int = typer.Option(2, "--actors", min=1, help="queue workers
     import ray
 
     from workers.queue.ray_actor import run_actors
-    ray.init(address=address, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
-    try:
-        for row in run_actors(actors, bc, wc, num_cpus=num_cpus, num_gpus=num_gpus):
-            typer.echo(json.dumps(row))
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, RedisUnusable):
-            fail(str(e.cause), EXIT_REDIS)
-        raise
-    finally:
-        ray.shutdown()
+
+    from .ray_session import ray_session
+    # without an address a local Ray may start: it is stopped whole on any exit (pipeline/ray_session.py)
+    with ray_session(address, local=not address and not os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                     log_to_driver=True):
+        try:
+            for row in run_actors(actors, bc, wc, num_cpus=num_cpus, num_gpus=num_gpus):
+                typer.echo(json.dumps(row))
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, RedisUnusable):
+                fail(str(e.cause), EXIT_REDIS)
+            raise
 
 
 exit_codes(ray_job, EXIT_CODES.replace("drained", "every actor drained"))

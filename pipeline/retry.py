@@ -64,7 +64,7 @@ def check(found: Manifest | None, plan: Plan, sink: Sink) -> None:
 
 def differences(header: dict, plan: Plan) -> list[str]:
     """'key: old -> new' for each row-deciding key (and the input files) that differs from the job's header."""
-    old, new = header.get("config", {}), plan.config.model_dump(mode="json")
+    old, new = header.get("config", {}), plan.recorded_config()
     out = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in ROW_KEYS if old.get(k) != new[k]]
     before = [f"{f['path']} ({f['rows']} rows, {f['size']} bytes)" for f in header.get("files", [])]
     after = [f"{f.path} ({f.rows} rows, {f.size} bytes)" for f in plan.files]
@@ -75,7 +75,7 @@ def differences(header: dict, plan: Plan) -> list[str]:
 
 def accepted_changes(header: dict, plan: Plan) -> dict:
     """{key: [old, new]} for the settings this run changes from the job's first run (engine options, actors, ...)."""
-    old, new = header.get("config", {}), plan.config.model_dump(mode="json")
+    old, new = header.get("config", {}), plan.recorded_config()
     skip = set(ROW_KEYS) | {"input", "output", "retry_errors", "overwrite"}
     return {k: [old.get(k), v] for k, v in new.items() if k not in skip and old.get(k) != v}
 

@@ -69,3 +69,66 @@ def lm(tiny_model_dir):
     model = Phi3CausalLM.from_preset(tiny_model_dir, dtype="float32", device="cpu")
     model.compile(sampler="greedy")
     return model
+
+
+# ---- the CLI as a real process --------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def checksums(*directories: str) -> dict[str, str]:
+    """sha256 of every file under the directories, by path: any file added, removed or changed shows."""
+    import hashlib
+    out = {}
+    for directory in directories:
+        for root, _, names in os.walk(directory):
+            for name in names:
+                path = os.path.join(root, name)
+                with open(path, "rb") as f:
+                    out[path] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat fields after the command name (state, ppid, pgrp, session, ..., starttime at 19)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session `sid`."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (stat := proc_stat(int(name))) is not None and int(stat[3]) == sid \
+                and stat[0] != "Z":
+            out.append(int(name))
+    return out
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: float = 300, cwd: str = ROOT):
+    """`python -m pipeline.cli ARGS` in a session of its own, this worktree's code; after it exits no process of
+    its session may be left. Returns the CompletedProcess (text)."""
+    import subprocess
+    import sys
+    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    full_env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = session_members(proc.pid)
+    assert not left, f"processes outlived the command: {left}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def one_line_error(result) -> str:
+    """The command's error: exactly one line on stderr, starting 'error: '."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -136,6 +137,29 @@ def test_a_list_gives_a_list_and_an_iterable_of_batches_is_concatenated_in_order
     assert lm.generate(list(TEXTS), max_length=L) == want
     batches = (batch for batch in (TEXTS[3:], TEXTS[:1], TEXTS[1:3]))  # a one-shot iterable, like a dataset
     assert lm.generate(batches, max_length=L) == want[3:] + want[:1] + want[1:3]
+
+
+def test_a_list_of_batches_is_refused_saying_a_list_is_one_batch_and_an_iterator_works(lm, ref):
+    batches = [list(TEXTS[:2]), list(TEXTS[2:4])]
+    with pytest.raises(TypeError) as e:
+        lm.generate(batches, max_length=30)
+    assert "prompt 0 is list" in str(e.value) and "a list is one batch" in str(e.value)
+    assert "iterator" in str(e.value)
+    # what the message says to do: the same batches as an iterator are generated batch by batch
+    assert lm.generate(iter(batches), max_length=30) == [lm.generate(t, max_length=30) for t in TEXTS[:4]]
+
+
+def test_max_length_above_the_context_warns_naming_both_and_stops_at_the_context(tiny_model_dir, lm, ref):
+    import json
+    with open(os.path.join(tiny_model_dir, "config.json")) as f:
+        context = json.load(f)["max_position_embeddings"]     # the checkpoint's own context, not the engine's
+    ids = ref.ids(TEXTS[0])
+    with pytest.warns(UserWarning, match=rf"max_length={context + 100} .*context of {context} tokens"):
+        out = lm.generate(TEXTS[0], max_length=context + 100, stop_token_ids=None, strip_prompt=True)
+    assert out == ref.text(ref.greedy(ids, context - len(ids)))    # capped: the context holds prompt + new tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lm.generate(TEXTS[0], max_length=context, stop_token_ids=None)   # at the context: no warning
 
 
 def test_a_prompt_that_fills_max_length_is_refused(lm, ref):

@@ -1,5 +1,5 @@
 """The Parquet job before any engine runs: configuration, input discovery, shard cut, shard reading, manifest,
-CLI help and dry-run. Real Parquet files in tmp_path; no Ray."""
+progress, actor shape (the CLI's help and dry run: test_pipeline_cli.py). Real Parquet files in tmp_path; no Ray."""
 from __future__ import annotations
 
 import json
@@ -10,16 +10,12 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.config import ConfigError, JobConfig, load_config, validate_config
 from pipeline.manifest import Manifest
 from pipeline.plan import make_plan
 from pipeline.shards import cut
 from pipeline.source import ShardReader, list_files
-
-runner = CliRunner()
 
 
 def job(tmp_path, **kw) -> dict:
@@ -71,6 +67,25 @@ def test_fingerprint_ignores_execution_settings_and_follows_row_semantics():
     assert same.fingerprint(files) == base.fingerprint(files)
     assert base.model_copy(update=dict(max_new_tokens=9)).fingerprint(files) != base.fingerprint(files)
     assert base.fingerprint([dict(files[0], size=11)]) != base.fingerprint(files)
+
+
+def test_id_column_auto_fingerprints_as_the_explicit_setting_it_amounts_to(tmp_path):
+    files = [{"path": "/a/x.parquet", "rows": 3, "size": 10}]
+    # what the release before id_column auto computed for these configurations (id_column null, and id)
+    assert JobConfig(input="a", output="b", model="m").fingerprint(files, id_column=None) == "35383dc50b650e09"
+    assert JobConfig(input="a", output="b", model="m").fingerprint(files, id_column="id") == "9904f30698d9767b"
+    write(str(tmp_path / "in" / "plain.parquet"), pa.table({"prompt": ["x", "y"]}))
+    auto = make_plan(validate_config(job(tmp_path)))
+    assert auto.id_columns == {0: None}
+    assert auto.fingerprint == make_plan(validate_config(job(tmp_path, id_column=None))).fingerprint
+    assert auto.recorded_config()["id_column"] is None
+    write(str(tmp_path / "ids" / "own.parquet"), pa.table({"id": [7, 8], "prompt": ["x", "y"]}))
+    auto = make_plan(validate_config(job(tmp_path, input=str(tmp_path / "ids"))))
+    assert auto.id_columns == {0: "id"} and auto.schemas[0].field("id").type == pa.int64()
+    assert auto.fingerprint == make_plan(validate_config(job(tmp_path, input=str(tmp_path / "ids"),
+                                                             id_column="id"))).fingerprint
+    with pytest.raises(ConfigError, match="has its own 'id' column"):
+        make_plan(validate_config(job(tmp_path, input=str(tmp_path / "ids"), id_column=None)))
 
 
 # ---- input discovery and plan -----------------------------------------------------------------------------------
@@ -171,34 +186,6 @@ def test_manifest_drops_a_torn_last_line_and_refuses_another_job(tmp_path):
         Manifest.open(fs, out, "job-b", {}, overwrite=False)
 
 
-# ---- CLI --------------------------------------------------------------------------------------------------------
-
-def test_run_help_documents_every_configuration_key():
-    result = runner.invoke(app, ["run", "--help"], terminal_width=200, env={"COLUMNS": "200"})
-    assert result.exit_code == 0
-    text = " ".join(result.output.replace("│", " ").split())
-    for key in JobConfig.model_fields:
-        assert f"(config key: {key})" in text, key
-        assert JobConfig.model_fields[key].description in text, key
-
-
-def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
-    write(str(tmp_path / "in" / "a.parquet"), pa.table({"prompt": [str(i) for i in range(12)]}), row_group_size=4)
-    out = tmp_path / "out"
-    result = runner.invoke(app, ["run", "-i", str(tmp_path / "in"), "-o", str(out), "--model", "m", "--shard-rows",
-                                 "4", "--actors", "2", "--dry-run"])
-    assert result.exit_code == 0, result.output
-    assert "1 file(s), 12 rows, 3 shard(s)" in result.output and "a.parquet" in result.output
-    assert "actors  2" in result.output
-    assert not out.exists()
-
-
-def test_bad_configuration_exits_2_naming_the_key(tmp_path):
-    result = runner.invoke(app, ["run", "-i", "x", "-o", str(tmp_path / "out"), "--model", "m", "--top-p", "0"])
-    assert result.exit_code == 2 and "top_p" in result.output
-    assert not (tmp_path / "out").exists()
-
-
 # ---- progress ---------------------------------------------------------------------------------------------------
 
 def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(capsys, caplog):
@@ -243,7 +230,7 @@ def test_invalid_row_values_name_the_field_and_the_value():
 # ---- actors -----------------------------------------------------------------------------------------------------
 
 def test_actor_count_and_size_follow_the_cluster():
-    from pipeline.driver import _shape
+    from pipeline.actors import _shape
     base = JobConfig(input="a", output="b", model="m")
     cluster = {"CPU": 16.0, "GPU": 4.0}
     assert _shape(base, 100, cluster) == (1, 16.0, 0.0)                        # CPU only: one actor, every CPU

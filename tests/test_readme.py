@@ -31,28 +31,33 @@ def run(argv: list[str], cwd: str, timeout: float = 300) -> subprocess.Completed
     return out
 
 
+DEMO_ROWS = 60   # `make demo`'s prompts: 60 rows in row groups of 20, an `id` column and chat `messages`
+
+
 @pytest.fixture
 def workdir(tmp_path):
-    """A directory laid out as the README assumes: models/ and a prompts/ folder of chat rows."""
+    """A directory laid out as the README assumes: models/ and the demo's prompts/ (pipeline/demo.py writes them)."""
     os.symlink(os.path.join(ROOT, "models"), tmp_path / "models")
-    (tmp_path / "prompts").mkdir()
-    questions = ["reverse: hello", "add: 2 + 3", "sort: dcba"]
-    pq.write_table(pa.table({"messages": [[{"role": "user", "content": q}] for q in questions]}),
-                   tmp_path / "prompts" / "part-0.parquet")
+    from pipeline.demo import write_demo_prompts
+    write_demo_prompts(str(tmp_path / "prompts"), DEMO_ROWS)
     return tmp_path
 
 
-def test_readme_parquet_job_commands_run(workdir):
+def test_readme_parquet_job_commands_run_as_written_on_the_demo_prompts(workdir):
     job, dry = commands("phi3-batch run")
+    assert "--id-column" not in job    # the README's first command, as a new user types it
     (workdir / "job.yaml").write_text("input: prompts/\noutput: completions/\nmodel: models/phi3-tiny-chat\n"
                                       "messages_column: messages\nmax_new_tokens: 16\n")
     plan = run(dry, str(workdir)).stdout
-    assert "part-0.parquet" in plan and not (workdir / "completions" / "part-0.parquet").exists()
+    assert "demo.parquet" in plan and not (workdir / "completions").exists()
+    # 3 row groups of 20 rows join into one shard of at most 1000 rows, so one of the 2 actors asked for runs
+    assert "actors  1 (asked for 2; the input has 1 shard(s) to run)" in plan, plan
     run(job, str(workdir))
-    rows = pq.read_table(workdir / "completions" / "part-0.parquet").to_pylist()
-    # the demo model's answers, by the task rules
-    assert [r["completion"].removesuffix("<|end|>") for r in rows] == ["olleh", "5", "abcd"]
-    assert [r["id"] for r in rows] == [f"part-0.parquet:{i}" for i in range(3)]
+    rows = pq.read_table(workdir / "completions" / "demo.parquet").to_pylist()
+    # the demo's own ids, and the demo model's answers by the task rules (pipeline/demo.py's expected answers)
+    assert [r["id"] for r in rows] == [f"q{i:03d}" for i in range(DEMO_ROWS)]
+    from pipeline.demo import demo_questions
+    assert [r["completion"].removesuffix("<|end|>") for r in rows] == [a for _, a in demo_questions(DEMO_ROWS)]
 
 
 def test_readme_queue_commands_run(workdir, redis_url, queue_prefix):

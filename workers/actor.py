@@ -22,6 +22,7 @@ class EngineActor:
         self.batch_size = batch_size
         self.backend = None
         self._starting: asyncio.Task | None = None
+        self.finished: dict[str, list[int]] = {}   # run() label -> [rows finished, output tokens]
 
     async def _ready(self):
         if self.backend is None:
@@ -49,12 +50,26 @@ class EngineActor:
                     cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     async def run(self, table: pa.Table, spec: RowSpec, label: str | None = None) -> pa.Table:
-        """Result rows (workers.rows.RESULT_SCHEMA) for `table`'s rows, in order."""
+        """Result rows (workers.rows.RESULT_SCHEMA) for `table`'s rows, in order; `stats()` counts them as they
+        finish under `label`."""
         backend = await self._ready()
+        key = label if label is not None else f"run-{id(table)}"
+        counts = self.finished[key] = [0, 0]
+
+        def count(row: dict) -> None:
+            counts[0] += 1
+            counts[1] += row["completion_tokens"] or 0
+
         try:
-            return await run_table(backend, table, spec, self.limit, id_prefix=label)
+            return await run_table(backend, table, spec, self.limit, id_prefix=label, on_row=count)
         except EngineDied as e:
-            exit_for_restart(e)
+            exit_for_restart(e, backend)
+        finally:
+            self.finished.pop(key, None)
+
+    async def stats(self) -> dict[str, list[int]]:
+        """{label: [rows finished, output tokens]} of each run() in progress: progress within a shard."""
+        return {k: list(v) for k, v in self.finished.items()}
 
     async def close(self) -> None:
         if self.backend is not None:

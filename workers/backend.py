@@ -50,11 +50,16 @@ class EngineBackend(abc.ABC):
         """Why this backend can run nothing any more (its engine process died), or None while it can."""
         return None
 
+    def remove_files(self) -> None:
+        """Remove what the engine keeps on disk, for a process about to exit without closing it."""
 
-def exit_for_restart(error: BaseException) -> None:
+
+def exit_for_restart(error: BaseException, backend: EngineBackend | None = None) -> None:
     """An actor whose engine died or hung cannot serve again: end its process, so Ray restarts it with a fresh
     engine and the caller redispatches its work (raising instead would leave a dead engine serving calls)."""
     log.error("engine died (%s); exiting so Ray restarts this actor", error)
+    if backend is not None:
+        backend.remove_files()
     logging.shutdown()
     os._exit(1)
 

@@ -4,36 +4,23 @@ from __future__ import annotations
 import asyncio
 import os
 
-from phi3_model.engine import AsyncEngine, Engine, EngineConfig
+from phi3_model.engine import AsyncEngine, Engine
 from phi3_model.engine.engine_process import EngineProcess, EngineSpec
 from phi3_model.engine.sampling_params import Completion, SamplingParams
 from phi3_model.presets import load_model_and_tokenizer, load_tokenizer, resolve
 
 from .backend import BackendConfig, EngineBackend
+from .backend_options import parse_options
 
 
 class NativeBackend(EngineBackend):
-    """options: the fields of phi3_model.engine.EngineConfig (block_size, num_blocks, kv_cache_bytes,
-    max_num_seqs, max_num_batched_tokens, enable_prefix_caching, schedule, max_model_len) plus `threads` (torch CPU
-    threads), `process` (true: the engine steps in a child process, EngineProcess, so the caller's own Python
-    work does not take the GIL from it; false: in a thread of this process, AsyncEngine) and `cpus` (with process:
-    the CPU ids the engine process runs on, e.g. [3], keeping it clear of the caller's work)."""
+    """options: workers.backend_options.NativeOptions (EngineConfig's fields, threads, process, cpus)."""
 
     def __init__(self, config: BackendConfig):
         self.config = config
-        opts = dict(config.options)
-        self.threads = opts.pop("threads", None)
-        self.process = opts.pop("process", False)
-        if not isinstance(self.process, bool):
-            raise ValueError(f"option process={self.process!r}: expected true or false")
-        self.cpus = opts.pop("cpus", None)
-        if self.cpus is not None:
-            usable = sorted(os.sched_getaffinity(0))
-            if not self.process or not isinstance(self.cpus, list) or not self.cpus or any(
-                    type(c) is not int or c not in usable for c in self.cpus):
-                raise ValueError(f"option cpus={self.cpus!r}: expected a list of CPU ids from {usable} for the "
-                                 "engine process (with process=true)")
-        self.engine_config = EngineConfig(**opts)  # unknown options are errors naming the field
+        opts = parse_options("native", config.options, usable_cpus=os.sched_getaffinity(0))
+        self.threads, self.process, self.cpus = opts.threads, opts.process, opts.cpus
+        self.engine_config = opts.engine_config()
         self._async: AsyncEngine | EngineProcess | None = None
         self._starting: asyncio.Lock | None = None
         self.tokenizer = None

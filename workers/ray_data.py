@@ -53,7 +53,7 @@ class Generate:
         try:
             results = self._call(run_table(self.backend, batch, self.spec, self.limit))
         except EngineDied as e:
-            exit_for_restart(e)
+            exit_for_restart(e, self.backend)
         for name in RESULT_SCHEMA.names:
             if name in batch.column_names:
                 batch = batch.drop_columns([name])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import pyarrow as pa
 from pydantic import ValidationError
@@ -146,8 +146,9 @@ async def run_row(backend, ids: list[int] | None, params: SamplingParams | str, 
 
 
 async def run_table(backend, table: pa.Table, spec: RowSpec, limit: asyncio.Semaphore,
-                    id_prefix: str | None = None) -> pa.Table:
+                    id_prefix: str | None = None, on_row: Callable[[dict], None] | None = None) -> pa.Table:
     """Every row of `table` concurrently (at most `limit` in the engine at once); results in row order.
+    on_row: called with each result row as it finishes (progress within a table).
 
     All rows are tokenized before the first is submitted, so the engine's first steps see a full batch rather
     than the few requests that arrived while the rest were still being tokenized."""
@@ -155,6 +156,12 @@ async def run_table(backend, table: pa.Table, spec: RowSpec, limit: asyncio.Sema
     prepared = [prepare(row, spec, backend.tokenizer, backend.max_model_len)
                 for row in table.select(present).to_pylist()]
     names = [None if id_prefix is None else f"{id_prefix}:{i}" for i in range(len(prepared))]
-    results = await asyncio.gather(*(run_row(backend, ids, params, spec, limit, name)
-                                     for (ids, params), name in zip(prepared, names)))
+
+    async def one(ids, params, name):
+        row = await run_row(backend, ids, params, spec, limit, name)
+        if on_row is not None:
+            on_row(row)
+        return row
+
+    results = await asyncio.gather(*(one(ids, params, name) for (ids, params), name in zip(prepared, names)))
     return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)

@@ -8,7 +8,8 @@ Tokens in, `Completion` out, exactly as the native backend:
   when one matches; stop token ids, the model's end token, `min_new_tokens`, seeds, temperature, top-k (0 = off in
   both), top-p and `max_new_tokens` are also handed to vLLM's per-request sampling so it stops and masks on its own.
 - The model's generation_config.json is not read (vLLM would add its extra end ids, e.g. Phi-3's <|end|>, as stops):
-  the only end token is config.eos_token_id, as in the native engine.
+  vLLM reads a neutral one shipped in workers/vllm_files/ instead (its own "vllm" setting still reads the
+  model's end ids, see there), so the only end token is config.eos_token_id, as in the native engine.
 - Greedy tokens are the same in both backends; sampled ones come from each engine's own generator (a seeded request
   is reproducible within a backend, not across backends).
 
@@ -29,17 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
 from contextlib import aclosing
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from phi3_model.engine.sampling_params import Completion, EngineDied, EngineStalled, RequestError, SamplingParams
 from phi3_model.engine.stopping import Stopper
@@ -48,35 +43,10 @@ from phi3_model.presets import load_tokenizer, pick_device, pick_dtype, resolve
 from phi3_model.vllm_registry import ARCH, hf_overrides, register
 
 from .backend import BackendConfig, EngineBackend
+from .backend_options import VLLMOptions
+from .vllm_files import NEUTRAL_GENERATION_CONFIG, files_in, make_run_directory, remove_run_directory
 
 log = logging.getLogger(__name__)
-
-
-class VLLMOptions(BaseModel):
-    """What `BackendConfig.options` may hold for name='vllm'."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_model_len: int | None = Field(None, ge=2, description="context length (default: max_position_embeddings); "
-                                      "also decides LongRoPE's factor set, see the module doc")
-    max_num_seqs: int = Field(256, ge=1, description="sequences in one batch")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens in one step (default: vLLM's)")
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="GPU memory share for weights + KV")
-    kv_cache_space_gib: float | None = Field(None, gt=0.0, description="KV cache size in GiB (CPU: the KV space; "
-                                             "the VLLM_CPU_KVCACHE_SPACE environment variable wins when set)")
-    tensor_parallel_size: int = Field(1, ge=1)
-    enforce_eager: bool | None = Field(None, description="no torch.compile / CUDA graphs (default: True on CPU)")
-    enable_prefix_caching: bool = True
-    block_size: int | None = Field(None, ge=1, description="tokens per KV block (default: vLLM's)")
-    seed: int = Field(0, ge=0, description="engine seed (unseeded requests draw from it)")
-
-    @classmethod
-    def parse(cls, options: dict) -> "VLLMOptions":
-        allowed = list(cls.model_fields)
-        unknown = [k for k in options if k not in cls.model_fields]
-        if unknown:
-            raise ValueError(f"vllm backend option {unknown[0]!r} is unknown; allowed options: {', '.join(allowed)}")
-        return cls(**options)
 
 
 async def _in_own_thread(fn, abandon):
@@ -135,11 +105,11 @@ class VLLMBackend(EngineBackend):
         self.config = config
         self.options = VLLMOptions.parse(config.options)
         self.engine = None  # vllm.v1.engine.async_llm.AsyncLLM once started
+        self._files: str | None = None  # the engine's run directory (workers/vllm_files)
         self.tokenizer = None
         self.max_model_len = 0
         self.model_config = None  # phi3_model.config.Phi3Config
         self.longrope = None  # None (no LongRoPE), "short" or "long": the factor set vLLM uses for every token
-        self._generation_dir: str | None = None
         self._lock = asyncio.Lock()
         self.error: BaseException | None = None  # EngineStalled once the watchdog fired
         self._calls: set[asyncio.Task] = set()  # generate() calls in flight (what the watchdog fails)
@@ -149,7 +119,7 @@ class VLLMBackend(EngineBackend):
     async def start(self) -> None:
         async with self._lock:
             if self.engine is None:
-                self.engine = await _in_own_thread(self._build, lambda engine: engine.shutdown())
+                self.engine = await _in_own_thread(self._build, self._abandon)
                 self._loop = asyncio.get_running_loop()
                 self.watchdog.start()
 
@@ -180,24 +150,32 @@ class VLLMBackend(EngineBackend):
                             "factors; the native engine uses the short ones for sequences up to %d tokens",
                             self.max_model_len, config.original_max_position_embeddings,
                             config.original_max_position_embeddings)
-        self._generation_dir = tempfile.mkdtemp(prefix="phi3-vllm-generation-")
-        with open(os.path.join(self._generation_dir, "generation_config.json"), "w") as f:
-            json.dump({}, f)  # neutral: no end ids beyond config.eos_token_id, no sampling defaults
         args = AsyncEngineArgs(
             model=directory, dtype=dtype, skip_tokenizer_init=True, hf_overrides=hf_overrides(),
-            generation_config=self._generation_dir, max_model_len=self.max_model_len, max_num_seqs=o.max_num_seqs,
+            generation_config=NEUTRAL_GENERATION_CONFIG, max_model_len=self.max_model_len, max_num_seqs=o.max_num_seqs,
             max_num_batched_tokens=o.max_num_batched_tokens, gpu_memory_utilization=o.gpu_memory_utilization,
             kv_cache_memory_bytes=int(o.kv_cache_space_gib * 2**30) if o.kv_cache_space_gib else None,
             tensor_parallel_size=o.tensor_parallel_size,
             enforce_eager=o.enforce_eager if o.enforce_eager is not None else device.type == "cpu",
             enable_prefix_caching=o.enable_prefix_caching, block_size=o.block_size, seed=o.seed,
             disable_log_stats=True)
-        box = [AsyncLLM.from_engine_args(args)]  # never a local: see _in_own_thread
+        self._files = make_run_directory()
+        try:
+            with files_in(self._files):
+                box = [AsyncLLM.from_engine_args(args)]  # never a local: see _in_own_thread
+        except BaseException:
+            remove_run_directory(self._files)
+            raise
         built = box[0].model_config.architectures
         if list(built) != [ARCH]:
-            box.pop().shutdown()
+            self._abandon(box.pop())
             raise RuntimeError(f"vLLM resolved architectures {built}, expected [{ARCH!r}]")
         return box.pop()
+
+    def _abandon(self, engine) -> None:
+        """An engine built but not kept: shut down, its files removed."""
+        engine.shutdown()
+        remove_run_directory(self._files)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The native engine's request checks, with its messages (the KV pool check is vLLM's own)."""
@@ -264,6 +242,9 @@ class VLLMBackend(EngineBackend):
     def failure(self) -> BaseException | None:
         return self.error
 
+    def remove_files(self) -> None:
+        remove_run_directory(self._files)
+
     def _stalled(self, why: str) -> None:
         """Watchdog thread: every call in flight fails with EngineStalled, and so does every later one."""
         self.error = EngineStalled(f"vLLM: {why}")
@@ -280,6 +261,5 @@ class VLLMBackend(EngineBackend):
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
             del engine
             gc.collect()  # its reference cycles, now: collected at interpreter exit, its __del__ prints a traceback
-        if self._generation_dir:
-            shutil.rmtree(self._generation_dir, ignore_errors=True)
-            self._generation_dir = None
+        remove_run_directory(self._files)   # its sockets (left by vLLM even after a clean shutdown) and files
+        self._files = None

@@ -1,7 +1,19 @@
-"""Native paged-attention engine with continuous batching (CPU and CUDA, no vLLM needed)."""
-from .async_engine import AsyncEngine
-from .engine import Engine, EngineConfig, Request
-from .sampling_params import Completion, EngineDied, EngineStalled, RequestError, SamplingParams
+"""Native paged-attention engine with continuous batching (CPU and CUDA, no vLLM needed).
 
-__all__ = ["AsyncEngine", "Completion", "Engine", "EngineConfig", "EngineDied", "EngineStalled", "Request", "RequestError",
-           "SamplingParams"]
+Exports resolve lazily, so importing a light submodule (config, sampling_params) does not import torch."""
+
+_EXPORTS = {
+    "AsyncEngine": ".async_engine", "Engine": ".engine", "Request": ".engine", "EngineConfig": ".config",
+    "Completion": ".sampling_params", "EngineDied": ".sampling_params", "EngineStalled": ".sampling_params",
+    "RequestError": ".sampling_params", "SamplingParams": ".sampling_params",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'phi3_model.engine' has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

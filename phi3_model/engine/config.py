@@ -1,0 +1,24 @@
+"""The native engine's configuration, apart from the engine: validating it (a job's `--engine-option`s, before any
+cluster starts) imports neither torch nor anything else heavy."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
+    num_blocks: int | None = Field(None, ge=1, description="KV pool size in blocks (overrides kv_cache_bytes)")
+    kv_cache_bytes: int | None = Field(None, ge=1, description="KV pool budget in bytes (default: CPU 2 GiB or "
+                                       "what max_num_seqs full-length sequences need, whichever is smaller; "
+                                       "CUDA 90% of free memory)")
+    max_num_seqs: int = Field(128, ge=1, description="sequences in one batch")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens in one forward (prefill chunk budget)")
+    enable_prefix_caching: bool = True
+    schedule: Literal["mixed", "alternating"] = Field(
+        "mixed", description="mixed: decodes and prefill chunks share every step; alternating: prefill-only and "
+        "decode-only steps take turns")
+    max_model_len: int | None = Field(None, ge=2, description="default: the model's max_position_embeddings")

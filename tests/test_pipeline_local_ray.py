@@ -1,0 +1,171 @@
+"""A command that starts a local Ray of its own stops all of it, however it ends: Ctrl-C while Ray starts (inside
+`ray.init`), while its workers come up, or while the job runs. Real processes: the CLI runs as a subprocess without
+--address (so it starts its own Ray), the test watches the command's descendants through /proc while it runs,
+sends SIGINT once Ray's processes appear, and then checks that every process it saw is gone.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from tests.fixtures.seam import GUARD_S
+from tests.pipeline_helpers import ROOT, proc_stat, write_prompts
+
+EXIT_S = 120.0   # guard only: the command ends this long after the signal at most
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class Watch:
+    """The descendants of a process, each known by (pid, start time) so a reused pid is not mistaken for it."""
+
+    def __init__(self, root: int):
+        self.root, self.seen, self.names = root, set(), {}
+
+    def poll(self) -> None:
+        todo = [self.root]
+        while todo:
+            for pid in children(todo.pop()):
+                stat = proc_stat(pid)
+                if stat is None:
+                    continue
+                key = (pid, stat[19])
+                self.seen.add(key)
+                self.names[key] = cmdline(pid) or self.names.get(key, "")   # a forked child execs later
+                todo.append(pid)
+
+    def has(self, marker: str) -> bool:
+        return any(marker in name for name in self.names.values())
+
+    def alive(self) -> list[str]:
+        out = []
+        for pid, start in self.seen:
+            stat = proc_stat(pid)
+            if stat is not None and stat[19] == start and stat[0] != "Z":
+                out.append(f"{pid} {self.names[(pid, start)][:120]}")
+        return out
+
+
+@pytest.fixture
+def ray_tmp():
+    d = tempfile.mkdtemp(prefix="rt", dir="/tmp")   # short: Ray's socket paths must fit 107 bytes
+    yield d
+    import shutil
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def interrupt_when(argv: list[str], marker: str, env: dict) -> tuple[subprocess.Popen, Watch, str]:
+    """Start `python -m pipeline.cli ARGV`, SIGINT it as soon as a descendant's command line holds `marker`,
+    watch it until it exits; -> (the process, what it started, its stderr)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, **env)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    watch = Watch(proc.pid)
+    try:
+        deadline = time.monotonic() + GUARD_S
+        while not watch.has(marker):
+            assert proc.poll() is None, f"the command ended before {marker!r} appeared: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, f"{marker!r} never appeared among the command's processes"
+            watch.poll()
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + EXIT_S
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, f"still running {EXIT_S} s after SIGINT"
+            watch.poll()
+            time.sleep(0.01)
+        return proc, watch, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def assert_all_gone(watch: Watch) -> None:
+    deadline = time.monotonic() + 60.0   # guard only: they are stopped before the command exits
+    while (left := watch.alive()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, "processes the command started outlived it:\n" + "\n".join(left)
+
+
+# gcs_server: the first process of `ray.init`; raylet: it starts the dashboard and runtime-env agents;
+# ray::: workers, once the driver registers (the end of `ray.init`, then the job); ray::IDLE: later still
+@pytest.mark.slow
+@pytest.mark.parametrize("marker", ["gcs_server", "raylet", "ray::"])
+def test_ctrl_c_while_a_local_ray_starts_leaves_no_process_of_it(tiny_model_dir, tmp_path, seam, ray_tmp, marker):
+    src = write_prompts(str(tmp_path / "in"))
+    seam.hold()   # engines stop before their first step: the job cannot end before the signal
+    proc, watch, err = interrupt_when(["run", "-i", src, "-o", str(tmp_path / "out"), "--model", tiny_model_dir,
+                                       "--dtype", "float32", "--device", "cpu", "--progress", "off"], marker,
+                                      {"RAY_TMPDIR": ray_tmp})
+    assert watch.has("raylet") or marker == "gcs_server"
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: interrupted"), err[-3000:]
+    assert_all_gone(watch)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_queue_ray_starts_its_local_ray_leaves_no_process_of_it(tiny_model_dir, redis_url,
+                                                                             queue_prefix, ray_tmp):
+    proc, watch, err = interrupt_when(["queue", "ray", "--url", redis_url, "--prefix", queue_prefix, "--model",
+                                       tiny_model_dir, "--actors", "1", "--dtype", "float32", "--device", "cpu"],
+                                      "raylet", {"RAY_TMPDIR": ray_tmp})
+    assert proc.returncode != 0
+    assert_all_gone(watch)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_a_vllm_job_leaves_its_temp_directory_as_it_was(vllm_model_dir, tmp_path, ray_tmp):
+    """vLLM's engines are closed before their actors end (its file store rendezvous vllm_dist_*, its engine core),
+    its sockets go to a directory of the engine's own, removed with it, and the backend writes no generation config:
+    TMPDIR, set for the command and so for the local Ray it starts and its actors, is as it was afterwards (Ray's
+    own files go to RAY_TMPDIR). It starts with what any temp directory holds once torch has run there: importing
+    torch._dynamo (vLLM does) creates torch's per-user cache directory torchinductor_<user>."""
+    pytest.importorskip("vllm")
+    import getpass
+
+    from tests.pipeline_helpers import run_cli
+    src = write_prompts(str(tmp_path / "in"))
+    tmp = tempfile.mkdtemp(prefix="tmp", dir="/tmp")
+    os.makedirs(os.path.join(tmp, f"torchinductor_{getpass.getuser()}"))
+    before = sorted(os.listdir(tmp))
+    try:
+        result = run_cli(["run", "-i", src, "-o", str(tmp_path / "out"), "--model", vllm_model_dir, "--backend",
+                          "vllm", "--dtype", "float32", "--device", "cpu", "--max-new-tokens", "4",
+                          "--engine-option", "kv_cache_space_gib=1", "--engine-option", "max_num_seqs=32",
+                          "--progress", "off"], env={"TMPDIR": tmp, "RAY_TMPDIR": ray_tmp}, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "rows     21 ok, 0 failed, of 21" in result.stdout
+        assert sorted(os.listdir(tmp)) == before
+    finally:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,62 @@
+"""Progress counts rows as they finish, inside a shard still in flight, not only when the shard is done.
+
+One input file, one shard: four rows generate one token each and four generate 64. The engine is held with the
+test seam after 8 steps: by then the one-token rows have finished (their token comes from the prefill step) and the
+64-token rows cannot have (each step adds one token to a row). The progress log line must say 4 of 8 rows while
+the shard is still in flight; no verdict depends on how fast anything runs. Real local Ray (the session's), the
+CLI as a real process joining it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tests.fixtures.seam import GUARD_S
+from tests.pipeline_helpers import PROMPTS, ROOT
+
+SHORT, LONG = 1, 64
+
+
+def test_rows_finished_inside_a_shard_in_flight_show_in_the_progress_line(ray_local, tiny_model_dir, tmp_path,
+                                                                          seam):
+    src = tmp_path / "in"
+    os.makedirs(src)
+    lengths = [SHORT, LONG] * 4
+    pq.write_table(pa.table({"prompt": PROMPTS[:8], "max_new_tokens": lengths}), str(src / "one.parquet"))
+    short = lengths.count(SHORT)
+    seam.hold(after_steps=8)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "-i", str(src), "-o", str(tmp_path / "out"),
+                             "--model", tiny_model_dir, "--dtype", "float32", "--device", "cpu", "--address",
+                             ray_local, "--cpus-per-actor", "1", "--stop-token-ids", "none", "--progress", "log",
+                             "--log-every-s", "0.2"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        pid, steps = seam.held()
+        assert steps == 8
+        deadline = time.monotonic() + GUARD_S
+        want = f"{short}/8 rows, 0/1 shards"
+        while not any(want in line for line in list(lines)):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.05)
+        # while held, nothing more can finish: no line may claim more rows than the short ones
+        counts = [int(m.group(1)) for line in list(lines) if (m := re.search(r"INFO (\d+)/8 rows", line))]
+        assert max(counts) == short, counts
+    finally:
+        seam.release()
+    out, _ = proc.communicate(timeout=GUARD_S)
+    reader.join(10)
+    assert proc.returncode == 0, "".join(lines)[-3000:]
+    assert any("8/8 rows, 1/1 shards" in line for line in lines)
+    rows = pq.read_table(str(tmp_path / "out" / "one.parquet")).to_pylist()
+    assert [r["completion_tokens"] for r in rows] == lengths
