@@ -1,6 +1,6 @@
 """Parquet job throughput: the same model and rows through the engine alone and through `phi3-batch run`.
 
-    python -m bench.pipeline [--json PATH] [--rows N] [--memory-rows N]
+    python -m bench.pipeline [--json PATH] [--rows N] [--repeat N] [--memory-rows N]
 
 Model: a Phi-3 with the real vocabulary (32064), hidden 256, 4 layers, 8 heads of 32, random weights, and a small
 trained tokenizer. Workload: N prompts of 16-96 tokens from Parquet, per-row max_new_tokens 8-48 (a column),
@@ -10,12 +10,14 @@ greedy, run to length (stop_token_ids none). Rows (stable names; each in its own
   pipeline_1_actor_process    the same with `--engine-option process=true`: the actor's engine steps in a child
                               process (native only)
   pipeline_max_actors         the same with as many actors as the machine sensibly holds: one per GPU, or on CPU
-                              cores / --threads-per-actor
+                              one per usable CPU (or CPUs / --threads-per-actor), the CPUs split between them
   ..._vllm                    the three rows again with the vLLM backend, when vLLM is installed
   driver_memory_small/_large  with --memory-rows N: N/100 and N rows, max_new_tokens 1 on a tiny model; the
                               driver's own peak RSS does not grow with the input
 Rates exclude model loading: the pipeline's time runs from its engines being ready to its last shard written
 (reading, tokenizing, generating, writing, assembling included). Ratios are to the same backend's engine_direct.
+Threads and placement are the engine's own defaults (engine/threads.py) unless --threads/--threads-per-actor say;
+each row reports what its engine used. Rows run --repeat times, interleaved; each reports its median run.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ import sys
 import tempfile
 import threading
 
-from .common import Timer, have, run_row, write_child_result, write_json
+from phi3_model.engine.threads import usable_cpus
+
+from .common import Timer, have, run_row, run_rows_repeated, write_child_result, write_json
 
 WORDS = ("batch inference reads prompts from parquet files and writes completions back the quick brown fox jumps "
          "over lazy dog continuous batching keeps the engine busy while requests come and go phi small language "
@@ -90,7 +94,9 @@ def row_engine_direct(a: dict) -> dict:
     import pyarrow.dataset as ds
     import torch
     from phi3_model.engine import Engine, Request, SamplingParams
-    torch.set_num_threads(a["threads"])
+    from phi3_model.engine.threads import decide, use_threads
+    threads, why = decide(a["threads"])
+    use_threads(threads)
     engine = Engine.from_pretrained(a["model"], dtype="float32", device="cpu", **a["engine"])
     table = ds.dataset(a["input"]).to_table()
     prompts, news = table.column("prompt").to_pylist(), table.column("max_new_tokens").to_pylist()
@@ -102,7 +108,7 @@ def row_engine_direct(a: dict) -> dict:
                 for p, n in zip(prompts, news)]
         outs = engine.generate(reqs)
     return {"seconds": t.seconds, "output_tokens": sum(len(o.token_ids) for o in outs), "rows": len(outs),
-            "actors": 0}
+            "actors": 0, "placement": "main thread", "threads": torch.get_num_threads(), "threads_why": why}
 
 
 def row_vllm_direct(a: dict) -> dict:
@@ -158,12 +164,16 @@ def row_pipeline(a: dict) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         stop.set()
     assert s.ok, s.failed_shards
+    engine = (s.actors[0].get("engine") or {}) if s.actors else {}
     return {"seconds": s.generate_s, "wall_s": round(s.wall_s, 1), "output_tokens": s.run_completion_tokens,
-            "rows": s.run_rows, "actors": len(s.actors), "driver_peak_rss_mb": round(peak[0] / 2**20, 1)}
+            "rows": s.run_rows, "actors": len(s.actors), "driver_peak_rss_mb": round(peak[0] / 2**20, 1),
+            "placement": engine.get("placement", a["backend"]), "threads": engine.get("threads"),
+            "threads_why": engine.get("threads_why")}
 
 
 def child(row: str, args: dict, out: str) -> None:
-    fn = {"engine_direct": row_engine_direct, "vllm_direct": row_vllm_direct}.get(row, row_pipeline)
+    args = args["plan"][row] if "plan" in args else args
+    fn = {"engine_direct": row_engine_direct, "engine_direct_vllm": row_vllm_direct}.get(row, row_pipeline)
     try:
         r = fn(args)
         r["output_tokens_per_s"] = round(r["output_tokens"] / r["seconds"], 1)
@@ -175,21 +185,23 @@ def child(row: str, args: dict, out: str) -> None:
 
 # ---- parent ---------------------------------------------------------------------------------------------------
 
-def max_actors(threads_per_actor: int) -> int:
+def max_actors(threads_per_actor: int | None) -> int:
+    """One actor per GPU; on CPU, one per CPU this process may use (divided by --threads-per-actor when given)."""
     try:
         import torch
         if torch.cuda.is_available():
             return torch.cuda.device_count()
     except ImportError:
         pass
-    return max(1, (os.cpu_count() or 1) // threads_per_actor)
+    return max(1, usable_cpus() // (threads_per_actor or 1))
 
 
 def print_rows(title: str, rows: list[dict]) -> None:
     cols = [("name", "row", "{}"), ("actors", "actors", "{}"), ("rows", "rows", "{}"),
             ("output_tokens_per_s", "out tok/s", "{:.1f}"), ("requests_per_s", "rows/s", "{:.1f}"),
             ("ratio_to_direct", "vs direct", "{:.2f}x"), ("seconds", "s", "{:.1f}"),
-            ("peak_rss_mb", "peak MB", "{:.0f}"), ("driver_peak_rss_mb", "driver MB", "{:.0f}")]
+            ("peak_rss_mb", "peak MB", "{:.0f}"), ("driver_peak_rss_mb", "driver MB", "{:.0f}"),
+            ("placement", "engine", "{}"), ("threads", "threads", "{}"), ("runs_text", "every run (tok/s)", "{}")]
     table = [[("-" if r.get(k) is None else f.format(r[k])) for k, _, f in cols] +
              ([f"error: {r['error'][:80]}"] if r.get("error") else []) for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in table)) for i, (_, h, _) in enumerate(cols)]
@@ -204,9 +216,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the rows as JSON here")
     ap.add_argument("--rows", type=int, default=2000, help="rows of the throughput workload")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the direct engine and "
-                                                                        "of the single actor")
-    ap.add_argument("--threads-per-actor", type=int, default=1, help="torch threads per actor in pipeline_max_actors")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of the direct engine and of the single "
+                    "actor (default: what the engine decides from the CPUs it may use)")
+    ap.add_argument("--threads-per-actor", type=int, default=None, help="torch threads per actor in "
+                    "pipeline_max_actors (default: the CPUs split evenly between the actors, as Ray assigns them)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each row (interleaved); the median is reported")
     ap.add_argument("--backends", default="native,vllm", help="native and/or vllm (vllm skipped when not "
                                                               "installed; empty: only the memory rows)")
     ap.add_argument("--memory-rows", type=int, default=0, help="add the driver memory rows (e.g. 1000000)")
@@ -221,8 +235,9 @@ def main(argv=None) -> None:
     shutil.rmtree(data, ignore_errors=True)
     wl = write_input(data, a.rows, files=4, with_lengths=True) if backends else {"rows": 0, "output_tokens": 0}
     n = max_actors(a.threads_per_actor)
+    cpus = usable_cpus()
     model = bench_model() if backends else None
-    common = dict(input=data, model=model, ray_cpus=os.cpu_count(), shard_rows=250, batch_size=256)
+    common = dict(input=data, model=model, ray_cpus=cpus, shard_rows=250, batch_size=256)
     rows: list[dict] = []
     for backend in backends:
         if backend not in ("native", "vllm"):
@@ -230,31 +245,32 @@ def main(argv=None) -> None:
         if backend == "vllm" and not have("vllm"):
             continue
         suffix = "" if backend == "native" else "_vllm"
-        if backend == "native":
-            plan = [("engine_direct", dict(common, threads=a.threads, engine=engine))]
-            one = dict(engine, threads=a.threads)
-            many = dict(engine, threads=a.threads_per_actor)
+        if backend == "native":  # threads None: the engine decides (engine/threads.py), and the row reports it
+            plan = {"engine_direct": dict(common, threads=a.threads, engine=engine)}
+            one = dict(engine, **({"threads": a.threads} if a.threads else {}))
+            many = dict(engine, **({"threads": a.threads_per_actor} if a.threads_per_actor else {}))
         else:
             vllm = dict(max_num_seqs=128, kv_cache_space_gib=1, max_model_len=1024)
-            plan = [("vllm_direct", dict(common, vllm=vllm))]
+            plan = {"engine_direct_vllm": dict(common, vllm=vllm)}
             one = many = vllm
-        plan += [(f"pipeline_1_actor{suffix}", dict(common, backend=backend, actors=1, cpus_per_actor=a.threads,
-                                                    options=one))]
+        single = a.threads or cpus  # the single actor gets the machine's CPUs
+        plan[f"pipeline_1_actor{suffix}"] = dict(common, backend=backend, actors=1, cpus_per_actor=single,
+                                                 options=one)
         if backend == "native":  # the same actor with its engine stepping in a child process
-            plan += [("pipeline_1_actor_process", dict(common, backend=backend, actors=1, cpus_per_actor=a.threads,
-                                                       options=dict(one, process=True)))]
-        plan += [(f"pipeline_max_actors{suffix}", dict(common, backend=backend, actors=n,
-                                                       cpus_per_actor=a.threads_per_actor, options=many))]
-        direct = None
-        for name, args in plan:
-            r = run_row("bench.pipeline", name, args)
-            r["name"] = "engine_direct_vllm" if name == "vllm_direct" else name
+            plan["pipeline_1_actor_process"] = dict(common, backend=backend, actors=1, cpus_per_actor=single,
+                                                    options=dict(one, process=True))
+        plan[f"pipeline_max_actors{suffix}"] = dict(common, backend=backend, actors=n,
+                                                    cpus_per_actor=a.threads_per_actor or cpus / n, options=many)
+        done = run_rows_repeated("bench.pipeline", list(plan), {"plan": plan}, a.repeat,
+                                 on_row=lambda r: print(f"  {r['name']}: {r.get('output_tokens_per_s', r.get('error'))}"
+                                                        f" tok/s", file=sys.stderr))
+        direct = done[0].get("output_tokens_per_s")
+        for r in done:
             r["backend"] = backend
-            direct = direct or r.get("output_tokens_per_s")
             if direct and r.get("output_tokens_per_s"):
                 r["ratio_to_direct"] = round(r["output_tokens_per_s"] / direct, 3)
-            rows.append(r)
-            print(f"  {r['name']}: {r.get('output_tokens_per_s', r.get('error'))} tok/s", file=sys.stderr)
+            r["runs_text"] = " / ".join(f"{x:.0f}" for x in r.get("runs", []))
+        rows += done
     if a.memory_rows:
         big = os.path.join(BENCH_DIR, f"memory_{a.memory_rows}")
         tiny = tiny_model()
@@ -262,8 +278,8 @@ def main(argv=None) -> None:
                                                                                      a.memory_rows)):
             shutil.rmtree(big, ignore_errors=True)
             write_input(big, count, files=max(1, count // 250_000), with_lengths=False)
-            r = run_row("bench.pipeline", name, dict(input=big, model=tiny, ray_cpus=os.cpu_count(), backend="native",
-                                                     actors=1, cpus_per_actor=a.threads, options=dict(engine),
+            r = run_row("bench.pipeline", name, dict(input=big, model=tiny, ray_cpus=cpus, backend="native",
+                                                     actors=1, cpus_per_actor=a.threads or cpus, options=dict(engine),
                                                      max_new_tokens=1, shard_rows=5000, batch_size=512),
                         timeout=6 * 3600)
             r.update(name=name, backend="native")

@@ -108,7 +108,7 @@ def row_direct(a) -> dict:
                                               options={"threads": a["threads"]}))
         await backend.start()
         if a["engine_cpu"] is not None:  # the engine thread only (one torch thread: it computes in that thread)
-            os.sched_setaffinity(backend._async.thread_id, {a["engine_cpu"]})
+            os.sched_setaffinity(backend.engine_thread_id, {a["engine_cpu"]})
         params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for _, n in a["work"]]
         await backend.generate(a["work"][0][0], params[0])  # warm-up
         with Timer() as t:

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
-from .checkpoint import build_model, resolve_dtype
 from .config import PRESETS, Phi3Config, preset_config
 
 HF_REPOS = {
@@ -72,13 +69,16 @@ def resolve(preset: str, need_files: bool = True) -> tuple[Phi3Config, str | Non
                       f"or an hf://owner/name handle")
 
 
-def pick_device(device: str = "auto") -> torch.device:
+def pick_device(device: str = "auto"):
+    import torch
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def pick_dtype(dtype, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype, device):
+    import torch
+    from .checkpoint import resolve_dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return resolve_dtype(dtype)
@@ -93,6 +93,7 @@ def load_tokenizer(directory: str | None):
 
 def load_model_and_tokenizer(preset: str, dtype="auto", device="auto", load_weights: bool = True, seed: int = 0):
     from . import seam
+    from .checkpoint import build_model
     seam.before_load()
     config, directory = resolve(preset, need_files=load_weights)
     dev = pick_device(device)

@@ -31,10 +31,11 @@ class Shape:
 def shape(config: JobConfig, shards: int, res: dict) -> Shape:
     """Actors and their size for a cluster with resources `res` ({"CPU": n, "GPU": m}) and `shards` to run."""
     cpus, gpus = res.get("CPU", 1.0), res.get("GPU", 0.0)
-    if config.actors == "auto":
-        n = int(gpus // config.gpus_per_actor) if config.gpus_per_actor else 1
-        why = (f"auto: {gpus:g} GPU(s) / gpus_per_actor {config.gpus_per_actor:g} = {n}" if config.gpus_per_actor
-               else "auto: one actor when no GPUs are asked for")
+    if config.actors == "auto" and config.gpus_per_actor:
+        n = int(gpus // config.gpus_per_actor)
+        why = f"auto: {gpus:g} GPU(s) / gpus_per_actor {config.gpus_per_actor:g} = {n}"
+    elif config.actors == "auto":
+        n, why = cpu_actors(config, cpus, res.get("memory"))
     else:
         n, why = config.actors, f"asked for {config.actors}"
     if config.gpus_per_actor and (n < 1 or n * config.gpus_per_actor > gpus):
@@ -49,6 +50,45 @@ def shape(config: JobConfig, shards: int, res: dict) -> Shape:
         raise ConfigError(f"{n} actor(s) x cpus_per_actor {each:g} needs {n * each:g} CPUs; the Ray cluster has "
                           f"{cpus:g} (lower cpus_per_actor or actors)")
     return Shape(n, each, config.gpus_per_actor, why)
+
+
+ACTOR_OVERHEAD = 768 * 2**20  # an actor's Python, torch and Ray worker beside its engine (measured: 0.6-0.7 GB)
+MEMORY_SHARE = 0.8  # of the memory Ray offers tasks, what the engines may take
+
+
+def cpu_actors(config: JobConfig, cpus: float, memory: float | None) -> tuple[int, str]:
+    """Actors of a CPU job (no GPUs asked for): one per CPU (each then steps with one torch thread) while their
+    engines fit in memory, else as many as fit, the CPUs split between them. Data parallelism, because one engine
+    with every core's threads was measured slower than one single-thread engine per core (bench.pipeline:
+    pipeline_max_actors 1.15x engine_direct; small ops keep intra-op threads waiting on each other). vLLM's CPU
+    build binds its threads to every core, so a vLLM job gets one actor."""
+    if config.backend != "native":
+        return 1, "auto: one vLLM actor (its CPU build binds every core)"
+    per_cpu = config.cpus_per_actor if config.cpus_per_actor != "auto" else 1.0
+    want = max(1, int(cpus // per_cpu))
+    try:
+        need = engine_memory(config) + ACTOR_OVERHEAD
+    except Exception as e:  # noqa: BLE001 - the model is checked (and refused, naming it) when engines start
+        return 1, f"auto: one actor (the model's size is unknown: {e})"
+    if memory is None:
+        import psutil
+        memory = psutil.virtual_memory().available
+    fit = max(1, int(memory * MEMORY_SHARE // need))
+    n = min(want, fit)
+    why = (f"auto: one per {per_cpu:g} CPU of {cpus:g}" if n == want else
+           f"auto: as many as fit in memory ({fit} x {need / 2**30:.1f} GB of {memory / 2**30:.1f} GB), "
+           f"of {want} by CPUs")
+    return n, why
+
+
+def engine_memory(config: JobConfig) -> int:
+    """Bytes one native engine of this job holds on CPU: weights in the job's dtype plus its KV pool."""
+    from phi3_model.engine.config import engine_bytes
+    from phi3_model.presets import resolve
+    from workers.backend_options import parse_options
+    model_config, _ = resolve(config.model, need_files=False)
+    element = 2 if config.dtype in ("bfloat16", "bf16", "float16", "fp16") else 4  # auto on CPU is fp32
+    return engine_bytes(model_config, parse_options("native", config.engine_options).engine_config(), element)
 
 
 def _shape(config: JobConfig, shards: int, res: dict) -> tuple[int, float, float]:
@@ -68,9 +108,12 @@ def local_resources() -> dict:
         gpu = accelerators.get_accelerator_manager_for_resource("GPU")
         n = gpu.get_current_node_num_accelerators()
         visible = gpu.get_current_process_visible_accelerator_ids()
-        return {"CPU": float(utils.get_num_cpus()), "GPU": float(min(n, len(visible)) if visible is not None else n)}
+        res = {"CPU": float(utils.get_num_cpus()), "GPU": float(min(n, len(visible)) if visible is not None else n)}
     except Exception:  # noqa: BLE001 - a private API; the plain count is right on a CPU machine
-        return {"CPU": float(len(os.sched_getaffinity(0))), "GPU": 0.0}
+        res = {"CPU": float(len(os.sched_getaffinity(0))), "GPU": 0.0}
+    import psutil
+    res["memory"] = float(psutil.virtual_memory().available)
+    return res
 
 
 def describe(config: JobConfig, shards: int) -> str:

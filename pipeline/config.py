@@ -61,8 +61,9 @@ class JobConfig(BaseModel):
     strip_prompt: bool = Field(True, description="completion holds only the new text; false: prompt + new text")
     # execution
     shard_rows: int = Field(1000, ge=1, description="target rows per shard (a row group or a range of rows)")
-    actors: int | Literal["auto"] = Field("auto", description="engine actors; auto: one per gpus_per_actor GPUs, "
-                                                               "or 1 without GPUs")
+    actors: int | Literal["auto"] = Field("auto", description="engine actors; auto: one per gpus_per_actor GPUs; "
+                                          "without GPUs one per CPU (cpus_per_actor) while their engines fit in "
+                                          "memory (one for vllm)")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs each actor asks Ray for")
     cpus_per_actor: float | Literal["auto"] = Field("auto", description="CPUs each actor asks Ray for; auto: 1 with "
                                                                           "GPUs, else the cluster's CPUs / actors")

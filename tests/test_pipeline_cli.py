@@ -96,7 +96,7 @@ def test_dry_run_says_how_many_actors_will_run_and_why(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"actors  1 (asked for 99; the input has 1 shard(s) to run), 0 GPU and {cpus} CPU each" in result.output
     result = runner.invoke(app, args + ["--shard-rows", "4"])
-    assert "actors  1 (auto: one actor when no GPUs are asked for)" in result.output
+    assert "actors  1 (auto: one actor (the model's size is unknown" in result.output  # model "m": no such model
     result = runner.invoke(app, args + ["--shard-rows", "4", "--actors", "2", "--address", "auto"])
     assert "actors  2 (the joined cluster's CPUs and GPUs decide; at most 3, the shards to run)" in result.output
 

@@ -107,7 +107,7 @@ def test_driver_killed_then_rerun_gives_identical_files_and_no_shard_twice(
     out = str(tmp_path / "out")
     command = [sys.executable, "-m", "pipeline.cli", "run", "-i", prompts_dir, "-o", out, "--model", tiny_model_dir,
                "--max-new-tokens", str(NEW), "--shard-rows", "2", "--dtype", "float32", "--device", "cpu",
-               "--address", ray_local, "--cpus-per-actor", "1", "--progress", "log"]
+               "--address", ray_local, "--actors", "1", "--cpus-per-actor", "1", "--progress", "log"]
     # Each row takes NEW steps and the actor runs at most 2 shards at once, so after 2.5 * NEW steps at least 2
     # shards are done (the first two end by step 2 * NEW) and at most 4 (two at a time): the rest are not.
     seam.hold(after_steps=int(2.5 * NEW))

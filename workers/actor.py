@@ -13,7 +13,7 @@ import ray
 from phi3_model.engine.sampling_params import EngineDied
 
 from .backend import BackendConfig, create_backend, exit_for_restart
-from .rows import RowSpec, run_table
+from .rows import InFlight, RowSpec, run_table
 
 
 class EngineActor:
@@ -34,7 +34,7 @@ class EngineActor:
     async def _start(self):
         backend = create_backend(self.config)
         await backend.start()
-        self.limit = asyncio.Semaphore(self.batch_size)
+        self.limit = InFlight(self.batch_size)
         self.backend = backend
 
     async def info(self) -> dict:
@@ -42,7 +42,8 @@ class EngineActor:
         backend = await self._ready()
         ctx = ray.get_runtime_context()
         return dict(pid=os.getpid(), node_id=ctx.get_node_id(), gpu_ids=[str(g) for g in ray.get_gpu_ids()],
-                    max_model_len=backend.max_model_len, backend=self.config.name)
+                    max_model_len=backend.max_model_len, backend=self.config.name,
+                    engine=getattr(backend, "placement", {}))
 
     async def placement(self) -> dict:
         """Process and GPUs, without starting the engine."""
@@ -55,13 +56,8 @@ class EngineActor:
         backend = await self._ready()
         key = label if label is not None else f"run-{id(table)}"
         counts = self.finished[key] = [0, 0]
-
-        def count(row: dict) -> None:
-            counts[0] += 1
-            counts[1] += row["completion_tokens"] or 0
-
         try:
-            return await run_table(backend, table, spec, self.limit, id_prefix=label, on_row=count)
+            return await run_table(backend, table, spec, self.limit, id_prefix=label, progress=counts)
         except EngineDied as e:
             exit_for_restart(e, backend)
         finally:

@@ -6,13 +6,14 @@ tokens give identical texts. Backends are chosen by name; each validates its own
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from phi3_model.engine.sampling_params import Completion, SamplingParams
+from phi3_model.engine.sampling_params import Completion, RequestError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,21 @@ class EngineBackend(abc.ABC):
     @abc.abstractmethod
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> Completion: ...
+
+    async def generate_many(self, requests: list[tuple[list[int], SamplingParams, str | None]],
+                            finished: list | None = None) -> list:
+        """Many requests at once: per request its Completion or its RequestError, in order; an engine fault raises.
+        finished: a one-element list counting finished requests. Engines that can hand back a whole batch with one
+        wake-up of the caller (native) override this; here it is one call each."""
+        async def one(ids, params, rid):
+            try:
+                return await self.generate(ids, params, request_id=rid)
+            except RequestError as e:
+                return e
+            finally:
+                if finished is not None:
+                    finished[0] += 1
+        return list(await asyncio.gather(*(one(*r) for r in requests)))
 
     @abc.abstractmethod
     async def close(self) -> None: ...

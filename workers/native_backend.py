@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
-from phi3_model.engine import AsyncEngine, Engine
+from phi3_model.engine import AsyncEngine, Engine, Request
 from phi3_model.engine.engine_process import EngineProcess, EngineSpec
+from phi3_model.engine.threads import decide
 from phi3_model.engine.sampling_params import Completion, SamplingParams
 from phi3_model.presets import load_model_and_tokenizer, load_tokenizer, resolve
 
 from .backend import BackendConfig, EngineBackend
 from .backend_options import parse_options
+
+log = logging.getLogger(__name__)
 
 
 class NativeBackend(EngineBackend):
@@ -23,6 +27,7 @@ class NativeBackend(EngineBackend):
         self.engine_config = opts.engine_config()
         self._async: AsyncEngine | EngineProcess | None = None
         self._starting: asyncio.Lock | None = None
+        self.placement: dict = {}  # where the engine runs and with how many threads, once started
         self.tokenizer = None
         self.max_model_len = 0
 
@@ -35,32 +40,44 @@ class NativeBackend(EngineBackend):
                 await self._start()
 
     async def _start(self) -> None:
+        threads, why = decide(self.threads or (len(self.cpus) if self.cpus else None))
         if self.process:
             self.tokenizer = load_tokenizer(resolve(self.config.model)[1])
             engine = EngineProcess(EngineSpec(self.config.model, self.config.dtype, self.config.device,
-                                              self.engine_config, self.threads,
-                                              tuple(self.cpus) if self.cpus else None),
+                                              self.engine_config, threads, tuple(self.cpus) if self.cpus else None),
                                    self.config.stall_timeout_s)
             await engine.start()
             self.max_model_len, self._async = engine.max_model_len, engine
-            return
-        if self.threads:
-            import torch
-            torch.set_num_threads(int(self.threads))
-        loop = asyncio.get_running_loop()
-        model, tokenizer = await loop.run_in_executor(
-            None, lambda: load_model_and_tokenizer(self.config.model, self.config.dtype, self.config.device))
-        engine = Engine(model, tokenizer, self.engine_config)
-        self.tokenizer = tokenizer
-        self.max_model_len = engine.max_model_len
-        self._async = AsyncEngine(engine, self.config.stall_timeout_s)
-        await self._async.start()
+        else:
+            c = self.config
+
+            def build() -> Engine:  # on the engine thread: all of the engine's torch work on one thread
+                return Engine(*load_model_and_tokenizer(c.model, c.dtype, c.device), self.engine_config)
+            self._async = AsyncEngine(build, c.stall_timeout_s, threads)
+            await self._async.start()
+            self.tokenizer, self.max_model_len = self._async.engine.tokenizer, self._async.engine.max_model_len
+        self.placement = {"placement": "process" if self.process else "thread", "threads": threads,
+                          "threads_why": why, "pid": os.getpid(),
+                          "engine_pid": self._async.pid if self.process else os.getpid()}
+        log.info("native engine: %d torch thread(s) (%s), stepping in %s", threads, why,
+                 f"child process {self._async.pid}" if self.process else f"a thread of process {os.getpid()}")
+
+    @property
+    def engine_thread_id(self) -> int | None:
+        """The OS id of the thread stepping the engine (thread placement), to pin it with os.sched_setaffinity."""
+        return self._async.thread_id if isinstance(self._async, AsyncEngine) else None
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> Completion:
         if self._async is None:
             await self.start()
         return await self._async.generate(prompt_token_ids, params, request_id)
+
+    async def generate_many(self, requests, finished: list | None = None) -> list:
+        if self._async is None:
+            await self.start()
+        return await self._async.generate_many([Request(list(ids), params, rid) for ids, params, rid in requests],
+                                               finished)
 
     def failure(self) -> BaseException | None:
         return self._async.error if self._async is not None else None

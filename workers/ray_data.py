@@ -17,7 +17,7 @@ import pyarrow as pa
 from phi3_model.engine.sampling_params import EngineDied
 
 from .backend import BackendConfig, create_backend, exit_for_restart
-from .rows import RESULT_SCHEMA, RowSpec, run_table
+from .rows import RESULT_SCHEMA, InFlight, RowSpec, run_table
 
 
 class Generate:
@@ -37,11 +37,11 @@ class Generate:
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="phi3-ray-data", daemon=True).start()
         self._call(self.backend.start())
-        self.limit = self._call(self._semaphore(in_flight))
+        self.limit = self._call(self._limit(in_flight))
 
     @staticmethod
-    async def _semaphore(n: int) -> asyncio.Semaphore:
-        return asyncio.Semaphore(n)
+    async def _limit(n: int) -> InFlight:
+        return InFlight(n)
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()

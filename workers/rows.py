@@ -131,37 +131,64 @@ def prepare(row: dict, spec: RowSpec, tokenizer, max_model_len: int) -> tuple[li
         return ids, str(e)
 
 
-async def run_row(backend, ids: list[int] | None, params: SamplingParams | str, spec: RowSpec,
-                  limit: asyncio.Semaphore, request_id: str | None = None) -> dict:
-    """One prepared row through the backend. Row faults become an error cell; engine faults propagate (the
-    shard is retried)."""
-    if isinstance(params, str):
-        return result(None, ids, spec, backend.tokenizer, error=params)
-    try:
-        async with limit:
-            completion = await backend.generate(ids, params, request_id=request_id)
-    except RequestError as e:
-        return result(None, ids, spec, backend.tokenizer, error=str(e))
-    return result(completion, ids, spec, backend.tokenizer)
+GROUP_ROWS = 64  # rows handed to the engine together: the actor's loop wakes once per group, not once per row
 
 
-async def run_table(backend, table: pa.Table, spec: RowSpec, limit: asyncio.Semaphore,
-                    id_prefix: str | None = None, on_row: Callable[[dict], None] | None = None) -> pa.Table:
-    """Every row of `table` concurrently (at most `limit` in the engine at once); results in row order.
-    on_row: called with each result row as it finishes (progress within a table).
+class InFlight:
+    """At most `capacity` rows in the engine at once, taken a group at a time (all of a group's rows or none, so
+    concurrent tables never each hold part of what they need)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.free = capacity, capacity
+        self._changed = asyncio.Condition()
+
+    async def take(self, n: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.free >= n)
+            self.free -= n
+
+    async def give(self, n: int) -> None:
+        async with self._changed:
+            self.free += n
+            self._changed.notify_all()
+
+
+async def run_table(backend, table: pa.Table, spec: RowSpec, limit: InFlight,
+                    id_prefix: str | None = None, progress: list | None = None) -> pa.Table:
+    """Every row of `table`, in groups of GROUP_ROWS handed to the engine together (at most `limit` rows in the
+    engine at once, over every table running on it); results in row order. Row faults become an error cell;
+    engine faults propagate (the shard is retried). progress: [rows finished, output tokens], kept current (rows
+    as each finishes in the engine, tokens as each group comes back).
 
     All rows are tokenized before the first is submitted, so the engine's first steps see a full batch rather
     than the few requests that arrived while the rest were still being tokenized."""
     present = [c for c in spec.columns if c in table.column_names]
     prepared = [prepare(row, spec, backend.tokenizer, backend.max_model_len)
                 for row in table.select(present).to_pylist()]
-    names = [None if id_prefix is None else f"{id_prefix}:{i}" for i in range(len(prepared))]
+    results: list[dict | None] = [None] * len(prepared)
+    progress = progress if progress is not None else [0, 0]
+    runnable = []
+    for i, (ids, params) in enumerate(prepared):
+        if isinstance(params, str):  # the row cannot run: its error, at once
+            results[i] = result(None, ids, spec, backend.tokenizer, error=params)
+            progress[0] += 1
+        else:
+            runnable.append(i)
 
-    async def one(ids, params, name):
-        row = await run_row(backend, ids, params, spec, limit, name)
-        if on_row is not None:
-            on_row(row)
-        return row
+    async def group(rows: list[int]) -> None:
+        await limit.take(len(rows))
+        try:
+            outs = await backend.generate_many([(prepared[i][0], prepared[i][1],
+                                                 None if id_prefix is None else f"{id_prefix}:{i}") for i in rows],
+                                               progress)
+        finally:
+            await limit.give(len(rows))
+        for i, out in zip(rows, outs):
+            ids = prepared[i][0]
+            results[i] = (result(None, ids, spec, backend.tokenizer, error=str(out)) if isinstance(out, RequestError)
+                          else result(out, ids, spec, backend.tokenizer))
+            progress[1] += results[i]["completion_tokens"] or 0
 
-    results = await asyncio.gather(*(one(ids, params, name) for (ids, params), name in zip(prepared, names)))
+    size = min(GROUP_ROWS, limit.capacity)
+    await asyncio.gather(*(group(runnable[k:k + size]) for k in range(0, len(runnable), size)))
     return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)

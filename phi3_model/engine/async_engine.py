@@ -3,15 +3,20 @@
 The engine steps in one background thread of this process (torch releases the GIL inside kernels, so the event
 loop stays responsive), running the shared engine loop (loop.run_loop); requests arrive through a thread-safe
 inbox and results return with `call_soon_threadsafe`. EngineProcess is the same front with the loop in a child.
+
+Give it a function that builds the engine rather than a built engine where you can: the model is then loaded on the
+engine thread, so one thread does all of the engine's torch work (see engine/threads.py for why that matters).
 """
 from __future__ import annotations
 
 import asyncio
 import queue
 import threading
+from typing import Callable
 
 from .engine import Engine
-from .loop import Front, run_loop
+from .loop import Front, run_loop, settle
+from .threads import release_openmp_team, use_threads
 
 _CLOSE = ("close", None, None)
 
@@ -46,9 +51,14 @@ class _ThreadTransport:
 
 
 class AsyncEngine(Front):
-    def __init__(self, engine: Engine, stall_timeout_s: float | None = None):
+    def __init__(self, engine: Engine | Callable[[], Engine], stall_timeout_s: float | None = None,
+                 threads: int | None = None):
+        """engine: an Engine, or a function building one on the engine thread. threads: torch intra-op threads of
+        the engine thread (None: torch's setting)."""
         super().__init__(stall_timeout_s)
-        self.engine = engine
+        self._build = None if isinstance(engine, Engine) else engine
+        self.engine: Engine | None = engine if isinstance(engine, Engine) else None
+        self.threads = threads
         self._transport: _ThreadTransport | None = None
         self._thread: threading.Thread | None = None
 
@@ -70,11 +80,31 @@ class AsyncEngine(Front):
 
     async def start(self) -> None:
         if self._thread is None:  # a closed engine can be started again
+            release_openmp_team()  # this thread's OpenMP workers would make the engine thread's stop spinning
+            loop = asyncio.get_running_loop()
+            ready = loop.create_future()
             self._transport = _ThreadTransport(self)
-            self._thread = threading.Thread(target=run_loop, args=(self.engine, self._transport),
-                                            name="phi3-engine", daemon=True)
+            self._thread = threading.Thread(target=self._main, args=(loop, ready), name="phi3-engine", daemon=True)
             self._thread.start()
+            try:
+                await ready
+            except BaseException:
+                self._thread = None
+                raise
             self.watchdog.start()
+
+    def _main(self, loop, ready) -> None:
+        """The engine thread: its torch settings, the engine (built here when given a builder), then the loop."""
+        try:
+            if self.threads:
+                use_threads(self.threads)
+            if self.engine is None:
+                self.engine = self._build()
+        except BaseException as e:  # noqa: BLE001 - raised by start()
+            settle(loop, [(ready, None, e)])
+            return
+        settle(loop, [(ready, None, None)])
+        run_loop(self.engine, self._transport)
 
     async def close(self) -> None:
         self.watchdog.stop()

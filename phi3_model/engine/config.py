@@ -22,3 +22,20 @@ class EngineConfig(BaseModel):
         "mixed", description="mixed: decodes and prefill chunks share every step; alternating: prefill-only and "
         "decode-only steps take turns")
     max_model_len: int | None = Field(None, ge=2, description="default: the model's max_position_embeddings")
+
+    def cpu_kv_bytes(self, model_config, max_model_len: int, element_size: int) -> int:
+        """The KV pool's bytes on CPU (on CUDA it takes 90% of free memory): kv_cache_bytes, else what max_num_seqs
+        full-length sequences need, at most 2 GiB (num_blocks, when set, wins)."""
+        per_block = (2 * model_config.num_hidden_layers * self.block_size * model_config.num_key_value_heads
+                     * model_config.head_dim * element_size)
+        if self.num_blocks:
+            return self.num_blocks * per_block
+        if self.kv_cache_bytes:
+            return self.kv_cache_bytes
+        return min(self.max_num_seqs * -(-max_model_len // self.block_size) * per_block, 2 * 2**30)
+
+
+def engine_bytes(model_config, config: EngineConfig, element_size: int) -> int:
+    """Host memory one native engine on CPU holds for weights and KV cache (the actor's own overhead aside)."""
+    max_len = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
+    return model_config.num_parameters() * element_size + config.cpu_kv_bytes(model_config, max_len, element_size)

@@ -42,6 +42,8 @@ class Engine:
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         per_block = KVCache.bytes_per_block(mc.num_hidden_layers, config.block_size, mc.num_key_value_heads,
                                             mc.head_dim, model.dtype)
+        self.cache_element_size = per_block // (2 * mc.num_hidden_layers * config.block_size
+                                                * mc.num_key_value_heads * mc.head_dim)
         num_blocks = config.num_blocks or max(1, self._default_kv_bytes(per_block) // per_block)
         self.cache = KVCache(mc.num_hidden_layers, num_blocks, config.block_size, mc.num_key_value_heads,
                              mc.head_dim, model.dtype, model.device)
@@ -58,13 +60,10 @@ class Engine:
 
     def _default_kv_bytes(self, per_block: int) -> int:
         c = self.config
-        if c.kv_cache_bytes:
-            return c.kv_cache_bytes
-        if self.model.device.type == "cuda":
+        if self.model.device.type == "cuda" and not c.kv_cache_bytes:
             free, _ = torch.cuda.mem_get_info(self.model.device)
             return int(free * 0.9)
-        want = c.max_num_seqs * -(-self.max_model_len // c.block_size) * per_block
-        return min(want, 2 * 2**30)
+        return c.cpu_kv_bytes(self.model.config, self.max_model_len, self.cache_element_size)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype="auto", device="auto", **engine_config) -> "Engine":

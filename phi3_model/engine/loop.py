@@ -104,6 +104,24 @@ def settle(loop, done) -> None:
         pass
 
 
+class _Batch:
+    """Many requests, one future: settled once, when the last of them finishes (one wake-up of the caller's loop
+    for the whole batch: every wake-up of another thread costs the engine's steps, see engine/threads.py)."""
+
+    __slots__ = ("fut", "loop", "results", "left", "finished")
+
+    def __init__(self, fut, loop, n: int, finished: list | None):
+        self.fut, self.loop, self.results, self.left = fut, loop, [None] * n, n
+        self.finished = finished if finished is not None else [0]
+
+    def land(self, i: int, result, error) -> bool:
+        """True when this was the last one."""
+        self.results[i] = error if error is not None else result
+        self.left -= 1
+        self.finished[0] += 1
+        return self.left == 0
+
+
 class Front:
     """Futures of `generate` calls by request number; subclasses carry requests to the loop (`_send`)."""
 
@@ -142,11 +160,50 @@ class Front:
                 self._send(loop, [], [rid])
             raise
 
+    async def generate_many(self, requests: list[Request], finished: list | None = None) -> list:
+        """Every request through the engine at once; -> per request its Completion or its RequestError, in order,
+        when the last one finishes. An engine fault raises. finished: a one-element list counting the requests
+        finished so far (read it for progress; the caller is not woken for each)."""
+        if self.error is not None:
+            raise self.error
+        if not requests:
+            return []
+        if not self._running():
+            await self.start()
+        loop = asyncio.get_running_loop()
+        batch = _Batch(loop.create_future(), loop, len(requests), finished)
+        if not self._waiters:
+            self.watchdog.progress()
+        rids = []
+        for i, req in enumerate(requests):
+            rid = next(self._ids)
+            self._waiters[rid] = (batch, i)
+            rids.append(rid)
+        self._send(loop, list(zip(rids, requests)), [])
+        try:
+            results = await batch.fut
+        except asyncio.CancelledError:
+            aborts = [rid for rid in rids if self._waiters.pop(rid, None) is not None]
+            if aborts:
+                self._send(loop, [], aborts)
+            raise
+        fault = next((r for r in results if isinstance(r, BaseException) and not isinstance(r, RequestError)), None)
+        if fault is not None:
+            raise fault
+        return results
+
     def _settle(self, outcomes: Iterable[Outcome]) -> None:
         """From the loop's side: one wake-up of each caller's event loop, not one per future."""
         by_loop: dict = {}
         for rid, result, error in outcomes:
-            if (waiter := self._waiters.pop(rid, None)) is not None:
+            waiter = self._waiters.pop(rid, None)
+            if waiter is None:
+                continue
+            if isinstance(waiter[0], _Batch):
+                batch = waiter[0]
+                if batch.land(waiter[1], result, error):
+                    by_loop.setdefault(batch.loop, []).append((batch.fut, batch.results, None))
+            else:
                 by_loop.setdefault(waiter[1], []).append((waiter[0], result, error))
         for loop, done in by_loop.items():
             settle(loop, done)
@@ -154,10 +211,11 @@ class Front:
     def _fail_all(self, error: BaseException) -> None:
         waiters, self._waiters = self._waiters, {}
         by_loop: dict = {}
-        for fut, loop in waiters.values():
-            by_loop.setdefault(loop, []).append((fut, None, error))
+        for first, second in waiters.values():
+            fut, loop = (first.fut, first.loop) if isinstance(first, _Batch) else (first, second)
+            by_loop.setdefault(loop, {})[id(fut)] = (fut, None, error)
         for loop, done in by_loop.items():
-            settle(loop, done)
+            settle(loop, list(done.values()))
 
     def _stalled(self, why: str) -> None:
         """Watchdog thread: the engine is dead to its callers; subclasses also stop what they can."""

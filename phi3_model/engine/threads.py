@@ -1,0 +1,65 @@
+"""CPU threads of an engine: how many torch intra-op threads it uses, and the OpenMP rule that keeps them fast.
+
+The rule (measured, bench.pipeline and bench.queue, issue 15): torch's CPU kernels run OpenMP parallel regions, and
+GNU OpenMP keeps one team of worker threads per thread that starts regions. Once a process holds more such worker
+threads than it has CPUs (a model loaded on one thread, stepped on another: two teams), libgomp stops letting idle
+workers spin between regions and puts them to sleep instead, so each of the thousands of small regions of an engine
+step pays a futex wake-up: a tiny model's step became 3x slower with two threads. So an engine does all of its torch
+work on one thread (AsyncEngine builds the model on its own engine thread; EngineProcess steps on its child's main
+thread), and a thread that hands a model over gives its own team back (`release_openmp_team`).
+
+How many threads: the CPUs this process may run on (its affinity), capped by OMP_NUM_THREADS when set (Ray sets it
+to an actor's num_cpus), unless the caller says (the native backend's `threads` option).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    n = usable_cpus()
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        n = min(n, int(omp))
+    return max(1, n)
+
+
+def decide(threads: int | None) -> tuple[int, str]:
+    """(threads, why) for an engine in this process."""
+    if threads:
+        return int(threads), "set by the threads option"
+    omp = os.environ.get("OMP_NUM_THREADS")
+    why = f"{usable_cpus()} usable CPU(s)" + (f", OMP_NUM_THREADS={omp}" if omp else "")
+    return default_threads(), why
+
+
+def use_threads(threads: int) -> None:
+    """Set torch's intra-op threads for the calling thread (OpenMP's setting is per thread)."""
+    import torch
+    torch.set_num_threads(threads)
+
+
+def _libgomp():
+    import torch
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+    try:
+        return ctypes.CDLL(path) if os.path.exists(path) else ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+    except OSError:
+        return None
+
+
+def release_openmp_team() -> bool:
+    """Free the OpenMP worker threads the calling thread started (omp_pause_resource_all, omp_pause_hard): the
+    thread keeps working, a later parallel region starts a new team. False when torch does not use GNU OpenMP."""
+    lib = _libgomp()
+    if lib is None or not hasattr(lib, "omp_pause_resource_all"):
+        return False
+    return lib.omp_pause_resource_all(1) == 0
