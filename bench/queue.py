@@ -5,19 +5,19 @@ and the queue's own ceiling with a backend that answers at once.
 
 Model: a tiny Phi-3 (vocab 32064, hidden 64, 2 layers, GQA 4/2 heads, random weights, no tokenizer: requests carry
 token ids). Workload: prompts of 8-64 tokens, 8-48 new tokens each (greedy, no stop tokens), fixed seed. Rows:
-  engine_direct     NativeBackend.generate for every request at once (asyncio.gather), engine threads = cores
-  queue_1_worker    one `phi3-batch queue worker` process (same engine, threads = cores, in the worker's child
-                    engine process: the CLI's default): from the first enqueue (all requests in bulk, worker
-                    already running) to the last result written
-  queue_1_worker_thread  the same with `--option process=false`: the engine steps in a thread of the worker
-                    process, sharing its GIL with the worker's Redis and JSON work
-  queue_2_workers   two worker processes (engine processes, threads = cores / 2 each), consuming the same group
+  engine_direct     NativeBackend.generate for every request at once (asyncio.gather), the engine's own threads
+  queue_1_worker    one `phi3-batch queue worker` process (same engine and threads, stepping in a thread of
+                    the worker: the CLI's default): from the first enqueue (all requests in bulk, worker already
+                    running) to the last result written
+  queue_1_worker_process  the same with `--option process=true`: the engine steps in a child process of the
+                    worker (IPC per step instead of a shared GIL)
+  queue_2_workers   two worker processes (usable CPUs / 2 threads each), consuming the same group
   queue_ceiling     ImmediateBackend (bench-only: answers at once, no model), one in-process worker draining
                     pre-enqueued requests: requests/s is the queue's own per-worker ceiling; also requests per
                     CPU-second of that process (the ceiling on an otherwise idle core)
 With --threads 1 the engine runs on one CPU (--engine-cpu, default the last): the direct row's engine thread and
-each worker's engine process (`--option cpus=[N]`; the thread row is not pinned), so that both engines get a core to
-themselves and the rows compare the queue's cost, not where the OS happened to place the engine. One redis-server
+each worker's engine (`--option cpus=[N]`), so that both engines get a core to themselves and the rows compare the
+queue's cost, not where the OS happened to place the engine. One redis-server
 (append-only, fsync every second) serves all rows, emptied and its append-only file compacted before each row (a
 rewrite of what earlier rows left would otherwise compete for the cores); it is not counted in peak RSS. Rows run
 --repeat times (default 3), interleaved; each reports its median run, with every run's rate in the JSON's `runs`.
@@ -39,7 +39,7 @@ import time
 
 from .common import Timer, measure_child, report, run_rows_repeated
 
-ROWS = ["engine_direct", "queue_1_worker", "queue_1_worker_thread", "queue_2_workers", "queue_ceiling"]
+ROWS = ["engine_direct", "queue_1_worker", "queue_1_worker_process", "queue_2_workers", "queue_ceiling"]
 
 
 def checkpoint() -> str:
@@ -105,7 +105,7 @@ def row_direct(a) -> dict:
 
     async def go():
         backend = NativeBackend(BackendConfig(model=a["ckpt"], dtype="float32", device="cpu",
-                                              options={"threads": a["threads"]}))
+                                              options={"threads": a["threads"]} if a["threads"] else {}))
         await backend.start()
         if a["engine_cpu"] is not None:  # the engine thread only (one torch thread: it computes in that thread)
             os.sched_setaffinity(backend.engine_thread_id, {a["engine_cpu"]})
@@ -114,22 +114,23 @@ def row_direct(a) -> dict:
         with Timer() as t:
             outs = await asyncio.gather(*(backend.generate(p, sp) for (p, _), sp in zip(a["work"], params)))
         await backend.close()
-        return t.seconds, sum(len(o.token_ids) for o in outs)
-    seconds, tokens = asyncio.run(go())
-    return {"seconds": seconds, "output_tokens": tokens, "requests": len(a["work"])}
+        return t.seconds, sum(len(o.token_ids) for o in outs), backend.placement
+    seconds, tokens, where = asyncio.run(go())
+    return {"seconds": seconds, "output_tokens": tokens, "requests": len(a["work"]),
+            "placement": where["placement"], "threads": where["threads"], "threads_why": where["threads_why"]}
 
 
-def row_workers(a, n_workers: int, process: bool = True) -> dict:
+def row_workers(a, n_workers: int, process: bool = False) -> dict:
     """Worker processes started first (each reports state=running in its health hash once its engine is up);
     timed from the first enqueue to the last result written."""
     import redis
     from workers.queue import QueueClient
     prefix = f"bench{n_workers}{'p' if process else 't'}{a['rep']}"
     r = redis.Redis.from_url(a["url"])
-    threads = max(1, a["threads"] // n_workers)
+    threads = max(1, (a["threads"] or len(os.sched_getaffinity(0))) // n_workers)
 
-    def pin(i: int) -> list[str]:  # worker i's engine process on its own CPU, counting down from engine_cpu
-        if a["engine_cpu"] is None or not process:
+    def pin(i: int) -> list[str]:  # worker i's engine (thread or process) on its own CPU, down from engine_cpu
+        if a["engine_cpu"] is None:
             return []
         usable = sorted(os.sched_getaffinity(0))
         return ["--option", f"cpus=[{usable[(usable.index(a['engine_cpu']) - i) % len(usable)]}]"]
@@ -150,8 +151,7 @@ def row_workers(a, n_workers: int, process: bool = True) -> dict:
             time.sleep(0.05)
         with Timer() as t:
             ids = asyncio.run(submit(requests(a["work"], "r")))
-            while r.xlen(f"{prefix}:results") < len(ids):
-                time.sleep(0.01)
+            wait_results(r, f"{prefix}:results", len(ids))
         values = r.mget([f"{prefix}:result:{i}" for i in ids])
         tokens = sum(json.loads(v)["completion_tokens"] for v in values)
         per_worker = {}
@@ -163,7 +163,19 @@ def row_workers(a, n_workers: int, process: bool = True) -> dict:
             p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait(60)
-    return {"seconds": t.seconds, "output_tokens": tokens, "requests": len(ids), "per_worker": per_worker}
+    return {"seconds": t.seconds, "output_tokens": tokens, "requests": len(ids), "per_worker": per_worker,
+            "placement": "process" if process else "thread", "threads": threads,
+            "threads_why": f"{'--threads' if a['threads'] else 'usable CPUs'} / {n_workers} worker(s)"}
+
+
+def wait_results(r, stream: str, n: int) -> None:
+    """Block on the results stream (XREAD BLOCK) until it announced n results: the bench's own waiting must not
+    wake every few milliseconds and take CPU from the rows it measures."""
+    seen, last = 0, "0-0"
+    while seen < n:
+        for _, entries in r.xread({stream: last}, count=10_000, block=1000) or []:
+            seen += len(entries)
+            last = entries[-1][0]
 
 
 def row_ceiling(a) -> dict:
@@ -196,7 +208,7 @@ def row_ceiling(a) -> dict:
 def child(row: str, args: dict, out: str) -> None:
     args["work"] = workload(args["requests"])  # regenerated (seeded): a command line cannot carry it
     fn = {"engine_direct": row_direct, "queue_1_worker": lambda a: row_workers(a, 1),
-          "queue_1_worker_thread": lambda a: row_workers(a, 1, process=False),
+          "queue_1_worker_process": lambda a: row_workers(a, 1, process=True),
           "queue_2_workers": lambda a: row_workers(a, 2), "queue_ceiling": row_ceiling}[row]
     if row == "queue_ceiling":
         fn = ceiling_per_worker(fn)
@@ -228,7 +240,8 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--ceiling-requests", type=int, default=50_000)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of the engine (two workers: half each); "
+                    "default: what the engine decides from the CPUs it may use")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each row (interleaved); the median is reported")
     ap.add_argument("--engine-cpu", type=cpu_id, default="auto", help="CPU id for a one-thread engine: the direct "
                     "row's engine thread and the workers' engine processes (worker i on the i-th CPU before it); "
@@ -270,7 +283,8 @@ def main(argv=None) -> None:
            f"{a.ceiling_requests} requests; median of {a.repeat} interleaved runs per row", rows,
            [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
             ("requests_per_s", "req/s", "{:.1f}"), ("requests_per_cpu_s", "req/cpu-s", "{:.0f}"),
-            ("seconds", "s", "{:.2f}"), ("peak_rss_mb", "peak MB", "{:.0f}"), ("runs_text", "every run", "")],
+            ("seconds", "s", "{:.2f}"), ("peak_rss_mb", "peak MB", "{:.0f}"), ("placement", "engine", ""),
+            ("threads", "threads", ""), ("runs_text", "every run", "")],
            wl, a.json)
 
 

@@ -25,7 +25,7 @@ _W = dict(
     dtype=typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)"),
     device=typer.Option("auto", "--device", help="auto | cpu | cuda (auto: cuda when available)"),
     option=typer.Option([], "--option", help="backend option key=value, repeatable (value parsed as JSON when it "
-                        "is); the native engine runs in a child process unless process=false (default: none)"),
+                        "is); e.g. process=true runs the native engine in a child process (default: none)"),
     name=typer.Option(None, "--name", help="consumer name, stable per worker (default: $PHI3_WORKER_NAME or the "
                       "host name)"),
     read_count=typer.Option(128, "--read-count", help="most entries read from the stream per call"),
@@ -76,8 +76,6 @@ def _backend_config(backend, model, dtype, device, option, stall_timeout):
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    if backend == "native":  # a worker's Redis and JSON work must not take the GIL from the engine's steps
-        options.setdefault("process", True)
     return BackendConfig(name=backend, model=model, dtype=dtype, device=device, options=options,
                          stall_timeout_s=stall_timeout)
 

@@ -240,24 +240,27 @@ def test_the_native_backend_process_option_takes_only_a_boolean(tiny_model_dir):
     assert NativeBackend(BackendConfig(model=tiny_model_dir, options={"process": True})).process is True
 
 
-def test_the_cpus_option_pins_the_engine_process_and_is_checked(tiny_model_dir):
+@pytest.mark.parametrize("process", [True, False])
+def test_the_cpus_option_pins_the_engine_and_is_checked(tiny_model_dir, process):
+    """The engine's process (process=true) or its engine thread and the OpenMP workers it starts (a thread)."""
     from workers.backend import BackendConfig
     from workers.native_backend import NativeBackend
     cpu = max(os.sched_getaffinity(0))
-    for bad in ({"cpus": [cpu]}, {"process": True, "cpus": [4096]}, {"process": True, "cpus": str(cpu)},
-                {"process": True, "cpus": []}):
+    for bad in ({"cpus": [4096]}, {"cpus": str(cpu)}, {"cpus": []}):
         with pytest.raises(ValueError, match=r"option cpus=.*expected a list of CPU ids from \["):
-            NativeBackend(BackendConfig(model=tiny_model_dir, options=bad))
+            NativeBackend(BackendConfig(model=tiny_model_dir, options={"process": process, **bad}))
 
     async def main():
         backend = NativeBackend(BackendConfig(model=tiny_model_dir, dtype="float32", device="cpu",
-                                              options={"process": True, "cpus": [cpu], "num_blocks": 64}))
+                                              options={"process": process, "cpus": [cpu], "num_blocks": 64}))
         await backend.start()
         try:
             out = await backend.generate([5, 6, 7], GREEDY)
-            return os.sched_getaffinity(backend._async.pid), out
+            where = backend.placement["engine_pid"] if process else backend.engine_thread_id
+            return os.sched_getaffinity(where), os.sched_getaffinity(0), out
         finally:
             await backend.close()
 
-    affinity, out = asyncio.run(main())
-    assert affinity == {cpu} and len(out.token_ids) == 10
+    engine, caller, out = asyncio.run(main())
+    assert engine == {cpu} and len(out.token_ids) == 10
+    assert caller == set(os.sched_getaffinity(0))  # the caller's own thread is left where it was

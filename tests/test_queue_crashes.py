@@ -151,13 +151,14 @@ def test_7_request_that_kills_the_worker_is_dead_lettered_by_delivery_count(
 
 def test_worker_whose_engine_process_is_killed_exits_nonzero_and_another_reclaims_its_entries(
         redis_server, redis_url, queue_prefix, queue_engine, tiny_model_dir, tmp_path, seam):
-    """The worker's engine runs in a child process (the CLI's default), and that child dies (out of memory, a
+    """The worker's engine runs in a child process (`--option process=true`), and that child dies (out of memory, a
     crash) with requests inside it. The worker must neither spin on failing requests nor dead-letter them: it
     exits non-zero holding its entries, and another worker reclaims them."""
     r = redis_server.client()
     ids = enqueue(redis_url, queue_prefix, requests(6))
     seam.hold()  # A's engine takes the requests, then stops before stepping
-    a = spawn_worker(redis_url, queue_prefix, tiny_model_dir, "A", *FLAGS, log_dir=str(tmp_path))
+    a = spawn_worker(redis_url, queue_prefix, tiny_model_dir, "A", *FLAGS, "--option", "process=true",
+                     log_dir=str(tmp_path))
     wait_for(lambda: pending_of(r, queue_prefix, "A") == 6, GUARD_S, "worker A to hold all 6 requests")
     engine_pid, _ = seam.held()
     with open(f"/proc/{a.pid}/task/{a.pid}/children") as f:
@@ -205,15 +206,18 @@ def reference(model_dir: str, prompt: str = "The quick brown fox", new: int = 4)
     return lm.generate(prompt, max_length=len(lm.tokenizer.encode(prompt, add_bos=True)) + new, strip_prompt=True)
 
 
+@pytest.mark.parametrize("process", ["false", "true"])
 def test_sigterm_while_the_model_loads_exits_zero_holding_nothing(
-        redis_server, redis_url, queue_prefix, tiny_model_dir, tmp_path, seam):
+        redis_server, redis_url, queue_prefix, tiny_model_dir, tmp_path, seam, process):
     r = redis_server.client()
     ids = enqueue(redis_url, queue_prefix, requests(2))
     seam.hold_load()
-    a = spawn_worker(redis_url, queue_prefix, tiny_model_dir, "A", *FLAGS, log_dir=str(tmp_path))
-    loader = seam.loading()  # the worker's engine process, held while loading the model
+    a = spawn_worker(redis_url, queue_prefix, tiny_model_dir, "A", *FLAGS, "--option", f"process={process}",
+                     log_dir=str(tmp_path))
+    loader = seam.loading()  # held while loading the model: the worker itself, or its engine process
+    assert (loader == a.pid) == (process == "false")
     a.send_signal(signal.SIGTERM)
     assert a.wait(GUARD_S) == 0
     assert "stopped while loading the model" in (tmp_path / "A.log").read_text()
     assert pending_of(r, queue_prefix, "A") == 0 and r.xlen(f"{queue_prefix}:requests") == len(ids)
-    wait_for(lambda: not os.path.exists(f"/proc/{loader}"), 30, "the engine process to be gone")
+    wait_for(lambda: not os.path.exists(f"/proc/{loader}"), 30, "the loading process to be gone")

@@ -53,7 +53,7 @@ class NativeBackend(EngineBackend):
 
             def build() -> Engine:  # on the engine thread: all of the engine's torch work on one thread
                 return Engine(*load_model_and_tokenizer(c.model, c.dtype, c.device), self.engine_config)
-            self._async = AsyncEngine(build, c.stall_timeout_s, threads)
+            self._async = AsyncEngine(build, c.stall_timeout_s, threads, tuple(self.cpus) if self.cpus else None)
             await self._async.start()
             self.tokenizer, self.max_model_len = self._async.engine.tokenizer, self._async.engine.max_model_len
         self.placement = {"placement": "process" if self.process else "thread", "threads": threads,

@@ -10,6 +10,7 @@ engine thread, so one thread does all of the engine's torch work (see engine/thr
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 from typing import Callable
@@ -52,13 +53,15 @@ class _ThreadTransport:
 
 class AsyncEngine(Front):
     def __init__(self, engine: Engine | Callable[[], Engine], stall_timeout_s: float | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, cpus: tuple[int, ...] | None = None):
         """engine: an Engine, or a function building one on the engine thread. threads: torch intra-op threads of
-        the engine thread (None: torch's setting)."""
+        the engine thread (None: torch's setting). cpus: the CPUs the engine thread (and the OpenMP workers it
+        starts, which inherit it) may run on."""
         super().__init__(stall_timeout_s)
         self._build = None if isinstance(engine, Engine) else engine
         self.engine: Engine | None = engine if isinstance(engine, Engine) else None
         self.threads = threads
+        self.cpus = cpus
         self._transport: _ThreadTransport | None = None
         self._thread: threading.Thread | None = None
 
@@ -96,6 +99,8 @@ class AsyncEngine(Front):
     def _main(self, loop, ready) -> None:
         """The engine thread: its torch settings, the engine (built here when given a builder), then the loop."""
         try:
+            if self.cpus:  # this thread only (Linux: 0 = the calling thread), before its OpenMP team starts
+                os.sched_setaffinity(0, self.cpus)
             if self.threads:
                 use_threads(self.threads)
             if self.engine is None:
