@@ -217,3 +217,47 @@ def test_object_storage_input_and_output(ray_local, tiny_model_dir, s3):
     before = read("batch.jsonl"), read("batch.errors.jsonl")
     again = pipeline.run(config)
     assert again.ok and again.run_rows == 0 and (read("batch.jsonl"), read("batch.errors.jsonl")) == before
+
+
+# ---- the queue speaks it too -------------------------------------------------------------------------------------
+
+def queue_cli(url, prefix, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.queue_cli", *args, "--url", url, "--prefix", prefix],
+                          cwd=ROOT, capture_output=True, text=True, timeout=GUARD_S)
+
+
+def test_queue_round_trip_gives_the_batch_jobs_bodies(batch_run, redis_server, redis_url, queue_prefix,
+                                                     queue_engine, tmp_path):
+    import asyncio
+
+    from tests.fixtures.redis_server import run_bounded, worker_config
+    from workers.queue import QueueWorker
+    root, _ = batch_run
+    job_out = {x["custom_id"]: x for x in read_lines(root / "out" / "batch.jsonl")}
+    runnable = [x for x in LINES if isinstance(x, dict) and x.get("custom_id") in job_out]
+    runnable = [x for i, x in enumerate(runnable) if x["custom_id"] not in [y["custom_id"] for y in runnable[:i]]]
+    batch = write_batch(str(tmp_path / "batch.jsonl"), runnable)
+    enqueued = queue_cli(redis_url, queue_prefix, "enqueue", "--input", batch)
+    assert enqueued.returncode == 0, enqueued.stderr
+    asyncio.run(run_bounded(QueueWorker(queue_engine, worker_config(redis_url, queue_prefix))))
+    (tmp_path / "ids.txt").write_text("".join(x["custom_id"] + "\n" for x in runnable))
+    got = queue_cli(redis_url, queue_prefix, "results", "--ids", str(tmp_path / "ids.txt"), "--out",
+                    str(tmp_path / "out.jsonl"), "--format", "openai")
+    assert got.returncode == 0, got.stderr
+    out = read_lines(tmp_path / "out.jsonl")
+    assert [x["custom_id"] for x in out] == [x["custom_id"] for x in runnable]
+    assert (tmp_path / "out.errors.jsonl").read_text() == ""
+    for x, line in zip(out, runnable):
+        validated(x, line["url"])
+        body, expected = x["response"]["body"], job_out[x["custom_id"]]["response"]["body"]
+        for key in ("id", "created"):      # ids and timestamps aside, the same bodies
+            body.pop(key), expected.pop(key)
+        assert body == expected, x["custom_id"]
+
+
+def test_queue_enqueue_refuses_an_openai_file_with_a_bad_line_naming_it(redis_server, redis_url, queue_prefix,
+                                                                         tmp_path):
+    batch = write_batch(str(tmp_path / "batch.jsonl"), [GREEDY[0], request("x", CHAT, "hi", top_k=3)])
+    refused = queue_cli(redis_url, queue_prefix, "enqueue", "--input", batch)
+    assert refused.returncode != 0 and "line 2: body.top_k: not supported" in refused.stderr
+    assert redis_server.client().xlen(f"{queue_prefix}:requests") == 0
