@@ -58,8 +58,14 @@ class Plan:
             lines.append(f"  {f.name:<32} {f.rows:>10} rows {len(f.row_groups):>5} row group(s) "
                          f"{len(self.shards_of(i)):>6} shard(s)")
         ids = sorted({f"column {v!r}" if v else "'<file name>:<row index>'" for v in self.id_columns.values()})
-        lines += [f"ids     {', '.join(ids)} (id_column {'null' if c.id_column is None else c.id_column})",
-                  f"output  {c.output} (job {self.fingerprint})",
+        if self.openai:
+            bad = sum(f.table.column("line_error").length() - f.table.column("line_error").null_count
+                      for f in self.files)
+            lines.append(f"format  OpenAI batch lines: ids are custom_id; {bad} line(s) that cannot run go to the "
+                         f"error files; output name.jsonl and name.errors.jsonl per input file")
+        else:
+            lines.append(f"ids     {', '.join(ids)} (id_column {'null' if c.id_column is None else c.id_column})")
+        lines += [f"output  {c.output} (job {self.fingerprint})",
                   f"engine  {c.backend} {c.model} dtype={c.dtype} device={c.device}",
                   f"request {self.describe_request()}"]
         return "\n".join(lines)
