@@ -128,9 +128,18 @@ def rows_of(file: pq.ParquetFile, start: int, stop: int) -> pa.Table:
     return file.read_row_groups(groups).slice(start - first, stop - start)
 
 
+def generated_tokens(table: pa.Table) -> int:
+    """Tokens the rows of a result table generated: every sample's (the top-level completion_tokens are sample 0's)."""
+    if "samples" in table.column_names:
+        samples = pc.list_flatten(table.column("samples"))
+        return pc.sum(pc.struct_field(samples, "completion_tokens")).as_py() or 0
+    return pc.sum(table.column("completion_tokens")).as_py() or 0
+
+
 def part_stats(table: pa.Table) -> dict:
-    """The counts a shard's manifest event records for its rows (RESULT_SCHEMA columns)."""
+    """The counts a shard's manifest event records for its rows (RESULT_SCHEMA columns): completion_tokens counts
+    the tokens generated, every sample's."""
     ok = table.column("error").null_count
     return dict(rows=table.num_rows, ok=ok, errors=table.num_rows - ok,
                 prompt_tokens=pc.sum(table.column("prompt_tokens")).as_py() or 0,
-                completion_tokens=pc.sum(table.column("completion_tokens")).as_py() or 0)
+                completion_tokens=generated_tokens(table))
