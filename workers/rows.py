@@ -4,6 +4,7 @@ and the Ray Data adapter.
 A row's prompt is its `prompt` text, or its `messages` rendered with the chat template, encoded with `<s>` first (as
 KerasHub's preprocessor does for generate). Columns named like SamplingParams fields override the job's defaults for
 that row; a null cell keeps the default. A row that cannot run gets its `error` cell filled; the others go on.
+Results have fixed columns (RESULT_SCHEMA): the top-level ones are sample 0's, `samples` holds every sample.
 """
 from __future__ import annotations
 
