@@ -15,6 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from workers.rows import RESULT_SCHEMA
+
 from .manifest import NAME as MANIFEST, write_atomic
 from .shards import Shard
 
@@ -50,8 +52,13 @@ class Sink:
         """A shard's rows: its part when there is one, else its rows in the (open) output file, where a retry of
         the error rows leaves the shards it did not touch."""
         if output is None or self.exists(self.part_path(shard)):
-            return pq.read_table(self.part_path(shard), filesystem=self.fs)
-        return rows_of(output, shard.start, shard.stop)
+            table = pq.read_table(self.part_path(shard), filesystem=self.fs)
+        else:
+            table = rows_of(output, shard.start, shard.stop)
+        for f in RESULT_SCHEMA:  # a file written before this result column existed: null there
+            if f.name not in table.column_names:
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+        return table
 
     def open_output(self, name: str) -> pq.ParquetFile | None:
         path = self.output_path(name)
