@@ -60,7 +60,7 @@ def in_place(s):
     out = torch.empty_like(s["q"])
 
     def run():
-        ctx._decode_in_place(s["q"], kc, vc, out)
+        ctx.decode_in_place(s["q"], kc, vc, out)
         return out
     return run
 
@@ -71,7 +71,7 @@ def gather_bmm(s):
     group = DecodeGroup(torch.arange(s["seqs"]), s["scattered"].reshape(-1), s["nb"],
                         (t >= s["context"])[None].expand(s["seqs"], -1))
     ctx = paged_context(s["cache"], decode=[group])
-    return lambda: ctx._decode(s["q"], s["kc"], s["vc"], group)
+    return lambda: ctx.decode_group(s["q"], s["kc"], s["vc"], group)
 
 
 def gather_sdpa(s):

@@ -1,24 +1,27 @@
-"""`phi3-batch`: `run` a Parquet job (a YAML file and/or flags; flags win), and `queue` (the Redis workers) when
-that part is installed."""
+"""`phi3-batch`: `run` a Parquet job (a YAML file and/or flags; flags win), and `queue` (the Redis workers)."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import sys
-from typing import Annotated, Optional
+import types
+import typing
+from typing import Annotated, Any, Optional
 
 import typer
 
+from phi3_model.engine.sampling_params import SamplingParams
+
+from workers.backend_options import OptionError, option_pairs
+
 from .config import ConfigError, JobConfig, load_config
+from .queue_cli import queue_app
 
 app = typer.Typer(help="Batch inference for Phi-3 models.", no_args_is_help=True, add_completion=False)
 
-try:
-    from .queue_cli import queue_app
-    app.add_typer(queue_app, name="queue")
-except ImportError:  # the queue workers are optional
-    pass
+app.add_typer(queue_app, name="queue")
 
 
 @app.callback()
@@ -32,7 +35,7 @@ INPUT, OUTPUT, ENGINE, SAMPLING, EXECUTION, CLUSTER = ("Input", "Output", "Model
 
 def _shown(value) -> str:
     """A default as the YAML key takes it."""
-    if value is None or value == [] or value == {}:
+    if value is None or value in ([], (), {}):
         return "none"
     if isinstance(value, bool):
         return str(value).lower()
@@ -49,6 +52,13 @@ def _o(key: str, *decls: str, panel: str, extra: str = "") -> typer.models.Optio
                         rich_help_panel=panel)
 
 
+def _engine_options(pairs: Optional[list[str]]) -> Optional[dict]:
+    try:
+        return option_pairs(pairs, "--engine-option") or None
+    except OptionError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _list(text: Optional[str]) -> Optional[list[str]]:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
@@ -62,31 +72,55 @@ def _number(text: Optional[str], key: str):
         raise ConfigError(f"--{key.replace('_', '-')} {text!r}: expected 'auto' or a number") from None
 
 
-def _stop_ids(text: Optional[str]):
-    if text is None or text in ("auto", "none"):
-        return text
+def _flag_kind(annotation) -> type:
+    """How a request field is given on the command line: int, float, bool, str as themselves, a list of strings
+    as a repeatable flag, anything else (token id lists, stop_token_ids, logit_bias, json_schema) as text: JSON, or
+    comma-separated values."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] if isinstance(
+        annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else [annotation]
+    if len(args) == 1 and args[0] in (int, float, bool, str):
+        return args[0]
+    if len(args) == 1 and typing.get_origin(args[0]) is tuple and typing.get_args(args[0])[0] is str:
+        return list[str]
+    return _TEXT
+
+
+class _TEXT(str):
+    pass
+
+
+def _request_value(key: str, value):
+    """A request flag's value as the config key takes it."""
+    if value is None or _flag_kind(SamplingParams.model_fields[key].annotation) is not _TEXT:
+        return value or None if isinstance(value, list) else value
     try:
-        return [int(t) for t in _list(text)]
+        return json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    items = _list(value)
+    if len(items) == 1 and not items[0].lstrip("-").isdigit():
+        return items[0]   # a word: auto, none
+    try:
+        return [int(t) for t in items]
     except ValueError:
-        raise ConfigError(f"--stop-token-ids {text!r}: expected auto, none or comma-separated token ids") from None
+        raise ConfigError(f"--{key.replace('_', '-')} {value!r}: expected JSON or comma-separated token ids "
+                          f"[{SamplingParams.model_fields[key].description}]") from None
 
 
-def _options(pairs: Optional[list[str]]) -> Optional[dict]:
-    if not pairs:
-        return None
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--engine-option {pair!r}: expected KEY=VALUE, e.g. max_num_seqs=64")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+def _request_flags() -> list[inspect.Parameter]:
+    """One flag per field of the request vocabulary (SamplingParams), named, typed and documented by it."""
+    out = []
+    for key, field in SamplingParams.model_fields.items():
+        kind, flag = _flag_kind(field.annotation), "--" + key.replace("_", "-")
+        decls = (f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
+        extra = {list[str]: "; repeatable", _TEXT: "; JSON" if "dict" in str(field.annotation)
+                 else "; JSON, or comma-separated"}.get(kind, "")
+        option = _o(key, *decls, panel=SAMPLING, extra=extra)
+        annotation = Annotated[Optional[str if kind is _TEXT else kind], option]
+        out.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
     return out
 
 
-@app.command()
 def run(
     config: Annotated[Optional[str], typer.Option(
         "--config", "-c", help="YAML file with the job's keys; flags given here override it", show_default="none",
@@ -111,14 +145,6 @@ def run(
     engine_option: Annotated[Optional[list[str]], _o("engine_options", panel=ENGINE,
                                                      extra="; NAME=VALUE, repeatable")] = None,
     stall_timeout_s: Annotated[Optional[float], _o("stall_timeout_s", "--stall-timeout", panel=ENGINE)] = None,
-    max_new_tokens: Annotated[Optional[int], _o("max_new_tokens", panel=SAMPLING)] = None,
-    temperature: Annotated[Optional[float], _o("temperature", panel=SAMPLING)] = None,
-    top_k: Annotated[Optional[int], _o("top_k", panel=SAMPLING)] = None,
-    top_p: Annotated[Optional[float], _o("top_p", panel=SAMPLING)] = None,
-    seed: Annotated[Optional[int], _o("seed", panel=SAMPLING)] = None,
-    stop: Annotated[Optional[list[str]], _o("stop", panel=SAMPLING, extra="; repeatable")] = None,
-    stop_token_ids: Annotated[Optional[str], _o("stop_token_ids", panel=SAMPLING,
-                                                extra="; ids comma-separated")] = None,
     batch_size: Annotated[Optional[int], _o("batch_size", panel=EXECUTION)] = None,
     shards_per_actor: Annotated[Optional[int], _o("shards_per_actor", panel=EXECUTION)] = None,
     max_attempts: Annotated[Optional[int], _o("max_attempts", panel=EXECUTION)] = None,
@@ -132,6 +158,7 @@ def run(
     actors: Annotated[Optional[str], _o("actors", panel=CLUSTER)] = None,
     gpus_per_actor: Annotated[Optional[float], _o("gpus_per_actor", panel=CLUSTER)] = None,
     cpus_per_actor: Annotated[Optional[str], _o("cpus_per_actor", panel=CLUSTER)] = None,
+    **request: Any,  # one flag per request field: see _request_flags
 ) -> None:
     """Generate a completion for every row of the input Parquet files; write one Parquet file per input file.
 
@@ -144,15 +171,15 @@ def run(
     logging.getLogger("phi3_batch").setLevel(logging.INFO)
     try:
         flags = dict(input=input, output=output, model=model, backend=backend, dtype=dtype, device=device,
-                     engine_options=_options(engine_option), prompt_column=prompt_column,
+                     engine_options=_engine_options(engine_option), prompt_column=prompt_column,
                      messages_column=messages_column, id_column=id_column, keep_columns=_list(keep_columns),
-                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                     stop=stop or None, stop_token_ids=_stop_ids(stop_token_ids), strip_prompt=strip_prompt,
+                     strip_prompt=strip_prompt,
                      shard_rows=shard_rows, actors=_number(actors, "actors"), gpus_per_actor=gpus_per_actor,
                      cpus_per_actor=_number(cpus_per_actor, "cpus_per_actor"), batch_size=batch_size,
                      shards_per_actor=shards_per_actor, max_attempts=max_attempts,
                      stall_timeout_s=stall_timeout_s, address=address, overwrite=overwrite,
-                     retry_errors=retry_errors, progress=progress, log_every_s=log_every_s)
+                     retry_errors=retry_errors, progress=progress, log_every_s=log_every_s,
+                     **{k: _request_value(k, v) for k, v in request.items()})
         job = load_config(config, flags)
         if dry_run:
             typer.echo(_describe(job))
@@ -173,6 +200,19 @@ def run(
         typer.echo(f"error: {len(summary.failed_shards)} shard(s) failed: "
                    f"{', '.join(f['key'] for f in summary.failed_shards)}", err=True)
         raise typer.Exit(1)
+
+
+def _with_request_flags(fn):
+    """fn's signature (annotations resolved) with **request replaced by the request vocabulary's flags."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    params = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values()
+              if p.kind is not inspect.Parameter.VAR_KEYWORD] + _request_flags()
+    fn.__signature__ = inspect.Signature(params, return_annotation=None)
+    fn.__annotations__ = {p.name: p.annotation for p in params}
+    return fn
+
+
+app.command()(_with_request_flags(run))
 
 
 def _interrupted() -> None:

@@ -1,7 +1,8 @@
 """The job's one configuration model: a YAML file and/or command-line flags, validated in one place.
 
-Unknown keys and bad values are errors naming the key and what is allowed. The sampling fields are the job's
-defaults; per-row columns of the same names override them row by row (see workers/rows.py).
+Unknown keys and bad values are errors naming the key and what is allowed. The request fields (every field of
+SamplingParams, the one request vocabulary, with its defaults and help) are the job's defaults; per-row columns of
+the same names override them row by row (see workers/rows.py).
 """
 from __future__ import annotations
 
@@ -9,25 +10,28 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from phi3_model.engine.sampling_params import SamplingParams
 from workers.backend_options import OptionError, parse_options
-from workers.rows import RowError, RowSpec, sampling
-
-StopTokenIds = Literal["auto", "none"] | list[int]
+from workers.rows import OVERRIDES as REQUEST_FIELDS, RowError, RowSpec, request_field, request_params
 
 # What decides a row's output bytes besides the input files: the job's fingerprint, and the keys a retry of the
 # error rows refuses to change (the rows it keeps were computed with them).
 ROW_KEYS = ("model", "backend", "dtype", "prompt_column", "messages_column", "id_column", "keep_columns",
-            "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids", "strip_prompt",
-            "shard_rows")
+            "strip_prompt", "shard_rows") + REQUEST_FIELDS
+# request fields a job's fingerprint always held; the others count only when set (old jobs keep their fingerprint)
+_FINGERPRINTED = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids")
+REQUEST_DEFAULTS = SamplingParams().model_dump(mode="json")
 
 
 class ConfigError(ValueError):
     """A job configuration or input that cannot run; the message names the key or file and what would be right."""
 
 
-class JobConfig(BaseModel):
+class _Job(BaseModel):
+    """JobConfig without the request fields (added from SamplingParams below)."""
+
     model_config = ConfigDict(extra="forbid")
 
     # what to read and where to write
@@ -49,15 +53,6 @@ class JobConfig(BaseModel):
                                            "(native: block_size, num_blocks, kv_cache_bytes, max_num_seqs, "
                                            "max_num_batched_tokens, enable_prefix_caching, schedule, max_model_len, "
                                            "threads, process, cpus; vllm: see README, Backends)")
-    # sampling defaults (per-row columns of the same names override them)
-    max_new_tokens: int = Field(256, description="largest number of tokens generated per row")
-    temperature: float = Field(0.0, description="0 = greedy (the job's default)")
-    top_k: int = Field(0, description="keep the k most likely tokens; 0 = all")
-    top_p: float = Field(1.0, description="nucleus mass; 1 = all")
-    seed: int | None = Field(None, description="sampling seed given to every row's request; none = unseeded")
-    stop: list[str] = Field(default_factory=list, description="strings that end a completion (cut from it)")
-    stop_token_ids: StopTokenIds = Field("auto", description="auto (the tokenizer's end tokens, as generate) | none "
-                                                              "(run to max_new_tokens) | a list of token ids")
     strip_prompt: bool = Field(True, description="completion holds only the new text; false: prompt + new text")
     # execution
     shard_rows: int = Field(1000, ge=1, description="target rows per shard (a row group or a range of rows)")
@@ -117,19 +112,22 @@ class JobConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _sampling(self):
+    def _request(self):
+        """Validated by SamplingParams itself (its rules, its messages), then kept as it reads them."""
         try:
-            sampling({}, self.row_spec(), end_token_ids=())
+            params = self.request_defaults()
         except RowError as e:
-            raise ValueError(str(e)) from None
+            raise ValueError(str(e).replace("invalid request values", "invalid request defaults")) from None
+        for k in REQUEST_FIELDS:
+            setattr(self, k, getattr(params, k))
         return self
 
+    def request_defaults(self) -> SamplingParams:
+        return request_params({k: getattr(self, k) for k in REQUEST_FIELDS})
+
     def row_spec(self) -> RowSpec:
-        stop_ids = self.stop_token_ids if isinstance(self.stop_token_ids, str) else tuple(self.stop_token_ids)
         return RowSpec(prompt_column=self.prompt_column, messages_column=self.messages_column,
-                       max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                       top_p=self.top_p, seed=self.seed, stop=tuple(self.stop), stop_token_ids=stop_ids,
-                       strip_prompt=self.strip_prompt)
+                       strip_prompt=self.strip_prompt, defaults=self.request_defaults())
 
     @property
     def source_column(self) -> str:
@@ -144,8 +142,16 @@ class JobConfig(BaseModel):
         shard cut. Actors, GPUs, batch size and the cluster address are left out: a rerun may change them.
         resolved: keys as they resolve for these files (id_column 'auto' -> 'id' or None)."""
         config = {k: resolved.get(k, getattr(self, k)) for k in ROW_KEYS}
+        config = {k: v for k, v in self.model_copy(update=config).model_dump(mode="json").items() if k in ROW_KEYS
+                  and (k in _FINGERPRINTED or k not in REQUEST_FIELDS or v != REQUEST_DEFAULTS[k])}
         blob = json.dumps({"config": config, "files": files}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+JobConfig = create_model(
+    "JobConfig", __base__=_Job, __doc__="A Parquet job: what to read and write, the engine, the request defaults "
+    "(the fields of SamplingParams) and how to run.",
+    **{name: request_field(f) for name, f in SamplingParams.model_fields.items()})
 
 
 def load_config(path: str | None, overrides: dict[str, Any]) -> JobConfig:
@@ -170,10 +176,10 @@ def validate_config(data: dict[str, Any], source: str | None = None) -> JobConfi
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(explain(e, source)) from None
+        raise ConfigError(explain_config(e, source)) from None
 
 
-def explain(error: ValidationError, source: str | None = None) -> str:
+def explain_config(error: ValidationError, source: str | None = None) -> str:
     fields = JobConfig.model_fields
     lines = []
     for err in error.errors():

@@ -2,6 +2,7 @@
 before anything is written: a missing column or unreadable file stops the job with the output untouched."""
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from dataclasses import dataclass
@@ -50,8 +51,16 @@ class Plan:
         ids = sorted({f"column {v!r}" if v else "'<file name>:<row index>'" for v in self.id_columns.values()})
         lines += [f"ids     {', '.join(ids)} (id_column {'null' if c.id_column is None else c.id_column})",
                   f"output  {c.output} (job {self.fingerprint})",
-                  f"engine  {c.backend} {c.model} dtype={c.dtype} device={c.device}"]
+                  f"engine  {c.backend} {c.model} dtype={c.dtype} device={c.device}",
+                  f"request {self.describe_request()}"]
         return "\n".join(lines)
+
+    def describe_request(self) -> str:
+        """The job's request defaults that differ from the vocabulary's, and the columns that override them."""
+        given = c.request_defaults().model_dump(mode="json", exclude_defaults=True) if (c := self.config) else {}
+        text = " ".join(f"{k}={json.dumps(v)}" for k, v in given.items()) or "the request defaults (SamplingParams)"
+        columns = sorted({col for cols in self.row_columns.values() for col in cols if col != c.source_column})
+        return text + (f"; per-row columns: {', '.join(columns)}" if columns else "")
 
 
 def check_output_location(fs: pafs.FileSystem, files: list[InputFile], config: JobConfig) -> None:

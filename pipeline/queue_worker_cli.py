@@ -2,10 +2,12 @@
 app by pipeline/queue_cli.py)."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import sys
+import typing
 from typing import Optional
 
 import typer
@@ -19,34 +21,70 @@ EXIT_CODES = (f"Exit status: 0 drained (--until-empty) or stopped by a signal; {
               f"{EXIT_REDIS} Redis refused the URL's password or database, stayed unreachable past --reconnect-limit, "
               "or went away during a stop with entries held (they stay pending).")
 
-_W = dict(
-    model=typer.Option(..., "--model", help="preset, checkpoint directory or hf://owner/name"),
-    backend=typer.Option("native", "--backend", help="native | vllm | immediate (benchmarks only: no model)"),
-    dtype=typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)"),
-    device=typer.Option("auto", "--device", help="auto | cpu | cuda (auto: cuda when available)"),
-    option=typer.Option([], "--option", help="backend option key=value, repeatable (value parsed as JSON when it "
-                        "is); e.g. process=true runs the native engine in a child process (default: none)"),
-    name=typer.Option(None, "--name", help="consumer name, stable per worker (default: $PHI3_WORKER_NAME or the "
-                      "host name)"),
-    read_count=typer.Option(128, "--read-count", help="most entries read from the stream per call"),
-    max_in_flight=typer.Option(256, "--max-in-flight", help="most entries a worker holds at once (running or "
-                               "awaiting their ack)"),
-    block_ms=typer.Option(2000, "--block-ms", help="milliseconds a read waits on an empty stream"),
-    claim_idle=typer.Option(60.0, "--claim-idle", help="seconds idle before another worker reclaims an entry"),
-    max_deliveries=typer.Option(5, "--max-deliveries", help="an entry delivered more often than this is "
-                                "dead-lettered"),
-    result_ttl=typer.Option(7 * 86400, "--result-ttl", help="seconds results are kept"),
-    health_interval=typer.Option(5.0, "--health-interval", help="seconds between refreshes of the worker's health "
-                                 "hash ({prefix}:workers:{name})"),
-    reconnect_limit=typer.Option(300.0, "--reconnect-limit", help="seconds of failing Redis connections after "
-                                 f"which the worker gives up (exit {EXIT_REDIS}); a wrong or missing password "
-                                 "ends it at once"),
-    until_empty=typer.Option(False, "--until-empty", help="drain the queue, then exit 0 (default: serve until "
-                             "stopped)"),
-    stall_timeout=typer.Option(300.0, "--stall-timeout", help="seconds an engine may hold requests without "
-                               "completing a step before it is declared hung (the worker then exits 1, leaving its "
-                               "entries to others)"),
-)
+def _from(model, key: str, flag: str, help: str | None = None, default=...) -> typer.models.OptionInfo:
+    """The flag of a config field: its default and description come from the model (WorkerConfig, BackendConfig)."""
+    field = model.model_fields[key]
+    value = (... if field.is_required() else field.get_default(call_default_factory=False)) if default is ... \
+        else default
+    return typer.Option(value, flag, help=help or field.description)
+
+
+def _options():
+    from workers.backend import BackendConfig
+    from workers.queue.config import WorkerConfig
+    w = lambda key, flag, **kw: _from(WorkerConfig, key, flag, **kw)  # noqa: E731
+    b = lambda key, flag, **kw: _from(BackendConfig, key, flag, **kw)  # noqa: E731
+    return dict(
+        model=b("model", "--model"),
+        backend=b("name", "--backend", help="native | vllm | immediate (benchmarks only: no model)"),
+        dtype=b("dtype", "--dtype"),
+        device=b("device", "--device"),
+        option=typer.Option([], "--option", help="backend option KEY=VALUE, repeatable (value parsed as JSON when "
+                            "it is); e.g. process=true runs the native engine in a child process (default: none)"),
+        name=w("name", "--name", default=None, help="consumer name, stable per worker (default: $PHI3_WORKER_NAME "
+               "or the host name)"),
+        read_count=w("read_count", "--read-count"),
+        max_in_flight=w("max_in_flight", "--max-in-flight"),
+        block_ms=w("block_ms", "--block-ms"),
+        claim_idle=w("claim_idle_s", "--claim-idle"),
+        max_deliveries=w("max_deliveries", "--max-deliveries"),
+        result_ttl=w("result_ttl_s", "--result-ttl"),
+        health_interval=w("health_interval_s", "--health-interval"),
+        reconnect_limit=w("reconnect_limit_s", "--reconnect-limit",
+                          help=f"{WorkerConfig.model_fields['reconnect_limit_s'].description} (exit {EXIT_REDIS})"),
+        until_empty=w("until_empty", "--until-empty"),
+        stall_timeout=b("stall_timeout_s", "--stall-timeout", help="seconds an engine may hold requests without "
+                        "completing a step before it is declared hung (the worker then exits 1, leaving its "
+                        "entries to others)"),
+    )
+
+
+_W = _options()
+_TYPES = dict(model=str, backend=str, dtype=str, device=str, option=list[str], name=Optional[str], read_count=int,
+              max_in_flight=int, block_ms=int, claim_idle=float, max_deliveries=int, result_ttl=int,
+              health_interval=float, reconnect_limit=float, until_empty=bool, stall_timeout=float)
+
+
+def _worker_command(fn):
+    """fn(**flags) gets the flags every consumer command shares (engine, worker settings, URL, prefix) after its
+    own; `_configs(flags)` turns them into the worker's and the backend's config."""
+    own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    shared = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=_W[k], annotation=t)
+              for k, t in _TYPES.items()]
+    shared += [inspect.Parameter("url", inspect.Parameter.KEYWORD_ONLY, default=URL, annotation=str),
+               inspect.Parameter("prefix", inspect.Parameter.KEYWORD_ONLY, default=PREFIX, annotation=str)]
+    hints = typing.get_type_hints(fn)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own]
+    fn.__signature__ = inspect.Signature(own + shared)
+    fn.__annotations__ = {p.name: p.annotation for p in own + shared}
+    return fn
+
+
+def _configs(f: dict):
+    wc = _worker_config(f["url"], f["prefix"], f["name"], f["read_count"], f["max_in_flight"], f["block_ms"],
+                        f["claim_idle"], f["max_deliveries"], f["result_ttl"], f["health_interval"],
+                        f["reconnect_limit"], f["until_empty"])
+    return wc, _backend_config(f["backend"], f["model"], f["dtype"], f["device"], f["option"], f["stall_timeout"])
 
 
 def _worker_config(url, prefix, name, read_count, max_in_flight, block_ms, claim_idle, max_deliveries, result_ttl,
@@ -67,36 +105,24 @@ def _worker_config(url, prefix, name, read_count, max_in_flight, block_ms, claim
 
 def _backend_config(backend, model, dtype, device, option, stall_timeout):
     from workers.backend import BackendConfig
-    options = {}
-    for kv in option:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            fail(f"--option {kv!r}: expected key=value, e.g. --option max_num_seqs=64")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+    from workers.backend_options import OptionError, option_pairs
+    try:
+        options = option_pairs(option, "--option")
+    except OptionError as e:
+        fail(str(e))
     return BackendConfig(name=backend, model=model, dtype=dtype, device=device, options=options,
                          stall_timeout_s=stall_timeout)
 
 
-def worker(model: str = _W["model"], backend: str = _W["backend"], dtype: str = _W["dtype"],
-           device: str = _W["device"], option: list[str] = _W["option"], name: Optional[str] = _W["name"],
-           read_count: int = _W["read_count"], max_in_flight: int = _W["max_in_flight"],
-           block_ms: int = _W["block_ms"], claim_idle: float = _W["claim_idle"],
-           max_deliveries: int = _W["max_deliveries"], result_ttl: int = _W["result_ttl"],
-           health_interval: float = _W["health_interval"], reconnect_limit: float = _W["reconnect_limit"],
-           until_empty: bool = _W["until_empty"], stall_timeout: float = _W["stall_timeout"], url: str = URL,
-           prefix: str = PREFIX):
+@_worker_command
+def worker(**flags):
     """One worker process. SIGTERM: finish and ack what is in flight, exit 0; a second SIGTERM exits at once."""
     import asyncio
 
     from workers.queue.errors import RedisUnusable, preflight
     from workers.queue.worker import WorkerFailed
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    wc = _worker_config(url, prefix, name, read_count, max_in_flight, block_ms, claim_idle, max_deliveries,
-                        result_ttl, health_interval, reconnect_limit, until_empty)
-    bc = _backend_config(backend, model, dtype, device, option, stall_timeout)
+    wc, bc = _configs(flags)
 
     async def go():
         from workers.queue.backends import make_backend
@@ -130,26 +156,18 @@ def worker(model: str = _W["model"], backend: str = _W["backend"], dtype: str = 
 exit_codes(worker, EXIT_CODES)
 
 
+@_worker_command
 def ray_job(actors: int = typer.Option(2, "--actors", min=1, help="queue workers, one per Ray actor"),
             num_cpus: float = typer.Option(1.0, "--cpus-per-actor", help="CPUs Ray reserves per actor"),
             num_gpus: float = typer.Option(0.0, "--gpus-per-actor", help="GPUs Ray reserves per actor"),
             address: Optional[str] = typer.Option(None, "--address", help="Ray address, e.g. auto or "
                                                    "ray://host:10001 (default: start a local Ray)"),
-            model: str = _W["model"], backend: str = _W["backend"], dtype: str = _W["dtype"],
-            device: str = _W["device"], option: list[str] = _W["option"], name: Optional[str] = _W["name"],
-            read_count: int = _W["read_count"], max_in_flight: int = _W["max_in_flight"],
-            block_ms: int = _W["block_ms"], claim_idle: float = _W["claim_idle"],
-            max_deliveries: int = _W["max_deliveries"], result_ttl: int = _W["result_ttl"],
-            health_interval: float = _W["health_interval"], reconnect_limit: float = _W["reconnect_limit"],
-            until_empty: bool = _W["until_empty"], stall_timeout: float = _W["stall_timeout"], url: str = URL,
-            prefix: str = PREFIX):
+            **flags):
     """A Ray job whose actors are consumers of the same group (named NAME-0 .. NAME-{N-1})."""
     import asyncio
 
     from workers.queue.errors import RedisUnusable, preflight
-    wc = _worker_config(url, prefix, name, read_count, max_in_flight, block_ms, claim_idle, max_deliveries,
-                        result_ttl, health_interval, reconnect_limit, until_empty)
-    bc = _backend_config(backend, model, dtype, device, option, stall_timeout)
+    wc, bc = _configs(flags)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
         asyncio.run(preflight(wc.url))  # a refused password fails here, before Ray starts and actors load models

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from workers.rows import RESULT_SCHEMA
 
-from .config import ROW_KEYS, ConfigError
+from .config import REQUEST_DEFAULTS, ROW_KEYS, ConfigError
 from .manifest import Manifest
 from .plan import Plan
 from .shards import Shard
@@ -65,6 +65,7 @@ def check(found: Manifest | None, plan: Plan, sink: Sink) -> None:
 def differences(header: dict, plan: Plan) -> list[str]:
     """'key: old -> new' for each row-deciding key (and the input files) that differs from the job's header."""
     old, new = header.get("config", {}), plan.recorded_config()
+    old = {**REQUEST_DEFAULTS, **old}  # a job recorded before a request field existed ran with its default
     out = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in ROW_KEYS if old.get(k) != new[k]]
     before = [f"{f['path']} ({f['rows']} rows, {f['size']} bytes)" for f in header.get("files", [])]
     after = [f"{f.path} ({f.rows} rows, {f.size} bytes)" for f in plan.files]

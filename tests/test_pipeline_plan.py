@@ -39,7 +39,7 @@ def test_unknown_key_is_named_with_the_allowed_keys(tmp_path):
     ("backend", "tpu", "'native' or 'vllm'"),
     ("max_new_tokens", 0, "greater than or equal to 1"),
     ("temperature", -1.0, "greater than or equal to 0"),
-    ("stop_token_ids", "sometimes", "'auto' or 'none'"),
+    ("stop_token_ids", "sometimes", "expected auto, none or a list of token ids"),
     ("actors", 0, "at least 1"),
     ("progress", "loud", "'auto', 'bar', 'log' or 'off'"),
 ])
@@ -209,22 +209,29 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(capsys, caplog)
 def test_stop_token_ids_follow_generate_auto_none_or_exactly_the_listed_ids():
     from phi3_model.engine import SamplingParams
     from workers.rows import RowSpec, sampling
-    ends = (32000, 32007)
-    greedy = dict(max_new_tokens=256, temperature=0.0, ignore_eos=True)
-    assert sampling({}, RowSpec(), ends) == SamplingParams(stop_token_ids=ends, **greedy)
-    assert sampling({}, RowSpec(stop_token_ids="none"), ends) == SamplingParams(stop_token_ids=(), **greedy)
-    assert sampling({}, RowSpec(stop_token_ids=(5,)), ends) == SamplingParams(stop_token_ids=(5,), **greedy)
+    ends, eos = (32000, 32007), 32000   # the tokenizer's end tokens (<|endoftext|>, <|end|>) and the config's eos
+
+    def stops(row=None, **defaults):
+        return sampling(row or {}, RowSpec(defaults=SamplingParams(**defaults))).stop_ids(eos, ends)
+
+    assert stops() == ends                                  # auto: the tokenizer's end tokens, as generate
+    assert stops(stop_token_ids="none") == ()
+    assert stops(stop_token_ids=(5,)) == (5,)               # exactly the listed ids: eos alone does not stop
+    assert stops(ignore_eos=True) == () and stops(ignore_eos=True, stop_token_ids=(5,)) == (5,)
+    assert stops({"stop_token_ids": 7}) == (7,) and stops({"stop_token_ids": "none"}, stop_token_ids=(5,)) == ()
+    assert SamplingParams().stop_ids(eos, ()) == (eos,)     # no tokenizer: the config's eos
     row = dict(stop_token_ids=[9, 10], stop="###", max_new_tokens=None, temperature=0.5, seed=3)
-    assert sampling(row, RowSpec(), ends) == SamplingParams(
-        stop_token_ids=(9, 10), stop=("###",), max_new_tokens=256, temperature=0.5, seed=3, ignore_eos=True)
+    got = sampling(row, RowSpec())
+    assert (got.stop_token_ids, got.stop, got.max_new_tokens, got.temperature, got.seed) == (
+        (9, 10), ("###",), 256, 0.5, 3)
 
 
 def test_invalid_row_values_name_the_field_and_the_value():
     from workers.rows import RowError, RowSpec, sampling
     for row, words in [({"max_new_tokens": -2}, "max_new_tokens=-2"), ({"top_p": 0.0}, "top_p=0.0"),
-                       ({"stop_token_ids": ["a"]}, "stop_token_ids.0='a'"), ({"stop": [""]}, "stop=('',)")]:
+                       ({"stop_token_ids": ["a"]}, "stop_token_ids=['a']: expected auto, none or a list of token ids"), ({"stop": [""]}, "stop=['']: stop must be non-empty strings")]:
         with pytest.raises(RowError, match=re.escape(words)):
-            sampling(row, RowSpec(), ())
+            sampling(row, RowSpec())
 
 
 # ---- actors -----------------------------------------------------------------------------------------------------

@@ -140,7 +140,8 @@ def test_enqueue_auto_ids_names_rows_by_file_and_line_and_says_so(redis_server, 
 
 
 @pytest.mark.parametrize("fmt,rows,expected", [
-    ("jsonl", ["", ask("a", 2), {"id": "b", "prompt": "x", "temperature": "hot"}], "line 3: temperature"),
+    ("jsonl", ["", ask("a", 2), {"id": "b", "prompt": "x", "temperature": "hot"}],
+         "line 3: request 'b': invalid request values: temperature='hot'"),
     ("jsonl", [ask("a", 2), "{not json"], "line 2: not JSON"),
     ("parquet", [{"id": "a", "prompt": "x", "prompt_token_ids": None},
                  {"id": "b", "prompt": "y", "prompt_token_ids": [1]}], "row 1: request 'b': give exactly one of"),

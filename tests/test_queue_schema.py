@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from phi3_model.tokenizer import Phi3Tokenizer
 from pipeline.queue_cli import queue_app
 from workers.queue import WorkerConfig, check_url, connect, redact
-from workers.queue.schema import QueueRequest, prompt_ids, row_spec, sampling_params
+from workers.queue.schema import QueueRequest, request_prompt_ids as prompt_ids, row_spec, sampling_params
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
 
@@ -37,21 +37,23 @@ def test_prompt_token_ids_are_used_as_given(tok):
 
 
 def test_sampling_defaults_are_the_parquet_jobs_greedy_256_and_end_tokens(tok):
-    p = sampling_params(QueueRequest(id="a", prompt="x"), tok, row_spec())
-    assert (p.temperature, p.max_new_tokens, p.stop_token_ids) == (0.0, 256, tuple(tok.end_token_ids))
+    p = sampling_params(QueueRequest(id="a", prompt="x"), row_spec())
+    assert (p.temperature, p.max_new_tokens) == (0.0, 256)
+    assert p.stop_ids(tok.eos_token_id, tok.end_token_ids) == (tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|end|>"))
 
 
 def test_request_fields_override_worker_defaults(tok):
     spec = row_spec({"max_new_tokens": 9, "temperature": 0.7, "top_k": 5})
     req = QueueRequest(id="a", prompt="x", temperature=0.2, seed=11, stop=["."], stop_token_ids=[5, 6],
                        min_new_tokens=2)
-    p = sampling_params(req, tok, spec)
+    p = sampling_params(req, spec)
     assert (p.max_new_tokens, p.temperature, p.top_k, p.seed) == (9, 0.2, 5, 11)
     assert (p.stop, p.stop_token_ids, p.min_new_tokens) == ((".",), (5, 6), 2)
 
 
 def test_stop_token_ids_none_runs_to_max_new_tokens(tok):
-    assert sampling_params(QueueRequest(id="a", prompt="x", stop_token_ids="none"), tok, row_spec()).stop_token_ids == ()
+    params = sampling_params(QueueRequest(id="a", prompt="x", stop_token_ids="none"), row_spec())
+    assert params.stop_ids(tok.eos_token_id, tok.end_token_ids) == ()
 
 
 @pytest.mark.parametrize("fields, words", [

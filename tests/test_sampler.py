@@ -45,7 +45,7 @@ def survivors(probs: torch.Tensor) -> set[int]:
     (0.99, {i: p for i, p in enumerate(PROBS)}),  # 0.95 < 0.99: the least likely token is needed too
 ])
 def test_top_p_keeps_the_smallest_most_likely_set_reaching_p_renormalized(top_p, want):
-    got = probabilities(logits_of(PROBS), SamplingParams(top_p=top_p))
+    got = probabilities(logits_of(PROBS), SamplingParams(temperature=1.0, top_p=top_p))
     torch.testing.assert_close(got, torch.tensor([want.get(i, 0.0) for i in range(5)]))
 
 
@@ -59,7 +59,7 @@ def test_top_k_keeps_the_k_most_likely_and_every_token_tied_with_the_kth():
 
 @pytest.mark.parametrize("top_k", [5, 6, 1000])
 def test_top_k_of_the_whole_vocabulary_or_more_keeps_everything(top_k):
-    got = probabilities(logits_of(PROBS), SamplingParams(top_k=top_k))
+    got = probabilities(logits_of(PROBS), SamplingParams(temperature=1.0, top_k=top_k))
     torch.testing.assert_close(got, torch.tensor(PROBS))
     torch.testing.assert_close(got, hf_probabilities(logits_of(PROBS), 1.0, top_k, 1.0))
 
@@ -67,9 +67,9 @@ def test_top_k_of_the_whole_vocabulary_or_more_keeps_everything(top_k):
 def test_top_p_applies_to_the_mass_renormalized_over_the_top_k():
     # top 3 renormalized: 0.5 / 0.85 = 0.588 < 0.8 <= (0.5 + 0.2) / 0.85 = 0.824: two tokens; without top-k
     # 0.7 < 0.8 <= 0.85 would keep three
-    got = probabilities(logits_of(PROBS), SamplingParams(top_k=3, top_p=0.8))
+    got = probabilities(logits_of(PROBS), SamplingParams(temperature=1.0, top_k=3, top_p=0.8))
     torch.testing.assert_close(got, torch.tensor([0.0, 0.5 / 0.7, 0.0, 0.2 / 0.7, 0.0]))
-    assert survivors(probabilities(logits_of(PROBS), SamplingParams(top_p=0.8))) == {1, 3, 4}
+    assert survivors(probabilities(logits_of(PROBS), SamplingParams(temperature=1.0, top_p=0.8))) == {1, 3, 4}
 
 
 def test_temperature_divides_the_logits_before_the_filters():
@@ -103,7 +103,7 @@ def test_the_filtered_distribution_equals_hf_warpers(temperature, top_k, top_p):
 def test_ties_at_the_top_p_boundary_keep_as_many_tokens_with_the_same_mass_as_hf():
     # 0.4 < 0.5 <= 0.4 + 0.3: one of the two 0.3 tokens; which one is not defined by HF, vLLM or us
     logits = logits_of([0.3, 0.4, 0.2, 0.3])
-    got = probabilities(logits, SamplingParams(top_p=0.5))
+    got = probabilities(logits, SamplingParams(temperature=1.0, top_p=0.5))
     want = hf_probabilities(logits, 1.0, 0, 0.5)
     assert 1 in survivors(got) and len(survivors(got) & {0, 3}) == 1 and len(survivors(got)) == 2
     assert sorted(got.tolist()) == pytest.approx(sorted(want.tolist()))

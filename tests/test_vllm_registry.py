@@ -12,13 +12,27 @@ from workers.backend import BackendConfig, create_backend
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_importing_phi3_model_never_imports_vllm():
-    code = ("import sys, phi3_model, phi3_model.config, phi3_model.model, phi3_model.checkpoint, "
-            "phi3_model.tokenizer, phi3_model.presets, phi3_model.engine, phi3_model.vllm_registry\n"
-            "loaded = sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.'))\n"
-            "assert not loaded, loaded")
+def _loaded_after(imports: str, watched: tuple[str, ...]) -> list[str]:
+    code = (f"import sys, importlib\n{imports}\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {watched!r}))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    return eval(r.stdout.strip().splitlines()[-1])
+
+
+def test_importing_phi3_model_never_imports_vllm_ray_redis_or_pyarrow():
+    """phi3_model knows nothing of Ray, Redis or Parquet, and needs vLLM only in the modules made for it."""
+    imports = ("import pkgutil, phi3_model\n"
+               "for m in pkgutil.walk_packages(phi3_model.__path__, 'phi3_model.'):\n"
+               "    if m.name != 'phi3_model.vllm_model':\n"
+               "        importlib.import_module(m.name)")
+    assert _loaded_after(imports, ("vllm", "ray", "redis", "pyarrow")) == []
+
+
+def test_the_request_vocabulary_costs_no_torch():
+    """The driver, the queue client and the job config validate requests without loading torch."""
+    imports = "import phi3_model.engine.sampling_params, workers.queue.schema, pipeline.config"
+    assert _loaded_after(imports, ("torch",)) == []
 
 
 def test_entry_point_declared_for_vllm_general_plugins():
@@ -88,11 +102,11 @@ def test_sampling_params_map_to_vllm_per_request_parameters():
     from phi3_model.engine.sampling_params import SamplingParams
     from workers.vllm_backend import vllm_sampling_params
     sp = vllm_sampling_params(SamplingParams(temperature=0.7, top_k=0, top_p=0.9, seed=11, stop_token_ids=(5, 9),
-                                             stop=("###",), min_new_tokens=2, max_new_tokens=40), 400, 30)
+                                             stop=("###",), min_new_tokens=2, max_new_tokens=40), [5, 9, 400], 400, 30)
     assert (sp.temperature, sp.top_k, sp.top_p, sp.seed) == (0.7, 0, 0.9, 11)  # top_k 0: off in vLLM too
     assert (sp.max_tokens, sp.min_tokens) == (30, 2)  # max_new_tokens capped by the context
-    assert sorted(sp.stop_token_ids) == [5, 9, 400] and not sp.ignore_eos  # the model's end token stops
+    assert sorted(sp.stop_token_ids) == [5, 9, 400] and not sp.ignore_eos  # the model's end token is a stop
     assert not sp.stop and not sp.detokenize  # stop strings are matched on our own decoded text
     assert sp.output_kind == RequestOutputKind.DELTA
-    no_eos = vllm_sampling_params(SamplingParams(ignore_eos=True, stop_token_ids=(5,)), 400, 256)
+    no_eos = vllm_sampling_params(SamplingParams(stop_token_ids=(5,)), [5], 400, 256)
     assert no_eos.stop_token_ids == [5] and no_eos.ignore_eos

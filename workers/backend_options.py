@@ -6,6 +6,8 @@ Errors are one line each: the option, the value given and what is allowed; an un
 """
 from __future__ import annotations
 
+import json
+
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -76,6 +78,21 @@ def _cpus_expected(usable: set[int] | None) -> str:
 
 
 OPTIONS: dict[str, type[BaseModel]] = {"native": NativeOptions, "vllm": VLLMOptions}
+
+
+def option_pairs(pairs: list[str] | None, flag: str) -> dict[str, Any]:
+    """KEY=VALUE words (the command line's engine options) as a dict; a value is read as JSON when it is one
+    (`max_num_seqs=64` -> 64, `process=true` -> True), else kept as text. OptionError names a malformed word."""
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise OptionError(f"{flag} {pair!r}: expected KEY=VALUE, e.g. {flag} max_num_seqs=64")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def parse_options(backend: str, options: dict[str, Any], usable_cpus: set[int] | None = None) -> BaseModel:

@@ -17,20 +17,17 @@ import pyarrow as pa
 from phi3_model.engine.sampling_params import EngineDied
 
 from .backend import BackendConfig, create_backend, exit_for_restart
-from .rows import RESULT_SCHEMA, InFlight, RowSpec, run_table
+from .rows import RESULT_SCHEMA, InFlight, RowSpec, request_params, run_table
 
 
 class Generate:
     def __init__(self, model: str, backend: str = "native", dtype: str = "auto", device: str = "auto",
-                 engine_options: dict[str, Any] | None = None, in_flight: int = 256, **row_spec: Any):
+                 engine_options: dict[str, Any] | None = None, in_flight: int = 256, prompt_column: str = "prompt",
+                 messages_column: str | None = None, strip_prompt: bool = True, **request: Any):
         """in_flight: requests kept in the engine at once (its continuous batch draws from these).
-        row_spec: fields of workers.rows.RowSpec (prompt_column, messages_column, max_new_tokens, temperature,
-        top_k, top_p, seed, stop, stop_token_ids, strip_prompt)."""
-        if isinstance(row_spec.get("stop_token_ids"), list):
-            row_spec["stop_token_ids"] = tuple(row_spec["stop_token_ids"])
-        if isinstance(row_spec.get("stop"), list):
-            row_spec["stop"] = tuple(row_spec["stop"])
-        self.spec = RowSpec(**row_spec)
+        request: the request defaults, any SamplingParams field (max_new_tokens, temperature, stop_token_ids,
+        json_schema, ...); columns of the same names override them per row, as in `phi3-batch run`."""
+        self.spec = RowSpec(prompt_column, messages_column, strip_prompt, request_params(request))
         self.backend = create_backend(BackendConfig(name=backend, model=model, dtype=dtype, device=device,
                                                     options=engine_options or {}))
         # the engine's asyncio side lives on one loop thread for the actor's life

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import pyarrow as pa
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
+from pydantic.fields import FieldInfo
 
 from phi3_model.engine.sampling_params import Completion, Logprob, RequestError, Sample, SamplingParams
 from phi3_model.engine.stopping import visible_ids
 
-OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids")
+OVERRIDES = tuple(SamplingParams.model_fields)  # the request vocabulary: each field may be a column of the input
 _TOP = [("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float64())]
 # a token's log-probability under the raw model, with the most likely alternatives at its position (most likely first)
 LOGPROB = pa.struct(_TOP + [("top", pa.list_(pa.struct(_TOP)))])
@@ -53,21 +54,13 @@ class RowError(ValueError):
 
 @dataclass(frozen=True)
 class RowSpec:
-    """How rows become requests. Sampling fields are the job's defaults; stop_token_ids follows generate:
-    'auto' = the tokenizer's end tokens, 'none' = run to max_new_tokens, a list = exactly those ids (the model's
-    own eos stops only when listed, as in Phi3CausalLM.generate)."""
+    """How rows become requests: where the prompt is, the text rule, and the job's request defaults (a column
+    named like a SamplingParams field overrides its default for that row; a null cell keeps it)."""
 
     prompt_column: str = "prompt"
     messages_column: str | None = None
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: Literal["auto", "none"] | tuple[int, ...] = "auto"
     strip_prompt: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)  # more SamplingParams fields for every row (queue: min_new_tokens)
+    defaults: SamplingParams = field(default_factory=SamplingParams)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -96,28 +89,34 @@ def prompt_ids(row: dict, spec: RowSpec, tokenizer) -> list[int]:
     return tokenizer.encode(text, add_bos=True)
 
 
-def sampling(row: dict, spec: RowSpec, end_token_ids: tuple[int, ...]) -> SamplingParams:
-    kw = dict(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_k=spec.top_k,
-              top_p=spec.top_p, seed=spec.seed, stop=tuple(spec.stop), **spec.extra)
-    stop_ids = spec.stop_token_ids
-    for name in OVERRIDES:
-        value = row.get(name)
-        if value is None:
-            continue
-        if name in ("stop", "stop_token_ids"):   # a list, or one value
-            value = (value,) if isinstance(value, (str, int, float)) else tuple(value)
-        if name == "stop_token_ids":
-            stop_ids = value
-        else:
-            kw[name] = value
-    stop_ids = tuple(end_token_ids) if stop_ids == "auto" else () if stop_ids == "none" else tuple(stop_ids)
-    kw.update(stop_token_ids=stop_ids, ignore_eos=True)
+def sampling(row: dict, spec: RowSpec) -> SamplingParams:
+    """The row's request: the job's defaults with the row's non-null vocabulary cells on top."""
+    given = {k: row[k] for k in OVERRIDES if row.get(k) is not None}
+    if not given:
+        return spec.defaults
+    return request_params({**spec.defaults.model_dump(exclude_defaults=True), **given})
+
+
+def request_field(f: FieldInfo, default: Any = ...) -> tuple[Any, FieldInfo]:
+    """A SamplingParams field for a model that carries request values (the job config, a queue request): its
+    description and default, any value accepted there and validated by SamplingParams itself when the request is
+    built, so every surface takes exactly what SamplingParams takes."""
+    return Any, Field(f.default if default is ... else default, description=f.description)
+
+
+def request_params(values: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from plain values; a bad one is a RowError naming each field, its value and the rule."""
     try:
-        return SamplingParams(**kw)
+        return SamplingParams.model_validate(values)
     except ValidationError as e:
-        raise RowError("invalid sampling values: " + "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'params'}={err.get('input')!r}: {err['msg']}"
-            for err in e.errors())) from None
+        raise RowError(describe_errors(e.errors())) from None
+
+
+def describe_errors(errors: list[dict]) -> str:
+    """'field=value: rule' for each pydantic error of SamplingParams (a check across fields: its message)."""
+    return "invalid request values: " + "; ".join(
+        f"{'.'.join(map(str, err['loc']))}={err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}"
+        if err["loc"] else err["msg"].removeprefix("Value error, ") for err in errors)
 
 
 def logprob_records(entries: list[Logprob | None] | None) -> list[dict | None] | None:
@@ -173,7 +172,7 @@ def prepare(row: dict, spec: RowSpec, tokenizer, max_model_len: int) -> tuple[li
         if len(ids) >= max_model_len:
             raise RowError(f"prompt has {len(ids)} tokens; the model's context is {max_model_len} "
                            f"(max_model_len), leaving no room to generate")
-        return ids, sampling(row, spec, tuple(tokenizer.end_token_ids))
+        return ids, sampling(row, spec)
     except RowError as e:
         return ids, str(e)
 

@@ -87,16 +87,14 @@ def check_entry_point() -> None:
                            "or pip install -e .)")
 
 
-def vllm_sampling_params(params: SamplingParams, eos_token_id: int, max_tokens: int):
+def vllm_sampling_params(params: SamplingParams, stops: list[int], eos_token_id: int, max_tokens: int):
+    """stops: the request's resolved stop token ids; vLLM stops on its eos only when that is one of them."""
     from vllm import SamplingParams as VLLMSamplingParams
     from vllm.sampling_params import RequestOutputKind
-    stops = list(params.stop_token_ids)
-    if not params.ignore_eos and eos_token_id not in stops:
-        stops.append(eos_token_id)
     return VLLMSamplingParams(
         n=1, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
         max_tokens=max_tokens, min_tokens=min(params.min_new_tokens, max_tokens), stop_token_ids=stops,
-        ignore_eos=params.ignore_eos, detokenize=False, skip_special_tokens=False,
+        ignore_eos=eos_token_id not in stops, detokenize=False, skip_special_tokens=False,
         output_kind=RequestOutputKind.DELTA)
 
 
@@ -185,7 +183,7 @@ class VLLMBackend(EngineBackend):
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        bad = [t for t in params.stop_token_ids if t >= vocab]
+        bad = [t for t in params.stop_ids(None) if t >= vocab]
         if bad:
             raise RequestError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab})")
         if n >= self.max_model_len:
@@ -206,7 +204,7 @@ class VLLMBackend(EngineBackend):
         self.validate(prompt, params)
         eos = self.model_config.eos_token_id
         stopper = Stopper(params, eos, self.tokenizer, self.max_model_len, len(prompt))
-        sp = vllm_sampling_params(params, eos, stopper.max_new)
+        sp = vllm_sampling_params(params, sorted(stopper.stop_ids), eos, stopper.max_new)
         vllm_id = f"{request_id or 'req'}-{uuid.uuid4().hex}"  # unique even when callers reuse ids
         ended = None
         stream = self.engine.generate(TokensPrompt(prompt_token_ids=prompt), sp, vllm_id)

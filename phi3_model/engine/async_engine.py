@@ -16,7 +16,7 @@ import threading
 from typing import Callable
 
 from .engine import Engine
-from .loop import Front, run_loop, settle
+from .loop import Front, run_loop, settle_futures
 from .threads import release_openmp_team, use_threads
 
 _CLOSE = ("close", None, None)
@@ -106,9 +106,9 @@ class AsyncEngine(Front):
             if self.engine is None:
                 self.engine = self._build()
         except BaseException as e:  # noqa: BLE001 - raised by start()
-            settle(loop, [(ready, None, e)])
+            settle_futures(loop, [(ready, None, e)])
             return
-        settle(loop, [(ready, None, None)])
+        settle_futures(loop, [(ready, None, None)])
         run_loop(self.engine, self._transport)
 
     async def close(self) -> None:

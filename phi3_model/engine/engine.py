@@ -92,7 +92,7 @@ class Engine:
         if bad:
             raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         p = req.params
-        for name, ids in (("stop_token_ids", p.stop_token_ids), ("allowed_token_ids", p.allowed_token_ids or ()),
+        for name, ids in (("stop_token_ids", p.stop_ids(None)), ("allowed_token_ids", p.allowed_token_ids or ()),
                           ("logit_bias", p.logit_bias or {})):
             bad = [t for t in ids if t >= vocab]
             if bad:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from .engine import Engine, EngineConfig
-from .loop import Front, run_loop, settle
+from .loop import Front, run_loop, settle_futures
 from .sampling_params import EngineDied, RequestError
 
 log = logging.getLogger(__name__)
@@ -163,10 +163,10 @@ class EngineProcess(Front):
                 break
             kind = msg[0]
             if kind == "ready":
-                settle(loop, [(ready, msg[1], None)])
+                settle_futures(loop, [(ready, msg[1], None)])
             elif kind == "failed":
                 self._closing = True  # the child exits next; start() raises this
-                settle(loop, [(ready, None, RuntimeError(f"engine process: {msg[1]}"))])
+                settle_futures(loop, [(ready, None, RuntimeError(f"engine process: {msg[1]}"))])
             elif kind == "done":
                 self.watchdog.progress(msg[2])
                 self._settle((rid, completion, _error(err)) for rid, completion, err in msg[1])
@@ -176,7 +176,7 @@ class EngineProcess(Front):
         if not self._closing and self.error is None:
             self.error = error
             log.error("%s", error)
-        settle(loop, [(ready, None, error)])
+        settle_futures(loop, [(ready, None, error)])
         self._fail_all(self.error or error)
 
 

@@ -92,7 +92,7 @@ def run_loop(engine: Engine, transport: Transport) -> None:
 
 # ---- the caller's side ------------------------------------------------------------------------------------------
 
-def settle(loop, done) -> None:
+def settle_futures(loop, done) -> None:
     """From any thread: set each (future, result, error) of `done` in one callback on the futures' loop."""
     def run():
         for fut, result, error in done:
@@ -206,7 +206,7 @@ class Front:
             else:
                 by_loop.setdefault(waiter[1], []).append((waiter[0], result, error))
         for loop, done in by_loop.items():
-            settle(loop, done)
+            settle_futures(loop, done)
 
     def _fail_all(self, error: BaseException) -> None:
         waiters, self._waiters = self._waiters, {}
@@ -215,7 +215,7 @@ class Front:
             fut, loop = (first.fut, first.loop) if isinstance(first, _Batch) else (first, second)
             by_loop.setdefault(loop, {})[id(fut)] = (fut, None, error)
         for loop, done in by_loop.items():
-            settle(loop, list(done.values()))
+            settle_futures(loop, list(done.values()))
 
     def _stalled(self, why: str) -> None:
         """Watchdog thread: the engine is dead to its callers; subclasses also stop what they can."""

@@ -86,9 +86,9 @@ class PagedContext:
         vc[:, self.slot_mapping] = v.transpose(0, 1)
         out = torch.empty_like(q)
         if self.in_place:
-            self._decode_in_place(q, kc, vc, out)
+            self.decode_in_place(q, kc, vc, out)
         for g in self.decode:
-            out[g.token_idx] = self._decode(q[g.token_idx], kc, vc, g)
+            out[g.token_idx] = self.decode_group(q[g.token_idx], kc, vc, g)
         for p in self.prefill:
             qp = q[p.token_slice].transpose(0, 1)  # [H, q, D]
             if p.slots is None:
@@ -105,8 +105,9 @@ class PagedContext:
             out[p.token_slice] = o.transpose(0, 1)
         return out
 
-    def _decode_in_place(self, q, kc, vc, out) -> None:
-        """Each sequence's keys are the pool slots [first, first + length): attend over views of the pool."""
+    def decode_in_place(self, q, kc, vc, out) -> None:
+        """Each sequence's keys are the pool slots [first, first + length): attend over views of the pool.
+        Public for bench.attention, which times the two decode paths alone (as does decode_group)."""
         H, D = q.shape[1], q.shape[2]
         Hkv = kc.shape[0]
         G = H // Hkv
@@ -123,7 +124,7 @@ class PagedContext:
             torch.bmm(probs, values, out=res[i])
         out[rows] = res.view(len(rows), H, D)
 
-    def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, g: DecodeGroup) -> torch.Tensor:
+    def decode_group(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, g: DecodeGroup) -> torch.Tensor:
         """q [B, H, D] -> [B, H, D] over the group's blocks."""
         B, H, D = q.shape
         Hkv = kc.shape[0]

@@ -13,10 +13,15 @@ STRUCTURED = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
 class SamplingParams(BaseModel):
-    """What one request asks for. temperature 0 = greedy. top_k 0 and top_p 1 disable those filters.
+    """What one request asks for: THE request vocabulary. Every surface derives its fields from this class (the
+    Parquet job's defaults and per-row columns, the queue request, the `run` CLI flags), so its defaults are the
+    defaults everywhere: greedy decoding, 256 new tokens, stopping on the model's end tokens.
 
-    The model's own end token (config.eos_token_id) stops generation unless `ignore_eos`; `stop_token_ids` and
-    `stop` strings always do, once `min_new_tokens` tokens exist.
+    temperature 0 = greedy. top_k 0 and top_p 1 disable those filters. Stop tokens, as KerasHub's generate:
+    stop_token_ids "auto" = the model's end tokens (the tokenizer's, e.g. Phi-3's <|endoftext|> and <|end|>; the
+    config's eos_token_id when there is no tokenizer), "none" = run to max_new_tokens, a list = exactly those ids.
+    `ignore_eos` makes "auto" resolve to no token (vLLM's meaning: the model's end tokens do not stop; listed ids
+    still do). Stop tokens and `stop` strings take effect once `min_new_tokens` tokens exist.
 
     Order of the logits' processing, per generated token: log-probabilities are taken from the raw fp32 logits;
     then logit_bias is added, tokens outside allowed_token_ids and those completing a bad word are masked, the stop
@@ -27,14 +32,17 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_new_tokens: int = Field(256, ge=1, description="largest number of tokens to generate")
-    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy")
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 = all")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass; 1 = all")
     seed: int | None = Field(None, ge=0, lt=2**63, description="per-request generator seed; None = unseeded")
-    stop_token_ids: tuple[int, ...] = Field((), description="token ids that end generation (kept in token_ids)")
+    stop_token_ids: Literal["auto", "none"] | tuple[int, ...] = Field(
+        "auto", description="auto (the model's end tokens, as generate) | none (run to max_new_tokens) | a list of "
+        "token ids that end generation (kept in token_ids)")
     stop: tuple[str, ...] = Field((), description="strings that end generation (cut from the text)")
     min_new_tokens: int = Field(0, ge=0, description="no stop before this many tokens")
-    ignore_eos: bool = Field(False, description="do not stop on the model's end token")
+    ignore_eos: bool = Field(False, description="the model's end tokens do not stop generation (stop_token_ids "
+                             "auto resolves to none; listed ids still stop)")
     n: int = Field(1, ge=1, le=MAX_N, description="samples per prompt; sample i of a seeded request draws from "
                    "seed + i (as a request with that seed alone would)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probability of each generated "
@@ -53,10 +61,38 @@ class SamplingParams(BaseModel):
     choice: tuple[str, ...] | None = Field(None, description="the output is exactly one of these strings")
     grammar: str | None = Field(None, description="the output follows this EBNF grammar (root rule `root`)")
 
+    @field_validator("stop_token_ids", "stop", "bad_words", "allowed_token_ids", "choice", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        """One value where a list is expected (a Parquet cell or a flag holding a single id or string)."""
+        return (v,) if isinstance(v, (int, str)) and not (isinstance(v, str) and v in ("auto", "none")) else v
+
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _stop_kind(cls, v):
+        """One clear message instead of one per member of the union."""
+        if isinstance(v, str) and v not in ("auto", "none") or isinstance(v, (list, tuple)) and not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in v):
+            raise ValueError("expected auto, none or a list of token ids (integers >= 0)")
+        return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_pairs(cls, v):
+        """Also as JSON text, or as (token, bias) pairs (how Parquet returns a map column)."""
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"logit_bias is not valid JSON: {e}") from None
+        if isinstance(v, (list, tuple)):
+            v = dict(v)
+        return v
+
     @field_validator("stop_token_ids")
     @classmethod
     def _ids(cls, v):
-        if any(t < 0 for t in v):
+        if not isinstance(v, str) and any(t < 0 for t in v):
             raise ValueError(f"stop_token_ids must be non-negative token ids, got {list(v)}")
         return v
 
@@ -113,6 +149,14 @@ class SamplingParams(BaseModel):
             raise ValueError(f"n={self.n} with greedy decoding (temperature 0) would give {self.n} identical "
                              "samples; set a temperature > 0 or n=1")
         return self
+
+    def stop_ids(self, eos_token_id: int | None, end_token_ids=()) -> tuple[int, ...]:
+        """The token ids that end this request, given the model's end tokens (tokenizer's, else the eos id)."""
+        if self.stop_token_ids == "none" or (self.stop_token_ids == "auto" and self.ignore_eos):
+            return ()
+        if self.stop_token_ids == "auto":
+            return tuple(end_token_ids) or (() if eos_token_id is None else (eos_token_id,))
+        return self.stop_token_ids
 
     @property
     def greedy(self) -> bool:

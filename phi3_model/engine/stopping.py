@@ -10,6 +10,11 @@ from __future__ import annotations
 from .sampling_params import Completion, Logprob, RequestError, Sample, SamplingParams
 
 
+def end_token_ids(tokenizer) -> tuple[int, ...]:
+    """The model's end tokens as its tokenizer names them (what stop_token_ids "auto" means); () without one."""
+    return tuple(getattr(tokenizer, "end_token_ids", None) or ())
+
+
 def visible_ids(tokenizer) -> callable:
     hidden = tokenizer.hidden_token_ids
     return lambda ids: [t for t in ids if t not in hidden]
@@ -36,9 +41,7 @@ class Stopper:
                                f"one (use stop_token_ids)")
         self.params = params
         self.tokenizer = tokenizer
-        self.stop_ids = set(params.stop_token_ids)
-        if eos_token_id is not None and not params.ignore_eos:
-            self.stop_ids.add(eos_token_id)
+        self.stop_ids = set(params.stop_ids(eos_token_id, end_token_ids(tokenizer)))
         # generation also ends at the model's context length
         self.max_new = params.max_new_tokens
         if max_total_tokens is not None:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from phi3_model.engine.sampling_params import SamplingParams
 
-from .schema import QueueRequest, prompt_ids, sampling_params
+from .schema import QueueRequest, request_prompt_ids, sampling_params
 
 RAW_LIMIT = 65536  # bytes of a request kept in its dead letter
 
@@ -90,8 +90,8 @@ async def admit_entries(w, entries, counts: dict[bytes, int]):
                                  "holding the request JSON")
             req = QueueRequest.model_validate_json(raw)
             key = req.sampling_key()
-            params = w.params.get(key, lambda: sampling_params(req, tokenizer, w.spec))
-            ids = prompt_ids(req, tokenizer, w.spec)
+            params = w.params.get(key, lambda: sampling_params(req, w.spec))
+            ids = request_prompt_ids(req, tokenizer, w.spec)
         except Exception as e:  # noqa: BLE001 - whatever is wrong with it, a malformed request is never retried
             finished.append(("dead", entry_id, dead_letter(entry_id, raw, f"malformed request: {explain(e)}", n,
                                                            cfg.name, _guess_id(raw))))

@@ -38,12 +38,23 @@ class WorkerConfig(BaseModel):
                                      "connection errors this long exits (non-zero); a password or database "
                                      "the server refuses ends it at once")
     until_empty: bool = Field(False, description="exit 0 once the stream and every pending list are empty")
-    defaults: dict[str, Any] = Field(default_factory=dict, description="sampling defaults for fields a request omits")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="request defaults (SamplingParams fields) "
+                                     "for fields a request omits")
 
     @field_validator("url")
     @classmethod
     def _url(cls, v):
         return check_url(v)
+
+    @field_validator("defaults")
+    @classmethod
+    def _defaults(cls, v):
+        from workers.rows import RowError, request_params
+        try:
+            request_params(v)
+        except RowError as e:
+            raise ValueError(str(e)) from None
+        return v
 
     @property
     def heartbeat(self) -> float:

@@ -4,21 +4,20 @@ id, JSON) and a dead letter (one dead-letter stream entry).
 Requests become engine calls exactly as the Parquet job's rows do (workers/rows.py): `prompt` is encoded with
 `<s>` first; `messages` go through the chat template (with the generation prompt), then the same encoding;
 `prompt_token_ids` are used as given. Sampling fields a request leaves out take the worker's defaults, then the
-Parquet job's (greedy, 256 new tokens, stop_token_ids "auto" = the tokenizer's end tokens).
+request vocabulary's own (SamplingParams: greedy, 256 new tokens, stop_token_ids "auto" = the model's end tokens).
+Every SamplingParams field is a request field of the same name, type and bounds.
 """
 from __future__ import annotations
 
 import dataclasses
-from operator import attrgetter
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, create_model, model_validator
 
 from phi3_model.engine.sampling_params import Completion, SamplingParams
 from workers import rows
 
-SAMPLING_FIELDS = rows.OVERRIDES + ("min_new_tokens", "ignore_eos")
-_sampling_values = attrgetter(*SAMPLING_FIELDS)
+REQUEST_FIELDS = set(rows.OVERRIDES)
 
 
 class Message(BaseModel):
@@ -27,8 +26,8 @@ class Message(BaseModel):
     content: str
 
 
-class QueueRequest(BaseModel):
-    """One request. `id` must be unique: a redelivered entry whose id already has a result is acked, not run."""
+class _Request(BaseModel):
+    """A queue request without its request fields (added from SamplingParams below)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -36,15 +35,6 @@ class QueueRequest(BaseModel):
     prompt: str | None = None
     messages: list[Message] | None = Field(None, min_length=1)
     prompt_token_ids: list[NonNegativeInt] | None = Field(None, min_length=1)
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: list[str] | None = None
-    stop_token_ids: list[int] | Literal["auto", "none"] | None = None
-    min_new_tokens: int | None = None
-    ignore_eos: bool | None = None
     metadata: dict[str, Any] | None = None
 
     @model_validator(mode="after")
@@ -55,24 +45,37 @@ class QueueRequest(BaseModel):
         raise ValueError(f"request {self.id!r}: give exactly one of prompt, messages, prompt_token_ids "
                          f"(got {', '.join(given) or 'none'})")
 
-    def sampling_key(self) -> tuple:
-        """The sampling fields, hashable (requests with equal keys share one SamplingParams)."""
-        values = _sampling_values(self)
-        if self.stop is None and not isinstance(self.stop_token_ids, list):
-            return values
-        return tuple(tuple(v) if isinstance(v, list) else v for v in values)
+    @model_validator(mode="after")
+    def _request_fields(self):
+        """Each field as SamplingParams takes it; checks across fields wait for the worker's defaults."""
+        try:
+            SamplingParams.model_validate(self.request_values())
+        except ValidationError as e:
+            if errors := [err for err in e.errors() if err["loc"]]:
+                raise ValueError(f"request {self.id!r}: {rows.describe_errors(errors)}") from None
+        return self
+
+    def request_values(self) -> dict[str, Any]:
+        """The request fields this request sets (the others take the worker's defaults)."""
+        return {k: v for k in REQUEST_FIELDS if (v := getattr(self, k)) is not None}
+
+    def sampling_key(self) -> str:
+        """The request fields as canonical text (requests with equal keys share one SamplingParams)."""
+        return self.model_dump_json(include=REQUEST_FIELDS, exclude_none=True)
+
+
+QueueRequest = create_model(
+    "QueueRequest", __base__=_Request, __doc__="One request. `id` must be unique: a redelivered entry whose id "
+    "already has a result is acked, not run. Request fields left out (null) take the worker's defaults.",
+    **{name: rows.request_field(f, None) for name, f in SamplingParams.model_fields.items()})
 
 
 def row_spec(defaults: dict[str, Any] | None = None) -> rows.RowSpec:
-    """The Parquet job's RowSpec with the worker's sampling defaults (RowSpec fields, min_new_tokens via extra)."""
-    defaults = dict(defaults or {})
-    extra = {k: defaults.pop(k) for k in ("min_new_tokens",) if k in defaults}
-    if "stop" in defaults:
-        defaults["stop"] = tuple(defaults["stop"])
-    return rows.RowSpec(**defaults, extra=extra)
+    """The Parquet job's RowSpec with the worker's request defaults. Raises rows.RowError naming a bad one."""
+    return rows.RowSpec(defaults=rows.request_params(defaults or {}))
 
 
-def prompt_ids(request: QueueRequest, tokenizer, spec: rows.RowSpec) -> list[int]:
+def request_prompt_ids(request: QueueRequest, tokenizer, spec: rows.RowSpec) -> list[int]:
     if request.prompt_token_ids is not None:
         return list(request.prompt_token_ids)
     if tokenizer is None:
@@ -83,18 +86,9 @@ def prompt_ids(request: QueueRequest, tokenizer, spec: rows.RowSpec) -> list[int
     return rows.prompt_ids({"prompt": request.prompt}, spec, tokenizer)
 
 
-def sampling_params(request: QueueRequest, tokenizer, spec: rows.RowSpec) -> SamplingParams:
+def sampling_params(request: QueueRequest, spec: rows.RowSpec) -> SamplingParams:
     """Raises rows.RowError naming the bad field."""
-    row = {k: getattr(request, k) for k in rows.OVERRIDES}
-    if isinstance(row["stop_token_ids"], str):  # "auto" | "none": rows takes these from the spec
-        spec, row["stop_token_ids"] = dataclasses.replace(spec, stop_token_ids=row["stop_token_ids"]), None
-    if request.min_new_tokens is not None:
-        spec = dataclasses.replace(spec, extra={**spec.extra, "min_new_tokens": request.min_new_tokens})
-    end_ids = tuple(getattr(tokenizer, "end_token_ids", ()) or ())
-    params = rows.sampling(row, spec, end_ids)
-    if request.ignore_eos is False:  # rows always ignores the model's own eos unless it is a stop token id
-        params = SamplingParams(**{**params.model_dump(), "ignore_eos": False})
-    return params
+    return rows.sampling(request.request_values(), spec)
 
 
 def result_record(request_id: str, status: Literal["ok", "error", "dead"], completion: Completion | None = None,
