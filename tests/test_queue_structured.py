@@ -10,7 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
+
+from pipeline.queue_cli import queue_app
 
 from tests.fixtures.redis_server import audit, run_bounded, worker_config
 from tests.test_engine_structured import CHOICE, SCHEMAS, constraints
@@ -32,7 +36,7 @@ def lm(tiny_model_dir):
 
 
 def test_requests_asking_for_structured_output_logprobs_and_samples(redis_server, redis_url, queue_prefix,
-                                                                     queue_engine, lm, hf):
+                                                                     queue_engine, lm, hf, tmp_path):
     kinds = constraints()
     requests = [dict(id=f"s{i}", prompt=PROMPTS[i % len(PROMPTS)], max_new_tokens=NEW, **fields)
                 for i, (fields, _) in enumerate(kinds)]
@@ -41,7 +45,9 @@ def test_requests_asking_for_structured_output_logprobs_and_samples(redis_server
                  dict(id="scored", prompt=PROMPTS[1], max_new_tokens=12, logprobs=2, prompt_logprobs=1),
                  dict(id="sampled", prompt=PROMPTS[2], max_new_tokens=NEW, n=3, temperature=1.0, seed=5),
                  dict(id="labels", prompt=PROMPTS[3], max_new_tokens=NEW, n=2, temperature=1.0, seed=9,
-                      choice=list(CHOICE))]
+                      choice=list(CHOICE)),
+                 dict(id="stopped", prompt=PROMPTS[5], max_new_tokens=NEW, n=2, temperature=1.0, seed=2,
+                      stop=list("aeiot "))]
     bad = {name: dict(id=name, prompt=PROMPTS[4], max_new_tokens=8, **fields) for name, (fields, _) in BAD.items()}
 
     async def go():
@@ -85,3 +91,15 @@ def test_requests_asking_for_structured_output_logprobs_and_samples(redis_server
         r = got[name]
         assert r.status in ("dead", "error") and field in r.error, (name, r)
         assert r.completion is None and r.samples is None
+
+    # `queue results --out x.parquet`: stop reasons (token ids of structured rows, strings here) as strings
+    assert any(isinstance(x.stop_reason, str) for x in got["stopped"].samples)
+    out = tmp_path / "results.parquet"
+    exported = CliRunner().invoke(queue_app, ["results", "--url", redis_url, "--prefix", queue_prefix,
+                                              "--out", str(out)])
+    assert exported.exit_code == 0, exported.output
+    table = {r["id"]: r for r in pq.read_table(out).to_pylist()}
+    for rid, r in got.items():
+        if r.status == "ok":
+            assert [s["stop_reason"] for s in table[rid]["samples"]] == \
+                [None if x.stop_reason is None else str(x.stop_reason) for x in r.samples]
