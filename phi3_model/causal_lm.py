@@ -173,7 +173,7 @@ class Phi3CausalLM:
                             "{'token_ids': [B, T], 'padding_mask': [B, T]}, or an iterable of them")
         if isinstance(inputs, str):
             return self._generate_batch([inputs], max_length, params, strip_prompt, details)[0]
-        if isinstance(inputs, (list, tuple)):
+        if isinstance(inputs, (list, tuple)) and self.preprocessor is not None and not any(map(_is_backbone, inputs)):
             return self._generate_batch(list(inputs), max_length, params, strip_prompt, details)
         if isinstance(inputs, Mapping):
             raise TypeError(f"generate() got a dict with keys {sorted(inputs)}: a dict is taken as backbone inputs "

@@ -224,6 +224,8 @@ def test_from_preset_with_preprocessor_none_gives_the_preprocessor_less_model(ti
     rows = [ref.ids(t) for t in TEXTS[:2]]
     out = model.generate(padded(rows, 24), stop_token_ids=None)
     assert [r.tolist() for r in out["token_ids"]] == [r + ref.greedy(r, 24 - len(r)) for r in rows]
+    listed = model.generate([padded(rows[:1], 24), padded(rows[1:], 24)], stop_token_ids=None)  # a list of batches
+    assert (listed["token_ids"] == out["token_ids"]).all() and (listed["padding_mask"] == out["padding_mask"]).all()
     with pytest.raises(TypeError, match="backbone inputs"):
         model.generate(TEXTS[0], stop_token_ids=None)
     with pytest.raises(ValueError, match="preprocessor"):
