@@ -15,7 +15,6 @@ import os
 import time
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from .actors import JobError, start_actors, starts_local_ray, stop_actors  # noqa: F401 - JobError: the CLI catches it here
@@ -30,7 +29,7 @@ from .progress import Progress
 from .ray_session import ray_session
 from .retry import Retry, check as check_retry, load as load_retry
 from .shards import Shard
-from .sink import Sink, part_stats
+from .sink import Sink, generated_tokens, part_stats
 from .source import ShardReader, filesystem
 from .summary import Summary
 
@@ -168,7 +167,7 @@ class Job:
         stats = part_stats(table)
         self.manifest.record(dict(event="shard", key=f.shard.key, status="done", attempts=f.attempt, **stats,
                                   **extra))
-        self.progress.advance(results.num_rows, pc.sum(results.column("completion_tokens")).as_py() or 0)
+        self.progress.advance(results.num_rows, generated_tokens(results))
         self.remaining[f.shard.file] -= 1
         if self.remaining[f.shard.file] == 0:
             self.assemble(f.shard.file)

@@ -258,7 +258,8 @@ def _write(out: Path, rows: list[dict]) -> None:
         import pyarrow.parquet as pq
         for r in rows:
             r["metadata"] = json.dumps(r["metadata"]) if r["metadata"] is not None else None
-            r["stop_reason"] = None if r["stop_reason"] is None else str(r["stop_reason"])
+            for one in [r] + (r["samples"] or []):   # a token id or a string: one type per column
+                one["stop_reason"] = None if one["stop_reason"] is None else str(one["stop_reason"])
         pq.write_table(pa.Table.from_pylist(rows), out)
     else:
         out.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -109,10 +109,12 @@ class Retry:
         finally:
             if output is not None:
                 output.close()
-        mask = np.zeros(current.num_rows, dtype=bool)
-        mask[self.select[shard.key].to_numpy()] = True
-        mask = pa.array(mask)
-        columns = [pc.replace_with_mask(current.column(n).combine_chunks(), mask, results.column(n).combine_chunks())
+        # row i comes from `results` where it was retried, else from `current` (take: any column type, nested too)
+        where = np.arange(current.num_rows)
+        where[self.select[shard.key].to_numpy()] = current.num_rows + np.arange(results.num_rows)
+        where = pa.array(where)
+        columns = [pa.concat_arrays([current.column(n).combine_chunks(), results.column(n).combine_chunks()
+                                     .cast(current.schema.field(n).type)]).take(where)
                    if n in RESULT_SCHEMA.names else current.column(n) for n in current.column_names]
         return pa.Table.from_arrays(columns, schema=current.schema)
 
@@ -127,7 +129,7 @@ def load(plan: Plan, sink: Sink) -> Retry:
         for s in plan.shards_of(i):
             if sink.part_path(s) in parts:
                 table = pq.read_table(sink.part_path(s), filesystem=sink.fs,
-                                      columns=["error", "prompt_tokens", "completion_tokens"])
+                                      columns=["error", "prompt_tokens", "completion_tokens", "samples"])
                 cells, stats = table.column("error"), part_stats(table)
             else:
                 cells, stats = errors.slice(s.start, s.rows), None

@@ -15,6 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from workers.rows import RESULT_SCHEMA
+
 from .manifest import NAME as MANIFEST, write_atomic
 from .shards import Shard
 
@@ -50,8 +52,13 @@ class Sink:
         """A shard's rows: its part when there is one, else its rows in the (open) output file, where a retry of
         the error rows leaves the shards it did not touch."""
         if output is None or self.exists(self.part_path(shard)):
-            return pq.read_table(self.part_path(shard), filesystem=self.fs)
-        return rows_of(output, shard.start, shard.stop)
+            table = pq.read_table(self.part_path(shard), filesystem=self.fs)
+        else:
+            table = rows_of(output, shard.start, shard.stop)
+        for f in RESULT_SCHEMA:  # a file written before this result column existed: null there
+            if f.name not in table.column_names:
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+        return table
 
     def open_output(self, name: str) -> pq.ParquetFile | None:
         path = self.output_path(name)
@@ -145,9 +152,18 @@ def rows_of(file: pq.ParquetFile, start: int, stop: int) -> pa.Table:
     return file.read_row_groups(groups).slice(start - first, stop - start)
 
 
+def generated_tokens(table: pa.Table) -> int:
+    """Tokens the rows of a result table generated: every sample's (the top-level completion_tokens are sample 0's)."""
+    if "samples" in table.column_names:
+        samples = pc.list_flatten(table.column("samples"))
+        return pc.sum(pc.struct_field(samples, "completion_tokens")).as_py() or 0
+    return pc.sum(table.column("completion_tokens")).as_py() or 0
+
+
 def part_stats(table: pa.Table) -> dict:
-    """The counts a shard's manifest event records for its rows (RESULT_SCHEMA columns)."""
+    """The counts a shard's manifest event records for its rows (RESULT_SCHEMA columns): completion_tokens counts
+    the tokens generated, every sample's."""
     ok = table.column("error").null_count
     return dict(rows=table.num_rows, ok=ok, errors=table.num_rows - ok,
                 prompt_tokens=pc.sum(table.column("prompt_tokens")).as_py() or 0,
-                completion_tokens=pc.sum(table.column("completion_tokens")).as_py() or 0)
+                completion_tokens=generated_tokens(table))

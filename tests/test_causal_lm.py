@@ -19,6 +19,7 @@ from phi3_model.causal_lm import Phi3CausalLM
 from phi3_model.checkpoint import load_checkpoint
 from phi3_model.samplers import GreedySampler, RandomSampler, TopKSampler, TopPSampler
 from phi3_model.tokenizer import Phi3Tokenizer
+from tests.test_engine_structured import constraints
 
 transformers = pytest.importorskip("transformers")
 
@@ -162,10 +163,150 @@ def test_max_length_above_the_context_warns_naming_both_and_stops_at_the_context
         lm.generate(TEXTS[0], max_length=context, stop_token_ids=None)   # at the context: no warning
 
 
-def test_a_prompt_that_fills_max_length_is_refused(lm, ref):
-    ids = ref.ids(TEXTS[0])
-    with pytest.raises(ValueError, match="max_length"):
-        lm.generate(TEXTS[0], max_length=len(ids))
+def test_a_prompt_at_or_over_max_length_comes_back_without_new_tokens_and_the_others_generate(lm, ref):
+    """KerasHub 0.32: its packer cuts a prompt to max_length tokens; a row with no room left keeps its tokens and
+    gets none, the other rows of the batch generate as they would alone. Here with a warning naming each such row."""
+    at, over, short = TEXTS[2], "Batch inference reads prompts from Parquet files and writes", TEXTS[4]
+    L = len(ref.ids(at))
+    assert len(ref.ids(over)) > L > len(ref.ids(short)) + 3
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = lm.generate([short, at, over], max_length=L, stop_token_ids=None)
+        stripped = lm.generate([short, at, over], max_length=L, stop_token_ids=None, strip_prompt=True)
+    s = ref.ids(short)
+    new = ref.greedy(s, L - len(s))
+    assert out == [ref.text(s + new), at, ref.text(ref.ids(over)[:L])]
+    assert stripped == [ref.text(new), "", ""]
+    named = [str(w.message) for w in seen if "no room" in str(w.message)]
+    assert len(named) == 4 and {m.split(":")[0] for m in named} == {"row 1", "row 2"}
+    assert f"max_length={L}" in named[0]
+
+
+def test_a_backbone_row_that_fills_its_width_comes_back_unchanged(tiny_model_dir, ref):
+    model = Phi3CausalLM.from_preset(tiny_model_dir, preprocessor=None, block_size=8, num_blocks=256)
+    model.compile(sampler="greedy")
+    full, short = ref.ids(TEXTS[2]), ref.ids(TEXTS[0])
+    T = len(full)
+    with pytest.warns(UserWarning, match=r"row 1: .*padded width T"):
+        out = model.generate(padded([short, full], T), stop_token_ids=None)
+    assert out["token_ids"][1].tolist() == full and out["padding_mask"][1].all()
+    assert out["token_ids"][0].tolist() == short + ref.greedy(short, T - len(short))
+
+
+# ---- backbone inputs to a model with a preprocessor, preprocessor=None -----------------------------------------
+
+def test_token_ids_given_to_a_model_with_a_preprocessor_are_backbone_inputs(lm, ref):
+    """As one batch, and as a dataset of batches (of different widths: padded to the widest)."""
+    rows = [ref.ids(t) for t in TEXTS]
+    want = {T: [r + ref.greedy(r, T - len(r)) for r in rows] for T in (28, 32)}
+    out = lm.generate(padded(rows, 32), stop_token_ids=None)
+    assert [r.tolist() for r in out["token_ids"]] == want[32] and out["padding_mask"].all()
+    batches = iter([padded(rows[:2], 28), padded(rows[2:], 32)])
+    out = lm.generate(batches, stop_token_ids=None)
+    assert [r[:28].tolist() for r in out["token_ids"][:2]] == want[28][:2]
+    assert out["padding_mask"][:2, 28:].sum() == 0 and out["token_ids"][:2, 28:].sum() == 0
+    assert [r.tolist() for r in out["token_ids"][2:]] == want[32][2:]
+    # "auto" stops work on token-id input when a preprocessor (tokenizer) is there: row 1 stops on <|end|>
+    stopped = lm.generate(padded(rows, 32))
+    end = rows[1] + ref.greedy(rows[1], 32 - len(rows[1]), stops=(ENDOFTEXT, END))
+    assert stopped["token_ids"][1].tolist()[:len(end)] == end and stopped["padding_mask"][1].sum() == len(end)
+
+
+def test_a_dict_that_is_not_backbone_inputs_is_refused_saying_what_a_dict_means(lm):
+    with pytest.raises(TypeError, match="token_ids"):
+        lm.generate({"prompts": TEXTS}, max_length=30)
+
+
+def test_from_preset_with_preprocessor_none_gives_the_preprocessor_less_model(tiny_model_dir, ref):
+    model = Phi3CausalLM.from_preset(tiny_model_dir, preprocessor=None, block_size=8, num_blocks=256)
+    assert model.preprocessor is None and model.tokenizer is None
+    model.compile(sampler="greedy")
+    rows = [ref.ids(t) for t in TEXTS[:2]]
+    out = model.generate(padded(rows, 24), stop_token_ids=None)
+    assert [r.tolist() for r in out["token_ids"]] == [r + ref.greedy(r, 24 - len(r)) for r in rows]
+    listed = model.generate([padded(rows[:1], 24), padded(rows[1:], 24)], stop_token_ids=None)  # a list of batches
+    assert (listed["token_ids"] == out["token_ids"]).all() and (listed["padding_mask"] == out["padding_mask"]).all()
+    with pytest.raises(TypeError, match="backbone inputs"):
+        model.generate(TEXTS[0], stop_token_ids=None)
+    with pytest.raises(ValueError, match="preprocessor"):
+        model.generate(padded(rows, 24))  # stop_token_ids="auto" needs the tokenizer
+
+
+# ---- per-call request fields, generate_details --------------------------------------------------------------------
+
+def test_structured_output_through_generate_validates(lm, ref):
+    """Every kind of constraint of the engine's tests (tests/test_engine_structured.py), on the same prompts; with
+    strip_prompt the text is the value alone, without it the prompt's text comes first."""
+    for fields, check in constraints():
+        texts = lm.generate(TEXTS, max_length=200, strip_prompt=True, **fields)
+        for text in texts:
+            check(text)
+        whole = lm.generate(TEXTS[0], max_length=200, **fields)
+        assert whole.startswith(TEXTS[0]) and whole.endswith(texts[0])
+
+
+def test_a_schema_that_cannot_compile_fails_the_call_naming_the_problem(lm):
+    with pytest.raises(ValueError, match="json_schema"):
+        lm.generate(TEXTS[0], max_length=60, json_schema={"type": "object", "properties": {"a": {"type": "nope"}}})
+    with pytest.raises(ValueError, match="at most one structured"):
+        lm.generate(TEXTS[0], max_length=60, regex="a+", choice=["a"])
+
+
+def test_logit_bias_allowed_ids_bad_words_and_skip_special_tokens_through_generate(lm, ref):
+    ids = ref.ids(END_TEXT)
+    want = ref.greedy(ids, 30, stops=(ENDOFTEXT, END))
+    assert want[-1] == END
+    kept = lm.generate(END_TEXT, max_length=len(ids) + 30, strip_prompt=True)
+    assert lm.generate(END_TEXT, max_length=len(ids) + 30, strip_prompt=True, skip_special_tokens=True) == \
+        ref.text(want[:-1]) == kept.removesuffix("<|end|>")
+    forced = ref.ids("Paris")[-1]
+    assert lm.generate(END_TEXT, max_length=len(ids) + 3, stop_token_ids=None, strip_prompt=True,
+                       logit_bias={forced: 100.0}) == ref.tok.decode([forced] * 3)
+    allowed = (forced, ref.ids("data")[-1])
+    out = lm.generate_details(TEXTS, max_length=40, stop_token_ids=None, allowed_token_ids=allowed)
+    assert all(set(o.token_ids) <= set(allowed) for o in out)
+    first = ref.text(want[:1])
+    assert first.strip() and first.strip() not in lm.generate(END_TEXT, max_length=len(ids) + 30, strip_prompt=True,
+                                                               bad_words=[first.strip()])
+
+
+def test_generate_details_logprobs_equal_transformers_log_softmax(lm, ref):
+    ids = [ref.ids(t) for t in TEXTS[:3]]
+    outs = lm.generate_details(TEXTS[:3], max_length=30, stop_token_ids=None, logprobs=3, prompt_logprobs=2)
+    for p, out in zip(ids, outs):
+        with torch.no_grad():
+            lp = ref.hf(input_ids=torch.tensor([p + out.token_ids]), use_cache=False).logits[0].log_softmax(-1)
+        assert out.token_ids == ref.greedy(p, 30 - len(p)) and len(out.logprobs) == len(out.token_ids)
+        for k, (t, e) in enumerate(zip(out.token_ids, out.logprobs)):
+            row = lp[len(p) - 1 + k]
+            assert e.token_id == t and abs(e.logprob - row[t].item()) < 1e-4
+            assert [a.token_id for a in e.top] == row.topk(3).indices.tolist()
+        assert out.prompt_logprobs[0] is None
+        assert all(abs(e.logprob - lp[i - 1, p[i]].item()) < 1e-4 for i, e in enumerate(out.prompt_logprobs) if i)
+        assert abs(out.cumulative_logprob - sum(lp[len(p) - 1 + k, t].item() for k, t in enumerate(out.token_ids))) \
+            < 1e-3
+    single = lm.generate_details(TEXTS[0], max_length=30, stop_token_ids=None)
+    assert single.token_ids == outs[0].token_ids and single.logprobs is None
+
+
+def test_generate_details_n_samples_equal_the_same_seeds_one_at_a_time(tiny_model_dir):
+    model = Phi3CausalLM.from_preset(tiny_model_dir, block_size=8, num_blocks=256)
+    model.compile(sampler=TopKSampler(k=20, seed=11))
+    out = model.generate_details(TEXTS[0], max_length=30, stop_token_ids=None, n=3)
+    alone = []
+    for i in range(3):
+        model.compile(sampler=TopKSampler(k=20, seed=11 + i))
+        alone.append(model.generate(TEXTS[0], max_length=30, stop_token_ids=None, strip_prompt=True))
+    assert [s.text for s in out.samples] == alone and len(set(alone)) > 1
+
+
+def test_n_and_logprobs_in_generate_point_to_generate_details(lm):
+    with pytest.raises(ValueError, match="generate_details"):
+        lm.generate(TEXTS[0], max_length=30, logprobs=2)
+    with pytest.raises(TypeError, match="colour"):
+        lm.generate(TEXTS[0], max_length=30, colour="red")
+    with pytest.raises(ValueError, match="identical"):  # n > 1 with the greedy sampler
+        lm.generate_details(TEXTS[0], max_length=30, n=2)
 
 
 # ---- samplers ----------------------------------------------------------------------------------------------------

@@ -106,7 +106,10 @@ def test_per_row_columns_override_the_job_defaults(ray_local, tiny_model_dir, lm
     assert rows[5]["completion"] == expected[5]                              # a seed does not change greedy
     assert [r["id"] for r in rows] == [f"rows.parquet:{i}" for i in range(6)]
     assert list(rows[0]) == ["id", "completion", "finish_reason", "stop_reason", "prompt_tokens",
-                             "completion_tokens", "error"]
+                             "completion_tokens", "error", "logprobs", "cumulative_logprob", "prompt_logprobs",
+                             "samples"]   # the columns README documents
+    assert all(r["logprobs"] is r["cumulative_logprob"] is r["prompt_logprobs"] is None for r in rows)  # not asked
+    assert [[s["completion"] for s in r["samples"]] for r in rows] == [[r["completion"]] for r in rows]
 
 
 def test_messages_are_rendered_with_the_chat_template(ray_local, tiny_model_dir, lm, tmp_path):

@@ -310,3 +310,21 @@ def test_retry_without_a_finished_job_says_what_to_do(ray_local, tiny_model_dir,
     assert "has not finished (a.parquet not written" in result.output
     assert "rerun the same command without --retry-errors" in result.output
     assert snapshot(out) == before
+
+
+def test_a_retry_of_a_job_written_before_the_logprobs_and_samples_columns_adds_them(ray_local, tiny_model_dir, src,
+                                                                                     lengths, clean, tmp_path):
+    """Output files of an earlier version lack the result columns added since (logprobs, cumulative_logprob,
+    prompt_logprobs, samples): a retry writes them, null for the rows it keeps, filled for the rows it recomputes."""
+    out = str(tmp_path / "out")
+    pipeline.run(job(src, out, tiny_model_dir, **settings(SHORT)))
+    added = ["logprobs", "cumulative_logprob", "prompt_logprobs", "samples"]
+    for name in FILES:
+        path = os.path.join(out, name)
+        pq.write_table(pq.read_table(path).drop_columns(added), path, row_group_size=3)
+    assert pipeline.run(job(src, out, tiny_model_dir, **settings(FULL), retry_errors=True)).rows_failed == 0
+    rows, reference = read_outputs(out, FILES), read_outputs(clean, FILES)
+    assert [{k: r[k] for k in r if k not in added} for r in rows] == \
+        [{k: r[k] for k in r if k not in added} for r in reference]
+    for row, ref, n in zip(rows, reference, lengths):
+        assert row["samples"] == (ref["samples"] if n >= SHORT else None)

@@ -86,7 +86,7 @@ def test_malformed_messages_are_dead_lettered_once_and_acked(redis_server, redis
     why = {name: letters[e]["error"] for name, e in entries.items()}
     assert "Invalid JSON" in why["not json"]
     assert "id: Field required" in why["no id"]
-    assert "temperature: Input should be a valid number" in why["bad field"]
+    assert "temperature='hot': Input should be a valid number" in why["bad field"]
     assert "colour: Extra inputs are not permitted" in why["unknown field"]
     assert "exactly one of prompt, messages, prompt_token_ids" in why["two inputs"]
     assert "expected 'r'" in why["no r field"]

@@ -4,6 +4,7 @@ and the Ray Data adapter.
 A row's prompt is its `prompt` text, or its `messages` rendered with the chat template, encoded with `<s>` first (as
 KerasHub's preprocessor does for generate). Columns named like SamplingParams fields override the job's defaults for
 that row; a null cell keeps the default. A row that cannot run gets its `error` cell filled; the others go on.
+Results have fixed columns (RESULT_SCHEMA): the top-level ones are sample 0's, `samples` holds every sample.
 """
 from __future__ import annotations
 
@@ -15,10 +16,23 @@ import pyarrow as pa
 from pydantic import Field, ValidationError
 from pydantic.fields import FieldInfo
 
-from phi3_model.engine.sampling_params import Completion, RequestError, SamplingParams
+from phi3_model.engine.sampling_params import Completion, Logprob, RequestError, Sample, SamplingParams
 from phi3_model.engine.stopping import visible_ids
 
 OVERRIDES = tuple(SamplingParams.model_fields)  # the request vocabulary: each field may be a column of the input
+_TOP = [("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float64())]
+# a token's log-probability under the raw model, with the most likely alternatives at its position (most likely first)
+LOGPROB = pa.struct(_TOP + [("top", pa.list_(pa.struct(_TOP)))])
+SAMPLE = pa.struct([
+    ("completion", pa.string()),
+    ("finish_reason", pa.string()),
+    ("stop_reason", pa.string()),
+    ("completion_tokens", pa.int32()),
+    ("cumulative_logprob", pa.float64()),
+    ("logprobs", pa.list_(LOGPROB)),
+])
+# Fixed columns: one file's schema never depends on which rows asked for what. The top-level completion columns are
+# sample 0; `samples` lists every sample (one for n = 1, as vLLM's `outputs` and OpenAI's `choices` do).
 RESULT_SCHEMA = pa.schema([
     ("completion", pa.string()),
     ("finish_reason", pa.string()),      # stop | length | error
@@ -26,7 +40,12 @@ RESULT_SCHEMA = pa.schema([
     ("prompt_tokens", pa.int32()),
     ("completion_tokens", pa.int32()),
     ("error", pa.string()),              # null unless the row failed
+    ("logprobs", pa.list_(LOGPROB)),     # sample 0's generated tokens, when the row asked for logprobs
+    ("cumulative_logprob", pa.float64()),  # their sum, when asked
+    ("prompt_logprobs", pa.list_(LOGPROB)),  # every prompt token (the first entry null), when asked
+    ("samples", pa.list_(SAMPLE)),       # all n samples of a row that ran
 ])
+RESULT_NULLS = {name: None for name in ("logprobs", "cumulative_logprob", "prompt_logprobs", "samples")}
 
 
 class RowError(ValueError):
@@ -101,21 +120,49 @@ def describe_errors(errors: list[dict]) -> str:
         if err["loc"] else err["msg"].removeprefix("Value error, ") for err in errors)
 
 
+def logprob_records(entries: list[Logprob | None] | None) -> list[dict | None] | None:
+    """Logprobs as plain records ({token_id, token, logprob, top: [{token_id, token, logprob}]}), for Parquet and
+    JSON alike."""
+    if entries is None:
+        return None
+    return [None if e is None else {"token_id": e.token_id, "token": e.token, "logprob": e.logprob,
+                                    "top": [{"token_id": t.token_id, "token": t.token, "logprob": t.logprob}
+                                            for t in e.top]} for e in entries]
+
+
+def sample_text(sample: Sample, ids: list[int], spec: RowSpec, tokenizer, skip_special_tokens: bool = False) -> str:
+    """A sample's text: its new text, or with strip_prompt off generate's rule (the whole sequence decoded,
+    <s>/<|endoftext|>/padding dropped; a text cut at a stop string keeps the cut)."""
+    if spec.strip_prompt:
+        return sample.text
+    visible = visible_ids(tokenizer)
+    if isinstance(sample.stop_reason, str):
+        return tokenizer.decode(visible(ids), skip_special_tokens=skip_special_tokens) + sample.text
+    return tokenizer.decode(visible(ids + list(sample.token_ids)), skip_special_tokens=skip_special_tokens)
+
+
 def result(completion: Completion | None, ids: list[int] | None, spec: RowSpec, tokenizer,
-           error: str | None = None) -> dict:
+           error: str | None = None, params: SamplingParams | None = None) -> dict:
+    """One output row (RESULT_SCHEMA). params: the row's own, for skip_special_tokens when strip_prompt is off."""
     if completion is None or completion.error or completion.finish_reason == "error":
         return dict(completion=None, finish_reason="error", stop_reason=None,
                     prompt_tokens=len(ids) if ids is not None else None, completion_tokens=0,
-                    error=error or (completion.error if completion else None) or "engine error")
-    text = completion.text
-    reason = completion.stop_reason
-    if not spec.strip_prompt:   # generate's rule: the whole sequence decoded, <s>/<|endoftext|>/padding dropped
-        visible = visible_ids(tokenizer)
-        text = (tokenizer.decode(visible(ids)) + text if isinstance(reason, str)
-                else tokenizer.decode(visible(ids + list(completion.token_ids))))
-    return dict(completion=text, finish_reason=completion.finish_reason,
-                stop_reason=None if reason is None else str(reason),
-                prompt_tokens=len(ids), completion_tokens=len(completion.token_ids), error=None)
+                    error=error or (completion.error if completion else None) or "engine error", **RESULT_NULLS)
+    skip = params.skip_special_tokens if params is not None else False
+    samples = [dict(completion=sample_text(s, ids, spec, tokenizer, skip), finish_reason=s.finish_reason,
+                    stop_reason=None if s.stop_reason is None else str(s.stop_reason),
+                    completion_tokens=len(s.token_ids), cumulative_logprob=s.cumulative_logprob,
+                    logprobs=logprob_records(s.logprobs)) for s in completion.all_samples]
+    first = samples[0]
+    return dict(completion=first["completion"], finish_reason=first["finish_reason"],
+                stop_reason=first["stop_reason"], prompt_tokens=len(ids), completion_tokens=first["completion_tokens"],
+                error=None, logprobs=first["logprobs"], cumulative_logprob=first["cumulative_logprob"],
+                prompt_logprobs=logprob_records(completion.prompt_logprobs), samples=samples)
+
+
+def generated_tokens(row: dict) -> int:
+    """Tokens a result row generated, every sample's."""
+    return sum(s["completion_tokens"] for s in row["samples"]) if row["samples"] else row["completion_tokens"] or 0
 
 
 def prepare(row: dict, spec: RowSpec, tokenizer, max_model_len: int) -> tuple[list[int] | None, SamplingParams | str]:
@@ -186,8 +233,8 @@ async def run_table(backend, table: pa.Table, spec: RowSpec, limit: InFlight,
         for i, out in zip(rows, outs):
             ids = prepared[i][0]
             results[i] = (result(None, ids, spec, backend.tokenizer, error=str(out)) if isinstance(out, RequestError)
-                          else result(out, ids, spec, backend.tokenizer))
-            progress[1] += results[i]["completion_tokens"] or 0
+                          else result(out, ids, spec, backend.tokenizer, params=prepared[i][1]))
+            progress[1] += generated_tokens(results[i])
 
     size = min(GROUP_ROWS, limit.capacity)
     await asyncio.gather(*(group(runnable[k:k + size]) for k in range(0, len(runnable), size)))

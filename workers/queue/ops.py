@@ -6,6 +6,7 @@ import json
 
 from . import scripts
 from .connection import Names
+from .schema import result_record
 
 
 class Ops:
@@ -71,9 +72,9 @@ class Ops:
         for letter in letters:
             rid = letter.get("id") or ""
             keys.append(self.n.result(rid) if rid else self.n.result("\0none"))
-            result = {"id": rid, "status": "dead", "error": letter["error"], "worker": letter.get("worker"),
-                      "deliveries": letter.get("deliveries", 0), "finished_at": letter.get("at"),
-                      "metadata": letter.get("metadata")}
+            result = result_record(rid, "dead", error=letter["error"], worker=letter.get("worker"),
+                                   deliveries=letter.get("deliveries", 0), finished_at=letter.get("at"),
+                                   metadata=letter.get("metadata"))
             args += [letter["entry"], rid, json.dumps(letter), json.dumps(result)]
         return await self._dead(keys=keys, args=args)
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, create_model, model_validator
 
-from phi3_model.engine.sampling_params import SamplingParams
+from phi3_model.engine.sampling_params import Completion, SamplingParams
 from workers import rows
 
 REQUEST_FIELDS = set(rows.OVERRIDES)
@@ -91,9 +91,57 @@ def sampling_params(request: QueueRequest, spec: rows.RowSpec) -> SamplingParams
     return rows.sampling(request.request_values(), spec)
 
 
+def result_record(request_id: str, status: Literal["ok", "error", "dead"], completion: Completion | None = None,
+                  prompt_tokens: int = 0, error: str | None = None, **meta) -> dict:
+    """The result JSON of one request (QueueResult's fields), built here only: a completion that ran (status ok, or
+    error when the engine refused it), a request refused before the engine (error), a dead letter (dead). `meta`:
+    worker, deliveries, timestamps, metadata."""
+    if completion is not None and completion.finish_reason != "error" and not completion.error:
+        samples = [{"completion": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason,
+                    "stop_reason": s.stop_reason, "completion_tokens": len(s.token_ids),
+                    "cumulative_logprob": s.cumulative_logprob, "logprobs": rows.logprob_records(s.logprobs)}
+                   for s in completion.all_samples]
+        body = {"id": request_id, "status": "ok", **samples[0], "prompt_tokens": completion.prompt_tokens or
+                prompt_tokens, "error": None, "prompt_logprobs": rows.logprob_records(completion.prompt_logprobs),
+                "samples": samples}
+    else:
+        if completion is not None:
+            status, error = "error", completion.error or error or "engine error"
+        body = {"id": request_id, "status": status, "completion": None, "token_ids": [],
+                "finish_reason": "error" if status == "error" else None, "stop_reason": None,
+                "prompt_tokens": prompt_tokens, "completion_tokens": 0, "error": error, "cumulative_logprob": None,
+                "logprobs": None, "prompt_logprobs": None, "samples": None}
+    body.update(meta)
+    return body
+
+
+class TopLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    """A token's log-probability under the raw model and the most likely alternatives at its position."""
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
+class QueueSample(BaseModel):
+    """One of a request's n samples."""
+    completion: str
+    token_ids: list[int] = Field(default_factory=list)
+    finish_reason: str
+    stop_reason: int | str | None = None
+    completion_tokens: int = 0
+    cumulative_logprob: float | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
 class QueueResult(BaseModel):
-    """What `QueueClient.result` returns. status: ok (ran; `error` set when the engine refused the request),
-    dead (dead-lettered: malformed, failed max_deliveries times, or its worker kept dying)."""
+    """What `QueueClient.result` returns. status: ok (ran), error (the engine refused the request, or it could not
+    run: `error` says why), dead (dead-lettered: malformed, failed max_deliveries times, or its worker kept dying).
+    The completion fields are sample 0's; `samples` holds every sample of a request that ran (one for n = 1);
+    logprobs, cumulative_logprob and prompt_logprobs are set when the request asked for them."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -106,6 +154,10 @@ class QueueResult(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    cumulative_logprob: float | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, the first None
+    samples: list[QueueSample] | None = None
     worker: str | None = None
     deliveries: int = 0
     enqueued_at: float | None = None  # unix seconds, from the stream entry id

@@ -27,7 +27,7 @@ from .finish import dump, settle
 from .health import Counters, Health, beat_loop, health_loop
 from .ops import Ops, entry_time
 from .reconnect import sleep_unless, with_retry
-from .schema import row_spec
+from .schema import result_record, row_spec
 
 log = logging.getLogger("phi3.queue")
 
@@ -220,13 +220,9 @@ class QueueWorker:
                     raise RequestError(f"prompt has {len(job.prompt_ids)} tokens; the model's context is "
                                        f"{self.backend.max_model_len} (max_model_len), leaving no room to generate")
                 c = await self.backend.generate(job.prompt_ids, job.params, request_id=req.id)
-                body = {"id": req.id, "status": "error" if c.finish_reason == "error" else "ok",
-                        "completion": c.text, "token_ids": list(c.token_ids), "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason, "prompt_tokens": c.prompt_tokens or len(job.prompt_ids),
-                        "completion_tokens": c.completion_tokens or len(c.token_ids), "error": c.error}
+                body = result_record(req.id, "ok", c, len(job.prompt_ids))
             except RequestError as e:
-                body = {"id": req.id, "status": "error", "completion": None, "finish_reason": "error",
-                        "prompt_tokens": len(job.prompt_ids), "completion_tokens": 0, "error": str(e)}
+                body = result_record(req.id, "error", None, len(job.prompt_ids), str(e))
             body.update(worker=self.cfg.name, deliveries=job.deliveries, enqueued_at=entry_time(job.entry_id),
                         started_at=started, finished_at=time.time(), metadata=req.metadata)
             self._finish(("result", job.entry_id, (req.id, dump(body), body["status"])))
