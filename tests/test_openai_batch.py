@@ -120,30 +120,60 @@ def test_error_lines_name_their_line_and_field(batch_run):
             assert x["response"]["body"]["error"]["param"] in message
 
 
-def test_greedy_completions_equal_the_parquet_job(batch_run, tiny_model_dir, tmp_path):
+def test_completions_and_logprobs_equal_the_parquet_job(batch_run, tiny_model_dir, tmp_path):
+    """The same prompts (chat ones in Phi-3's format by hand) and request values as Parquet columns."""
     root, _ = batch_run
     out = {x["custom_id"]: x for x in read_lines(root / "out" / "batch.jsonl")}
-    prompts = [chat_format(g["body"]["messages"][0]["content"]) if g["url"] == CHAT else g["body"]["prompt"]
-               for g in GREEDY]
+    same = GREEDY + [x for x in LINES if isinstance(x, dict) and x.get("custom_id") in ("n2", "lp")]
+    columns = {"prompt": [chat_format(g["body"]["messages"][0]["content"]) if g["url"] == CHAT else
+                          g["body"]["prompt"] for g in same],
+               "max_new_tokens": [NEW] * len(same)}
+    for key in ("n", "temperature", "seed"):
+        columns[key] = [g["body"].get(key) for g in same]
+    columns["logprobs"] = [g["body"].get("top_logprobs", g["body"].get("logprobs")) for g in same]
     os.makedirs(tmp_path / "in")
-    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in" / "p.parquet")
-    assert pipeline.run(job(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model_dir, max_new_tokens=NEW,
-                            skip_special_tokens=True, actors=1)).ok
+    pq.write_table(pa.table(columns), tmp_path / "in" / "p.parquet")
+    assert pipeline.run(job(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model_dir, skip_special_tokens=True,
+                            actors=1)).ok
     rows = pq.read_table(tmp_path / "out" / "p.parquet").to_pylist()
-    for g, row in zip(GREEDY, rows):
-        body = out[g["custom_id"]]["response"]["body"]
-        choice = body["choices"][0]
-        assert (choice["message"]["content"] if g["url"] == CHAT else choice["text"]) == row["completion"]
-        assert choice["finish_reason"] == row["finish_reason"]
+    for g, row in zip(same, rows):
+        body, chat = out[g["custom_id"]]["response"]["body"], g["url"] == CHAT
+        assert len(body["choices"]) == len(row["samples"]) == (g["body"].get("n") or 1)
+        for choice, sample in zip(body["choices"], row["samples"]):
+            assert (choice["message"]["content"] if chat else choice["text"]) == sample["completion"]
+            assert choice["finish_reason"] == sample["finish_reason"]
+            expected = sample["logprobs"]
+            if expected is None:
+                assert choice["logprobs"] is None
+                continue
+            if sample["finish_reason"] == "stop" and sample["stop_reason"].isdigit():
+                expected = expected[:-1]     # the end token: not in the text, not in OpenAI's logprobs
+            tops = [[(t["token"], t["logprob"]) for t in e["top"]] for e in expected]
+            if chat:
+                got = [(e["token"], e["logprob"], [(t["token"], t["logprob"]) for t in e["top_logprobs"]])
+                       for e in choice["logprobs"]["content"]]
+            else:
+                lp = choice["logprobs"]
+                got = [(t, v, sorted(top.items())) for t, v, top in zip(lp["tokens"], lp["token_logprobs"],
+                                                                         lp["top_logprobs"])]
+                tops = [sorted(dict(top).items()) for top in tops]
+            assert got == [(e["token"], e["logprob"], top) for e, top in zip(expected, tops)]
         assert body["usage"]["prompt_tokens"] == row["prompt_tokens"]
-        assert body["usage"]["completion_tokens"] == row["completion_tokens"]
+        assert body["usage"]["completion_tokens"] == sum(x["completion_tokens"] for x in row["samples"])
 
 
-def test_n_samples_and_structured_output(batch_run):
+def test_n_samples_logprobs_and_structured_output(batch_run):
     import jsonschema
     root, _ = batch_run
     out = {x["custom_id"]: x["response"]["body"] for x in read_lines(root / "out" / "batch.jsonl")}
     assert [c["index"] for c in out["n2"]["choices"]] == [0, 1]
+    for choice in out["n2"]["choices"]:
+        assert all(len(e["top_logprobs"]) == 2 for e in choice["logprobs"]["content"])
+        assert all(e["bytes"] == list(e["token"].encode()) for e in choice["logprobs"]["content"])
+    greedy = out["lp"]["choices"][0]["logprobs"]   # greedy: each token is its position's most likely one
+    assert greedy["tokens"] and all(v == max(top.values()) and len(top) <= 3 for v, top in
+                                    zip(greedy["token_logprobs"], greedy["top_logprobs"]))
+    assert all(out[g["custom_id"]]["choices"][0]["logprobs"] is None for g in GREEDY)
     structured = out["js"]["choices"][0]
     assert structured["finish_reason"] == "stop"
     jsonschema.validate(json.loads(structured["message"]["content"]), SCHEMA)
