@@ -1,5 +1,6 @@
 """Input Parquet files on any pyarrow filesystem: resolving a path, directory or glob, reading metadata, and reading
-shards as a forward stream so a file is never held whole in memory."""
+shards as a forward stream so a file is never held whole in memory. OpenAI batch files (JSONL) are the exception:
+each is read whole and parsed into a table of its lines when the job is planned (pipeline/openai_input.py)."""
 from __future__ import annotations
 
 import fnmatch

@@ -292,7 +292,7 @@ def _logprobs(sample: dict, chat: bool) -> dict | None:
             return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode())}
         return {"content": [dict(one(e), top_logprobs=[one(t) for t in e.get("top") or []]) for e in entries],
                 "refusal": None}
-    offsets, at = [], 0
+    offsets, at = [], 0    # text_offset: where each token starts in the concatenated token strings
     for e in entries:
         offsets.append(at)
         at += len(e["token"])
