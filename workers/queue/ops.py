@@ -65,7 +65,7 @@ class Ops:
         """Per request id, whether its result key exists (1) or not (0)."""
         pipe = self.r.pipeline(transaction=False)
         for rid in request_ids:
-            pipe.exists(self.names.result(rid))
+            pipe.exists(self.n.result(rid))
         return await pipe.execute()
 
     async def ack(self, ids: list[bytes]) -> None:
