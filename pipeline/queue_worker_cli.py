@@ -52,7 +52,8 @@ def _options():
         health_interval=w("health_interval_s", "--health-interval"),
         reconnect_limit=w("reconnect_limit_s", "--reconnect-limit",
                           help=f"{WorkerConfig.model_fields['reconnect_limit_s'].description} (exit {EXIT_REDIS})"),
-        until_empty=w("until_empty", "--until-empty"),
+        until_empty=w("until_empty", "--until-empty", help=f"{WorkerConfig.model_fields['until_empty'].description} "
+                      "(default: serve until stopped)"),
         stall_timeout=b("stall_timeout_s", "--stall-timeout", help="seconds an engine may hold requests without "
                         "completing a step before it is declared hung (the worker then exits 1, leaving its "
                         "entries to others)"),

@@ -165,14 +165,19 @@ def generated_tokens(row: dict) -> int:
     return sum(s["completion_tokens"] for s in row["samples"]) if row["samples"] else row["completion_tokens"] or 0
 
 
+def check_room(prompt_tokens: int, max_model_len: int) -> None:
+    """RowError unless the prompt leaves room in the model's context for at least one new token."""
+    if prompt_tokens >= max_model_len:
+        raise RowError(f"prompt has {prompt_tokens} tokens; the model's context is {max_model_len} "
+                       f"(max_model_len), leaving no room to generate")
+
+
 def prepare(row: dict, spec: RowSpec, tokenizer, max_model_len: int) -> tuple[list[int] | None, SamplingParams | str]:
     """(prompt ids, params) for a row that can run; (ids or None, error message) for one that cannot."""
     ids = None
     try:
         ids = prompt_ids(row, spec, tokenizer)
-        if len(ids) >= max_model_len:
-            raise RowError(f"prompt has {len(ids)} tokens; the model's context is {max_model_len} "
-                           f"(max_model_len), leaving no room to generate")
+        check_room(len(ids), max_model_len)
         return ids, sampling(row, spec)
     except RowError as e:
         return ids, str(e)

@@ -1,5 +1,6 @@
-"""Admission: stream entries -> runnable jobs, or at once a finished outcome (dead letter, or an ack for an entry
-whose result already exists)."""
+"""Admission: stream entries -> admitted requests to run, or at once a finished outcome (dead letter, or an ack for
+an entry whose result already exists). A collaborator of the worker with explicit inputs: the tokenizer, the request
+defaults, a bounded params cache, the Redis operations and the counters it updates."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from phi3_model.engine.sampling_params import SamplingParams
+
+from workers.rows import RowSpec
 
 from .schema import QueueRequest, request_prompt_ids, sampling_params
 
@@ -39,7 +42,8 @@ class ParamsCache:
 
 
 @dataclass(slots=True)
-class Job:
+class Admitted:
+    """A parsed stream entry, ready to run."""
     entry_id: bytes
     raw: bytes
     request: QueueRequest
@@ -53,6 +57,11 @@ def dead_letter(entry_id: bytes, raw: bytes | None, error: str, deliveries: int,
     text = raw.decode("utf-8", "replace")[:RAW_LIMIT] if raw else None
     return {"id": request_id, "entry": entry_id.decode(), "error": error, "deliveries": deliveries,
             "worker": worker, "at": time.time(), "request": text, "metadata": metadata}
+
+
+def lost_letter(entry_id: bytes, worker: str) -> dict:
+    return dead_letter(entry_id, None, "lost: the entry was trimmed from the stream while pending, before its result "
+                       "was written", 0, worker)
 
 
 def explain(e: Exception) -> str:
@@ -73,53 +82,62 @@ def _guess_id(raw: bytes | None) -> str | None:
         return None
 
 
-async def admit_entries(w, entries, counts: dict[bytes, int]):
-    """-> (jobs to run, finished outcomes for the acker). `w` is the QueueWorker (config, backend, redis)."""
-    cfg, tokenizer = w.cfg, getattr(w.backend, "tokenizer", None)
-    runnable, finished, again = [], [], []
-    for entry_id, fields in entries:
-        n = counts.get(entry_id, 1)
-        if not fields:
-            w.counters.lost += 1
-            finished.append(("dead", entry_id, w._lost_letter(entry_id)))
-            continue
+class Admission:
+    def __init__(self, tokenizer, spec: RowSpec, ops, call, counters, worker: str, max_deliveries: int,
+                 cache: ParamsCache | None = None):
+        """ops: the worker's Redis operations; call(fn): awaits fn() through Redis outages (the worker's retry)."""
+        self.tokenizer, self.spec, self.ops, self.call, self.counters = tokenizer, spec, ops, call, counters
+        self.worker, self.max_deliveries = worker, max_deliveries
+        self.params = cache or ParamsCache()
+
+    def parse(self, entry_id: bytes, fields: dict, n: int) -> Admitted | tuple:
+        """The entry as a request to run, or its dead letter outcome (malformed: never retried)."""
         raw = fields.get(b"r")
         try:
             if raw is None:
                 raise ValueError(f"stream entry has fields {sorted(k.decode() for k in fields)}; expected 'r' "
                                  "holding the request JSON")
             req = QueueRequest.model_validate_json(raw)
-            key = req.sampling_key()
-            params = w.params.get(key, lambda: sampling_params(req, w.spec))
-            ids = request_prompt_ids(req, tokenizer, w.spec)
+            params = self.params.get(req.sampling_key(), lambda: sampling_params(req, self.spec))
+            ids = request_prompt_ids(req, self.tokenizer, self.spec)
         except Exception as e:  # noqa: BLE001 - whatever is wrong with it, a malformed request is never retried
-            finished.append(("dead", entry_id, dead_letter(entry_id, raw, f"malformed request: {explain(e)}", n,
-                                                           cfg.name, _guess_id(raw))))
-            continue
-        job = Job(entry_id, raw, req, ids, params, n)
-        (again if n > 1 else runnable).append(job)
-    if not again:
+            return ("dead", entry_id, dead_letter(entry_id, raw, f"malformed request: {explain(e)}", n, self.worker,
+                                                  _guess_id(raw)))
+        return Admitted(entry_id, raw, req, ids, params, n)
+
+    async def admit(self, entries, counts: dict[bytes, int]) -> tuple[list[Admitted], list[tuple]]:
+        """-> (requests to run, finished outcomes for the acker). counts: delivery counts (absent: the first)."""
+        runnable, finished, again = [], [], []
+        for entry_id, fields in entries:
+            n = counts.get(entry_id, 1)
+            if not fields:
+                self.counters.lost += 1
+                finished.append(("dead", entry_id, lost_letter(entry_id, self.worker)))
+                continue
+            item = self.parse(entry_id, fields, n)
+            if isinstance(item, tuple):
+                finished.append(item)
+            else:
+                (again if n > 1 else runnable).append(item)
+        if again:
+            await self._redelivered(again, runnable, finished)
         return runnable, finished
 
-    async def exists():
-        pipe = w.r.pipeline(transaction=False)
-        for job in again:
-            pipe.exists(w.names.result(job.request.id))
-        return await pipe.execute()
-
-    done = await w._redis(exists)
-    over = [j.entry_id for j, d in zip(again, done) if not d and j.deliveries > cfg.max_deliveries]
-    last = await w._redis(lambda: w.ops.last_errors(over))
-    for job, has_result in zip(again, done):
-        if has_result:  # written by a worker that died before its XACK
-            w.counters.skipped += 1
-            finished.append(("skip", job.entry_id, None))
-        elif job.deliveries > cfg.max_deliveries:
-            why = last.get(job.entry_id) or "the worker running it died or stopped without acking"
-            finished.append(("dead", job.entry_id, dead_letter(
-                job.entry_id, job.raw, f"delivered {job.deliveries} times (max_deliveries={cfg.max_deliveries}) "
-                f"without a result; last error: {why}", job.deliveries, cfg.name, job.request.id,
-                job.request.metadata)))
-        else:
-            runnable.append(job)
-    return runnable, finished
+    async def _redelivered(self, again: list[Admitted], runnable: list, finished: list) -> None:
+        """A redelivered entry may have its result already (its worker died before the ack), or be over
+        max_deliveries (dead-lettered with the last error recorded for it)."""
+        done = await self.call(lambda: self.ops.results_exist([job.request.id for job in again]))
+        over = [j.entry_id for j, d in zip(again, done) if not d and j.deliveries > self.max_deliveries]
+        last = await self.call(lambda: self.ops.last_errors(over))
+        for job, has_result in zip(again, done):
+            if has_result:
+                self.counters.skipped += 1
+                finished.append(("skip", job.entry_id, None))
+            elif job.deliveries > self.max_deliveries:
+                why = last.get(job.entry_id) or "the worker running it died or stopped without acking"
+                finished.append(("dead", job.entry_id, dead_letter(
+                    job.entry_id, job.raw, f"delivered {job.deliveries} times (max_deliveries="
+                    f"{self.max_deliveries}) without a result; last error: {why}", job.deliveries, self.worker,
+                    job.request.id, job.request.metadata)))
+            else:
+                runnable.append(job)

@@ -61,6 +61,13 @@ class Ops:
             parts += (b"%d %d " % (len(rid), len(body)), rid, body)
         return await self._write(keys=[self.n.results], args=[ttl_s, maxlen, self.n.result(""), b"".join(parts)])
 
+    async def results_exist(self, request_ids: list[str]) -> list[int]:
+        """Per request id, whether its result key exists (1) or not (0)."""
+        pipe = self.r.pipeline(transaction=False)
+        for rid in request_ids:
+            pipe.exists(self.n.result(rid))
+        return await pipe.execute()
+
     async def ack(self, ids: list[bytes]) -> None:
         """XACK, XDEL, and forget any recorded error of these entries."""
         await self._ack(keys=[self.n.requests, self.n.errors], args=[self.group, b" ".join(ids)])

@@ -18,16 +18,18 @@ from functools import partial
 
 from phi3_model import seam
 from phi3_model.engine.sampling_params import EngineDied, EngineStalled, RequestError
+from workers.rows import RowError, check_room
 
-from .admit import Job, ParamsCache, admit_entries, dead_letter
+from .admit import Admission, Admitted, ParamsCache, dead_letter, lost_letter
 from .config import WorkerConfig
 from .connection import Names, connect, redact
 from .errors import RedisUnreachable, RedisUnusable
-from .finish import dump, settle
+from .finish import Settlement, dump
 from .health import Counters, Health, beat_loop, health_loop
 from .ops import Ops, entry_time
 from .reconnect import sleep_unless, with_retry
 from .schema import result_record, row_spec
+
 
 log = logging.getLogger("phi3.queue")
 
@@ -47,15 +49,18 @@ class QueueWorker:
         self.counters = Counters()
         self.health = Health(self.r, self.names.worker(config.name), config.name, self.counters, config.health_ttl_s)
         self.active: set[bytes] = set()  # running, or finished and awaiting the acker
-        self.solo: deque[Job] = deque()  # last-chance deliveries, run one at a time
+        self.solo: deque[Admitted] = deque()  # last-chance deliveries, run one at a time
         self.done: deque = deque()  # finished outcomes for the acker: (kind, entry id, payload)
         self._done_added = asyncio.Event()
         self.stopping = False
         self._stop = asyncio.Event()  # set once with `stopping`: ends backoff pauses early
         self.state = "starting"
         self._changed = asyncio.Event()
-        self.spec = row_spec(config.defaults)  # the Parquet job's request semantics, with this worker's defaults
-        self.params = ParamsCache()  # sampling fields -> SamplingParams (built once per distinct set)
+        self.params = ParamsCache()  # request fields -> SamplingParams (built once per distinct set, bounded)
+        self.admission = Admission(getattr(backend, "tokenizer", None), row_spec(config.defaults), self.ops,
+                                   self._redis, self.counters, config.name, config.max_deliveries, self.params)
+        self.settlement = Settlement(self.ops, self._redis, self.counters, config.result_ttl_s,
+                                     config.results_maxlen)
         self._tasks: set[asyncio.Task] = set()
         self._fatal: BaseException | None = None  # the engine or a background loop died: the worker must not go on
         self._fatal_why = ""
@@ -147,7 +152,7 @@ class QueueWorker:
             for entry_id in lost:
                 self.active.add(entry_id)
                 self.counters.lost += 1
-                self._finish(("dead", entry_id, self._lost_letter(entry_id)))
+                self._finish(("dead", entry_id, lost_letter(entry_id, self.cfg.name)))
             if entries:
                 self.counters.reclaimed += len(entries) if not own else 0
                 log.info("claimed %d pending entries%s", len(entries), " of this consumer" if own else "")
@@ -179,16 +184,12 @@ class QueueWorker:
                 if await self._redis(self.ops.pending_total) == 0:
                     return
 
-    def _lost_letter(self, entry_id: bytes) -> dict:
-        return dead_letter(entry_id, None, "lost: the entry was trimmed from the stream while pending, before "
-                           "its result was written", 0, self.cfg.name)
-
     async def _admit(self, entries, counts: dict[bytes, int]) -> None:
         """counts: delivery counts (new entries, absent here, are on their first)."""
         entries = [(i, f) for i, f in entries if i not in self.active and all(j.entry_id != i for j in self.solo)]
         for i, _ in entries:
             self.active.add(i)
-        runnable, finished = await admit_entries(self, entries, counts)
+        runnable, finished = await self.admission.admit(entries, counts)
         for item in finished:
             self._finish(item)
         for job in runnable:
@@ -210,18 +211,16 @@ class QueueWorker:
         self._next_claim = 0.0  # more last-chance entries may wait, one per claim
 
     # ---- running ------------------------------------------------------------------------------------------------
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Admitted) -> None:
         """Never leaves its entry held: any failure, even after the engine call, releases it for redelivery."""
         req, started = job.request, time.time()
         try:
             try:
                 await seam.before_request(req.id)
-                if len(job.prompt_ids) >= self.backend.max_model_len:
-                    raise RequestError(f"prompt has {len(job.prompt_ids)} tokens; the model's context is "
-                                       f"{self.backend.max_model_len} (max_model_len), leaving no room to generate")
+                check_room(len(job.prompt_ids), self.backend.max_model_len)
                 c = await self.backend.generate(job.prompt_ids, job.params, request_id=req.id)
                 body = result_record(req.id, "ok", c, len(job.prompt_ids))
-            except RequestError as e:
+            except (RequestError, RowError) as e:
                 body = result_record(req.id, "error", None, len(job.prompt_ids), str(e))
             body.update(worker=self.cfg.name, deliveries=job.deliveries, enqueued_at=entry_time(job.entry_id),
                         started_at=started, finished_at=time.time(), metadata=req.metadata)
@@ -250,7 +249,7 @@ class QueueWorker:
             batch = [self.done.popleft() for _ in range(min(len(self.done), 4096))]
             if len(self.done):
                 self._done_added.set()
-            await settle(self, batch)
+            await self.settlement.write(batch)
             for _, e, _ in batch:
                 self.active.discard(e)
             self._changed.set()
