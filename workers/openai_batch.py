@@ -22,6 +22,8 @@ from phi3_model.engine.sampling_params import SamplingParams
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 URLS = (CHAT, COMPLETIONS)
 ROLES = ("system", "user", "assistant")
+SUPPORTED = ("model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
+             "stop", "n", "logprobs", "top_logprobs", "logit_bias", "response_format")
 # body fields that are no-ops at these values (accepted and ignored); any other value is unsupported
 NEUTRAL = {"stream": False, "frequency_penalty": 0, "presence_penalty": 0, "echo": False, "best_of": 1,
            "parallel_tool_calls": True}
@@ -178,9 +180,6 @@ def _body(line: BatchLine, body: dict, model_name: str | None, defaults: Samplin
         raise _err(n, param, f"{json.dumps(body.get(param), default=str)}: {msg}") from None
     line.values = {k: list(v) if isinstance(v, tuple) else v for k in values if (v := getattr(params, k)) is not None}
 
-
-SUPPORTED = ("model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
-             "stop", "n", "logprobs", "top_logprobs", "logit_bias", "response_format")
 
 
 def _response_format(n: int, value, put) -> None:
