@@ -222,17 +222,18 @@ def test_a_killed_run_rerun_writes_identical_files(ray_local, tiny_model_dir, tm
 
 
 def test_object_storage_input_and_output(ray_local, tiny_model_dir, s3):
+    """(moto keeps its buckets for the whole process: this test's paths are its own)"""
     import pyarrow.fs as pafs
-    fs, _ = pafs.FileSystem.from_uri("s3://jobs/in" + s3)
+    fs, _ = pafs.FileSystem.from_uri("s3://jobs/openai-in" + s3)
     lines = GREEDY[:4] + ["[1, 2]"]
-    with fs.open_output_stream("jobs/in/batch.jsonl") as f:
+    with fs.open_output_stream("jobs/openai-in/batch.jsonl") as f:
         f.write("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines).encode())
-    config = job("s3://jobs/in/*.jsonl" + s3, "s3://jobs/out" + s3, tiny_model_dir, model_name="tiny", shard_rows=2)
+    config = job("s3://jobs/openai-in/*.jsonl" + s3, "s3://jobs/openai-out" + s3, tiny_model_dir, model_name="tiny", shard_rows=2)
     first = pipeline.run(config)
     assert first.ok and first.files == ["batch.jsonl"] and (first.rows_ok, first.rows_failed) == (4, 1)
 
     def read(name):
-        with fs.open_input_stream(f"jobs/out/{name}") as f:
+        with fs.open_input_stream(f"jobs/openai-out/{name}") as f:
             return f.read()
     out = [json.loads(x) for x in read("batch.jsonl").splitlines()]
     assert [x["custom_id"] for x in out] == [g["custom_id"] for g in GREEDY[:4]]
@@ -240,10 +241,10 @@ def test_object_storage_input_and_output(ray_local, tiny_model_dir, s3):
         validated(x, g["url"])
     errors = [json.loads(x) for x in read("batch.errors.jsonl").splitlines()]
     assert len(errors) == 1 and errors[0]["error"]["message"].startswith("line 5: a JSON list")
-    listed = sorted(i.path for i in fs.get_file_info(pafs.FileSelector("jobs/out", recursive=True))
+    listed = sorted(i.path for i in fs.get_file_info(pafs.FileSelector("jobs/openai-out", recursive=True))
                     if i.type == pafs.FileType.File)
-    assert listed == ["jobs/out/_manifest.jsonl", "jobs/out/_summary.json", "jobs/out/batch.errors.jsonl",
-                      "jobs/out/batch.jsonl"]
+    assert listed == ["jobs/openai-out/_manifest.jsonl", "jobs/openai-out/_summary.json", "jobs/openai-out/batch.errors.jsonl",
+                      "jobs/openai-out/batch.jsonl"]
     before = read("batch.jsonl"), read("batch.errors.jsonl")
     again = pipeline.run(config)
     assert again.ok and again.run_rows == 0 and (read("batch.jsonl"), read("batch.errors.jsonl")) == before

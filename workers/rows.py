@@ -60,13 +60,14 @@ class RowSpec:
     prompt_column: str = "prompt"
     messages_column: str | None = None
     strip_prompt: bool = True
-    either: bool = False    # a row holds messages or, where they are null, a prompt (OpenAI batch lines)
     defaults: SamplingParams = field(default_factory=SamplingParams)
+    either: bool = False    # a row holds messages or, where they are null, a prompt (OpenAI batch lines)
 
     @property
     def columns(self) -> tuple[str, ...]:
         """Input columns a row may use; absent ones are simply not overridden."""
-        return (self.messages_column or self.prompt_column,) + ((self.prompt_column,) if self.either else ()) + OVERRIDES
+        either = (self.prompt_column,) if self.either else ()
+        return (self.messages_column or self.prompt_column,) + either + OVERRIDES
 
 
 def prompt_ids(row: dict, spec: RowSpec, tokenizer) -> list[int]:
