@@ -53,6 +53,8 @@ def _options():
         reconnect_limit=w("reconnect_limit_s", "--reconnect-limit",
                           help=f"{WorkerConfig.model_fields['reconnect_limit_s'].description} (exit {EXIT_REDIS})"),
         until_empty=w("until_empty", "--until-empty"),
+        metrics_port=w("metrics_port", "--metrics-port"),
+        metrics_address=w("metrics_address", "--metrics-address"),
         stall_timeout=b("stall_timeout_s", "--stall-timeout", help="seconds an engine may hold requests without "
                         "completing a step before it is declared hung (the worker then exits 1, leaving its "
                         "entries to others)"),
@@ -62,7 +64,8 @@ def _options():
 _W = _options()
 _TYPES = dict(model=str, backend=str, dtype=str, device=str, option=list[str], name=Optional[str], read_count=int,
               max_in_flight=int, block_ms=int, claim_idle=float, max_deliveries=int, result_ttl=int,
-              health_interval=float, reconnect_limit=float, until_empty=bool, stall_timeout=float)
+              health_interval=float, reconnect_limit=float, until_empty=bool, metrics_port=Optional[int],
+              metrics_address=str, stall_timeout=float)
 
 
 def _worker_command(fn):
@@ -83,12 +86,12 @@ def _worker_command(fn):
 def _configs(f: dict):
     wc = _worker_config(f["url"], f["prefix"], f["name"], f["read_count"], f["max_in_flight"], f["block_ms"],
                         f["claim_idle"], f["max_deliveries"], f["result_ttl"], f["health_interval"],
-                        f["reconnect_limit"], f["until_empty"])
+                        f["reconnect_limit"], f["until_empty"], f["metrics_port"], f["metrics_address"])
     return wc, _backend_config(f["backend"], f["model"], f["dtype"], f["device"], f["option"], f["stall_timeout"])
 
 
 def _worker_config(url, prefix, name, read_count, max_in_flight, block_ms, claim_idle, max_deliveries, result_ttl,
-                   health_interval, reconnect_limit, until_empty):
+                   health_interval, reconnect_limit, until_empty, metrics_port=None, metrics_address="0.0.0.0"):
     from pydantic import ValidationError
 
     from workers.queue.config import WorkerConfig, default_name
@@ -97,7 +100,8 @@ def _worker_config(url, prefix, name, read_count, max_in_flight, block_ms, claim
                             read_count=read_count, max_in_flight=max_in_flight, block_ms=block_ms,
                             claim_idle_s=claim_idle, max_deliveries=max_deliveries, result_ttl_s=result_ttl,
                             health_interval_s=health_interval, reconnect_limit_s=reconnect_limit,
-                            until_empty=until_empty)
+                            until_empty=until_empty, metrics_port=metrics_port,
+                            metrics_address=metrics_address)
     except ValidationError as e:
         from workers.queue.admit import explain
         fail(f"worker options: {explain(e)}")
