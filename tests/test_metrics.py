@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import urllib.request
@@ -167,3 +168,13 @@ def test_a_parquet_jobs_ray_metrics_equal_its_summary(ray_local, tiny_model_dir,
     assert "ray_phi3_batch_job_shards_total{failed}" not in got and "ray_phi3_batch_job_actor_restarts_total" not in got
     assert {k.split("{")[0] for k in got if "phi3" in k} == exported_names() - {
         "ray_phi3_batch_job_actor_restarts_total"}  # every other name the code documents is exported
+
+
+def test_the_readme_documents_every_metric_and_flag():
+    from workers.job_metrics import exported_names
+    from workers.metrics import metric_names
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    documented = set(re.findall(r"`((?:ray_)?phi3_batch_\w+)`", readme))
+    assert documented >= metric_names() | exported_names(), sorted(metric_names() | exported_names() - documented)
+    assert not documented - metric_names() - exported_names(), "the README names metrics the code lacks"
+    assert "--metrics-port" in readme and "--metrics-address" in readme
