@@ -123,6 +123,7 @@ def worker(**flags):
     """One worker process. SIGTERM: finish and ack what is in flight, exit 0; a second SIGTERM exits at once."""
     import asyncio
 
+    from workers.metrics import MetricsPortError
     from workers.queue.errors import RedisUnusable, preflight
     from workers.queue.worker import WorkerFailed
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -153,6 +154,8 @@ def worker(**flags):
         fail(str(e), EXIT_REDIS)
     except WorkerFailed as e:
         fail(str(e), EXIT_FAILED)
+    except MetricsPortError as e:
+        fail(str(e), EXIT_USAGE)
     from dataclasses import asdict
     typer.echo(json.dumps({"worker": wc.name, **asdict(counters)}))
 

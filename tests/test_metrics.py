@@ -178,3 +178,20 @@ def test_the_readme_documents_every_metric_and_flag():
     assert documented >= metric_names() | exported_names(), sorted(metric_names() | exported_names() - documented)
     assert not documented - metric_names() - exported_names(), "the README names metrics the code lacks"
     assert "--metrics-port" in readme and "--metrics-address" in readme
+
+
+def test_a_metrics_port_in_use_is_refused_naming_it(redis_url, queue_prefix, queue_engine):
+    import socket
+
+    from tests.fixtures.redis_server import run_bounded, worker_config
+    from workers.metrics import MetricsPortError
+    from workers.queue import QueueWorker
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        worker = QueueWorker(queue_engine, worker_config(redis_url, queue_prefix, metrics_port=port,
+                                                         metrics_address="127.0.0.1"))
+        with pytest.raises(MetricsPortError, match=f"--metrics-port {port} --metrics-address 127.0.0.1: cannot "
+                                                   "serve metrics there .*choose another port, or 0"):
+            asyncio.run(run_bounded(worker))

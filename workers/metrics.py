@@ -112,6 +112,10 @@ class WorkerCollector:
             yield _histogram(HistogramMetricFamily, name, help, stats[key], labels)
 
 
+class MetricsPortError(RuntimeError):
+    """The metrics address and port cannot be bound (in use, not this host's address)."""
+
+
 @dataclass
 class MetricsServer:
     server: object
@@ -129,7 +133,11 @@ def serve(worker, address: str, port: int) -> MetricsServer:
     from prometheus_client import CollectorRegistry, start_http_server
     registry = CollectorRegistry(auto_describe=False)
     registry.register(WorkerCollector(worker))
-    server, thread = start_http_server(port, address, registry)
+    try:
+        server, thread = start_http_server(port, address, registry)
+    except OSError as e:
+        raise MetricsPortError(f"--metrics-port {port} --metrics-address {address}: cannot serve metrics there "
+                               f"({e.strerror or e}); choose another port, or 0 for a free one") from None
     host = f"[{address}]" if ":" in address else address
     url = f"http://{host}:{server.server_port}/metrics"
     log.info("metrics on %s", url)

@@ -18,8 +18,8 @@ from .rules import Rules
 from .sampler import prompt_logprobs, sample
 from .sampling_params import Completion, RequestError, SamplingParams
 from .scheduler import Scheduler
-from .stats import EngineStats
 from .sequence import Group, Sequence
+from .stats import EngineStats
 from .stopping import Stopper, completion, to_logprob
 
 log = logging.getLogger(__name__)

@@ -117,6 +117,7 @@ class QueueWorker:
                 await self.r.aclose()
             if self.metrics is not None:
                 self.metrics.close()
+                self.metrics = None
         return self.counters
 
     def stop(self) -> None:
