@@ -156,25 +156,26 @@ class Engine:
         logits, prompt = self.runner.run(batch)
         for seq, start, rows in prompt:
             self._prompt_logprobs(seq, start, rows)
-        tokens = sample(logits, [b.seq for b in batch if b.samples], self.grammars)
+        sampled = [b.seq for b in batch if b.samples]
+        tokens = sample(logits, sampled, self.grammars)
         self.num_computed_tokens += sum(b.num_tokens for b in batch)
         self.num_steps += 1
         done = []
         for seq in self.scheduler.postprocess(batch, tokens):
             if seq.group.finished and seq.group not in done:
                 done.append(seq.group)
-        self._count(batch, tokens, done, t)
+        self._count(len(batch), sampled, tokens, done, t)
         return done
 
-    def _count(self, batch, tokens, done: list[Group], t: float) -> None:
+    def _count(self, size: int, sampled: list[Sequence], tokens, done: list[Group], t: float) -> None:
         """The step's figures into self.stats: its time and size, tokens, first tokens, finished requests."""
         st, now = self.stats, time.monotonic()
         st.step_s.observe(time.perf_counter() - t)
-        st.batch_size.observe(len(batch))
+        st.batch_size.observe(size)
         st.generation_tokens += sum(1 for token, _ in tokens if token is not None)
-        for b in batch:
-            group = b.seq.group
-            if b.samples and group.first_token_at is None:
+        for seq in sampled:
+            group = seq.group
+            if group.first_token_at is None:
                 group.first_token_at = now
                 st.ttft_s.observe(now - group.arrival)
                 st.prompt_tokens += group.prompt_len
