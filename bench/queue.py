@@ -144,7 +144,8 @@ def row_workers(a, n_workers: int, process: bool = False, metrics: bool = False)
                                "--option", f"process={str(process).lower()}", *pin(i),
                                "--name", f"w{i}", "--url", a["url"], "--prefix", prefix, "--max-in-flight", "256",
                                "--health-interval", "1",
-                               *(["--metrics-port", str(ports[i]), "--metrics-address", "127.0.0.1"] if metrics else [])],
+                               *(["--metrics-port", str(ports[i]), "--metrics-address", "127.0.0.1"]
+                                 if metrics else [])],
                               stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
              for i in range(n_workers)]
 
@@ -308,7 +309,8 @@ def main(argv=None) -> None:
           "requests": a.requests, "prompt_tokens": sum(len(p) for p, _ in work),
           "output_tokens": sum(n for _, n in work), "prompt_len": "8-64", "output_len": "8-48 (greedy, no stops)",
           "ceiling_requests": a.ceiling_requests, "threads": a.threads, "repeat": a.repeat, "engine_cpu": engine_cpu,
-          "targets": {"queue_1_worker_vs_direct": 0.95, "metrics_on_vs_off": 0.97, "ceiling_requests_per_s_per_worker": 10_000}}
+          "targets": {"queue_1_worker_vs_direct": 0.95, "metrics_on_vs_off": 0.97,
+                      "ceiling_requests_per_s_per_worker": 10_000}}
     report(f"bench.queue: {a.requests} requests, {wl['output_tokens']} output tokens; ceiling over "
            f"{a.ceiling_requests} requests; median of {a.repeat} interleaved runs per row", rows,
            [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),

@@ -563,6 +563,7 @@ def test_the_dashboard_uses_only_metrics_the_code_exports():
     assert used <= known, f"not exported by the code: {sorted(used - known)}"
     for must in ("phi3_batch_queue_processed_total", "phi3_batch_queue_stream_lag",
                  "phi3_batch_engine_time_to_first_token_seconds", "phi3_batch_engine_kv_blocks_used",
-                 "phi3_batch_queue_failed_total", "phi3_batch_queue_dead_lettered_total", "ray_phi3_batch_job_rows_total"):
+                 "phi3_batch_queue_failed_total", "phi3_batch_queue_dead_lettered_total",
+                 "ray_phi3_batch_job_rows_total"):
         assert must in used, f"the dashboard has no panel on {must}"
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])

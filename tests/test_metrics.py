@@ -83,8 +83,10 @@ def scrape(url: str) -> dict[str, float]:
 def test_a_running_workers_metrics_count_what_it_did(redis_server, redis_url, queue_prefix, tiny_model_dir, seam,
                                                      tmp_path):
     from workers.metrics import metric_names
-    n, new = 6, 4
-    seam.hold()  # the engine takes the requests, then waits before its first step
+    # the engine takes the requests, then waits before its next step; a request reaching it while it is held wakes it
+    # for one step only, so with fewer than `new` late arrivals no request can finish while it is held
+    n, new = 6, 16
+    seam.hold()
     proc = spawn_worker(redis_url, queue_prefix, tiny_model_dir, "m1", "--metrics-port", "0", "--metrics-address",
                         "127.0.0.1", log_dir=str(tmp_path))
     log = tmp_path / "m1.log"
@@ -99,8 +101,8 @@ def test_a_running_workers_metrics_count_what_it_did(redis_server, redis_url, qu
         held = wait_for(lambda: (m := scrape(url)).get("phi3_batch_queue_pending") == n and m, GUARD_S,
                         f"the worker to hold all {n} entries")
         assert held["phi3_batch_queue_in_flight"] == n and held["phi3_batch_queue_processed_total"] == 0
-        wait_for(lambda: scrape(url).get("phi3_batch_engine_requests_waiting") == n, GUARD_S,
-                 "the held engine to have every request waiting")
+        wait_for(lambda: (m := scrape(url)).get("phi3_batch_engine_requests_waiting", 0)
+                 + m.get("phi3_batch_engine_requests_running", 0) == n, GUARD_S, "the held engine to hold every request")
         seam.release()
         done = wait_for(lambda: (m := scrape(url))["phi3_batch_queue_processed_total"] == n and m, GUARD_S,
                         f"{n} results")

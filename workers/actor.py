@@ -44,7 +44,8 @@ class EngineActor:
         """Starts the engine; where it runs and what it holds."""
         backend = await self._ready()
         ctx = ray.get_runtime_context()
-        return dict(pid=os.getpid(), node_id=ctx.get_node_id(), worker_id=ctx.get_worker_id(), gpu_ids=[str(g) for g in ray.get_gpu_ids()],
+        return dict(pid=os.getpid(), node_id=ctx.get_node_id(), worker_id=ctx.get_worker_id(),
+                    gpu_ids=[str(g) for g in ray.get_gpu_ids()],
                     max_model_len=backend.max_model_len, backend=self.config.name,
                     engine=getattr(backend, "placement", {}))
 

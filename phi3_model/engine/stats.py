@@ -28,10 +28,6 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
     def snapshot(self) -> dict:
         return {"bounds": self.bounds, "counts": list(self.counts), "sum": self.sum}
 
