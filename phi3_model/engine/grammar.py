@@ -51,7 +51,8 @@ def encoded_vocab(tokenizer, vocab_size: int) -> list[str]:
 
 
 class Grammars:
-    def __init__(self, tokenizer, vocab_size: int, eos_token_id: int, cache_size: int = 256):
+    def __init__(self, tokenizer, vocab_size: int, eos_token_id: int, cache_size: int = 256, compile_s=None):
+        """compile_s: a stats.Histogram that gets each compile's seconds (the engine's stats), or None."""
         xgr = _xgr()
         self.vocab_size = vocab_size
         self.info = xgr.TokenizerInfo(encoded_vocab(tokenizer, vocab_size), xgr.VocabType.BYTE_FALLBACK,
@@ -62,6 +63,7 @@ class Grammars:
         self.cache_size = cache_size
         self.compiled = 0  # grammars compiled (cache misses)
         self.compile_s = 0.0  # seconds spent compiling
+        self.compile_hist = compile_s
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
 
     def compile(self, kind: str, text: str):
@@ -91,7 +93,10 @@ class Grammars:
         except RuntimeError as e:
             why = _CPP_PREFIX.sub("", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
             raise RequestError(f"{kind}: cannot be compiled: {why}") from None
-        self.compile_s += time.perf_counter() - t
+        took = time.perf_counter() - t
+        self.compile_s += took
+        if self.compile_hist is not None:
+            self.compile_hist.observe(took)
         self.compiled += 1
         self.cache[key] = grammar
         if len(self.cache) > self.cache_size:
