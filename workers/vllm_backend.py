@@ -36,11 +36,14 @@ import time
 import uuid
 from contextlib import aclosing
 
-from phi3_model.engine.sampling_params import Completion, EngineDied, EngineStalled, RequestError, SamplingParams
-from phi3_model.engine.stopping import Stopper
+from phi3_model.engine.grammar import constraint_ebnf
+from phi3_model.engine.rules import bad_word_ids
+from phi3_model.engine.sampling_params import (MAX_LOGPROBS, Completion, EngineDied, EngineStalled, Logprob,
+                                               RequestError, SamplingParams, validate_request)
+from phi3_model.engine.stopping import Stopper, completion, to_logprob
 from phi3_model.engine.watchdog import Watchdog
 from phi3_model.presets import load_tokenizer, pick_device, pick_dtype, resolve
-from phi3_model.vllm_registry import ARCH, hf_overrides, register
+from phi3_model.vllm_registry import ARCH, TOKENIZER_MODE, hf_overrides, register
 
 from .backend import BackendConfig, EngineBackend
 from .backend_options import VLLMOptions
@@ -87,17 +90,37 @@ def check_entry_point() -> None:
                            "or pip install -e .)")
 
 
-def vllm_sampling_params(params: SamplingParams, eos_token_id: int, max_tokens: int):
+def vllm_sampling_params(params: SamplingParams, eos_token_id: int, max_tokens: int, tokenizer=None):
+    """vLLM's per-request parameters for `params` (the mapping in this module's docstring)."""
     from vllm import SamplingParams as VLLMSamplingParams
-    from vllm.sampling_params import RequestOutputKind
-    stops = list(params.stop_token_ids)
-    if not params.ignore_eos and eos_token_id not in stops:
-        stops.append(eos_token_id)
-    return VLLMSamplingParams(
-        n=1, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
-        max_tokens=max_tokens, min_tokens=min(params.min_new_tokens, max_tokens), stop_token_ids=stops,
-        ignore_eos=params.ignore_eos, detokenize=False, skip_special_tokens=False,
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+    constraint = params.constraint
+    if constraint is not None:  # the end token is the grammar's only stop token; the Stopper applies stop_token_ids
+        stops, ignore_eos, min_tokens = [eos_token_id], False, 0
+        structured = StructuredOutputsParams(grammar=constraint_ebnf(*constraint))
+    else:
+        stops = list(params.stop_token_ids)
+        if not params.ignore_eos and eos_token_id not in stops:
+            stops.append(eos_token_id)
+        ignore_eos, min_tokens, structured = params.ignore_eos, min(params.min_new_tokens, max_tokens), None
+    sp = VLLMSamplingParams(
+        n=params.n, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+        max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=stops, ignore_eos=ignore_eos,
+        logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
+        logit_bias=dict(params.logit_bias) if params.logit_bias else None,
+        allowed_token_ids=list(params.allowed_token_ids) if params.allowed_token_ids is not None else None,
+        structured_outputs=structured, detokenize=False, skip_special_tokens=False,
         output_kind=RequestOutputKind.DELTA)
+    if params.bad_words:  # as token ids, the native engine's forms (vLLM would tokenize `bad_words` its own way)
+        sp._bad_words_token_ids = [ids for w in params.bad_words for ids in bad_word_ids(tokenizer, w)]
+    return sp
+
+
+def logprob_entry(token: int, position: dict, k: int) -> tuple:
+    """vLLM's {token id: Logprob(logprob, rank)} at one position -> (logprob of `token`, top-k ids, their logprobs)
+    as the native sampler gives it. The dict holds the top k and `token` (k + 1 entries when it is not among them)."""
+    top = sorted(((v.rank, i, v.logprob) for i, v in position.items() if len(position) <= k or i != token))[:k]
+    return position[token].logprob, [i for _, i, _ in top], [lp for _, _, lp in top]
 
 
 class VLLMBackend(EngineBackend):
@@ -124,6 +147,7 @@ class VLLMBackend(EngineBackend):
                 self.watchdog.start()
 
     def _build(self):
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -151,7 +175,8 @@ class VLLMBackend(EngineBackend):
                             self.max_model_len, config.original_max_position_embeddings,
                             config.original_max_position_embeddings)
         args = AsyncEngineArgs(
-            model=directory, dtype=dtype, skip_tokenizer_init=True, hf_overrides=hf_overrides(),
+            model=directory, dtype=dtype, tokenizer_mode=TOKENIZER_MODE, hf_overrides=hf_overrides(),
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar"), max_logprobs=MAX_LOGPROBS,
             generation_config=NEUTRAL_GENERATION_CONFIG, max_model_len=self.max_model_len, max_num_seqs=o.max_num_seqs,
             max_num_batched_tokens=o.max_num_batched_tokens, gpu_memory_utilization=o.gpu_memory_utilization,
             kv_cache_memory_bytes=int(o.kv_cache_space_gib * 2**30) if o.kv_cache_space_gib else None,
@@ -179,18 +204,7 @@ class VLLMBackend(EngineBackend):
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The native engine's request checks, with its messages (the KV pool check is vLLM's own)."""
-        n, vocab = len(prompt_token_ids), self.model_config.vocab_size
-        if n == 0:
-            raise RequestError("prompt is empty: at least one token is needed")
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise RequestError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab})")
-        if n >= self.max_model_len:
-            raise RequestError(f"prompt has {n} tokens, model context is {self.max_model_len} "
-                               f"(at most {self.max_model_len - 1} prompt tokens leave room for one new token)")
+        validate_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> Completion:
@@ -205,10 +219,13 @@ class VLLMBackend(EngineBackend):
         prompt = list(prompt_token_ids)
         self.validate(prompt, params)
         eos = self.model_config.eos_token_id
-        stopper = Stopper(params, eos, self.tokenizer, self.max_model_len, len(prompt))
-        sp = vllm_sampling_params(params, eos, stopper.max_new)
+        stoppers = [Stopper(params.for_sample(i) if params.n > 1 else params, eos, self.tokenizer,
+                            self.max_model_len, len(prompt)) for i in range(params.n)]
+        sp = vllm_sampling_params(params, eos, stoppers[0].max_new, self.tokenizer)
+        grammar_end = eos if params.constraint is not None else None  # the token that completes a structured value
         vllm_id = f"{request_id or 'req'}-{uuid.uuid4().hex}"  # unique even when callers reuse ids
-        ended = None
+        ended: dict[int, str | None] = {}
+        prompt_logprobs = None
         stream = self.engine.generate(TokensPrompt(prompt_token_ids=prompt), sp, vllm_id)
         task = asyncio.current_task()
         if not self._calls:
@@ -218,11 +235,20 @@ class VLLMBackend(EngineBackend):
             async with aclosing(stream):  # leaving early closes the stream, which aborts the vLLM request
                 async for out in stream:
                     self.watchdog.progress(time.monotonic() - self.watchdog.last)  # a step's output: progress
-                    step = out.outputs[0]
-                    if any(stopper.append(t) for t in step.token_ids):
+                    if out.prompt_logprobs and prompt_logprobs is None:
+                        prompt_logprobs = self._prompt_logprobs(prompt, out.prompt_logprobs, params.prompt_logprobs)
+                    for step in out.outputs:  # one per sample that has new tokens
+                        stopper = stoppers[step.index]
+                        lps = step.logprobs or [None] * len(step.token_ids)
+                        for t, lp in zip(step.token_ids, lps):
+                            if stopper.finished:
+                                break
+                            entry = logprob_entry(t, lp, params.logprobs) if lp is not None else None
+                            stopper.append(t, entry, t == grammar_end)
+                        if step.finish_reason is not None:
+                            ended[step.index] = step.finish_reason
+                    if all(s.finished for s in stoppers):
                         break
-                    if out.finished:
-                        ended = step.finish_reason
         except VLLMClientError as e:  # vLLM refused the request itself (e.g. more KV than the pool holds)
             raise RequestError(str(e)) from e
         except EngineDeadError as e:  # its engine core process is gone
@@ -233,11 +259,14 @@ class VLLMBackend(EngineBackend):
             raise
         finally:
             self._calls.discard(task)
-        if not stopper.finished:  # vLLM ended the request for a reason of its own (abort, error)
-            c = stopper.to_completion(len(prompt), request_id)
-            c.finish_reason, c.error = "error", f"vLLM ended the request early (finish_reason {ended!r})"
-            return c
-        return stopper.to_completion(len(prompt), request_id)
+        early = [i for i, s in enumerate(stoppers) if not s.finished]  # vLLM ended them for reasons of its own
+        error = (f"vLLM ended the request early (finish_reason {ended.get(early[0])!r})" if early else None)
+        return completion([s.to_sample() for s in stoppers], len(prompt), request_id, error, prompt_logprobs)
+
+    def _prompt_logprobs(self, prompt: list[int], positions: list, k: int) -> list[Logprob | None]:
+        """vLLM's prompt logprobs (None, then one {id: Logprob} per prompt token) -> the native engine's entries."""
+        return [None] + [to_logprob(self.tokenizer, prompt[i], logprob_entry(prompt[i], positions[i], k))
+                         for i in range(1, len(prompt))]
 
     def failure(self) -> BaseException | None:
         return self.error
