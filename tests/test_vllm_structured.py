@@ -35,7 +35,7 @@ def test_vllms_grammar_vocabulary_is_the_native_engines(vllm_model_dir):
                                                 vocab_size=config.vocab_size)
     for name in ("vocab_type", "add_prefix_space", "decoded_vocab", "special_token_ids", "stop_token_ids"):
         assert getattr(theirs, name) == getattr(ours, name), name
-    assert ENDOFTEXT in ours.special_token_ids and b"" not in ours.decoded_vocab[3:300]
+    assert ours.stop_token_ids == [ENDOFTEXT] and b"" not in ours.decoded_vocab[3:300]
 
 
 def test_structured_outputs_validate_and_greedy_ones_equal_the_native_engines(vllm_loop, vllm_backend,
