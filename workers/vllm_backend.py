@@ -50,6 +50,7 @@ from .backend_options import VLLMOptions
 from .vllm_files import NEUTRAL_GENERATION_CONFIG, files_in, make_run_directory, remove_run_directory
 
 log = logging.getLogger(__name__)
+CPU_BATCHED_TOKENS = 2048  # vLLM's default max_num_batched_tokens
 
 
 async def _in_own_thread(fn, abandon):
@@ -174,11 +175,15 @@ class VLLMBackend(EngineBackend):
                             "factors; the native engine uses the short ones for sequences up to %d tokens",
                             self.max_model_len, config.original_max_position_embeddings,
                             config.original_max_position_embeddings)
+        batched = o.max_num_batched_tokens
+        if device.type == "cpu":  # no chunked prefill: see the module docstring (seeded requests)
+            batched = max(batched or CPU_BATCHED_TOKENS, self.max_model_len)
         args = AsyncEngineArgs(
             model=directory, dtype=dtype, tokenizer_mode=TOKENIZER_MODE, hf_overrides=hf_overrides(),
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar"), max_logprobs=MAX_LOGPROBS,
             generation_config=NEUTRAL_GENERATION_CONFIG, max_model_len=self.max_model_len, max_num_seqs=o.max_num_seqs,
-            max_num_batched_tokens=o.max_num_batched_tokens, gpu_memory_utilization=o.gpu_memory_utilization,
+            max_num_batched_tokens=batched, enable_chunked_prefill=device.type != "cpu",
+            gpu_memory_utilization=o.gpu_memory_utilization,
             kv_cache_memory_bytes=int(o.kv_cache_space_gib * 2**30) if o.kv_cache_space_gib else None,
             tensor_parallel_size=o.tensor_parallel_size,
             enforce_eager=o.enforce_eager if o.enforce_eager is not None else device.type == "cpu",
