@@ -130,3 +130,13 @@ def test_requests_that_cannot_run_fail_alone_with_the_native_message(vllm_loop, 
         assert isinstance(b, RequestError) and says in str(b) and str(a) == str(b)
     assert [c.finish_reason for c in theirs[len(refused):]] == ["length", "stop"]
     assert theirs[len(refused):] == ours[len(refused):]
+
+
+def test_seeded_requests_too_many_for_one_step_run_and_equal_themselves_alone(vllm_loop, vllm_backend):
+    """More prompt tokens than one vLLM step takes (2048 on CPU): prefills that vLLM would split kill its CPU
+    engine core when the request is seeded, so the backend runs it without chunked prefill."""
+    batch = prompts([450] * 6, seed=87)
+    params = [SamplingParams(max_new_tokens=4, temperature=1.0, seed=i, **FREE) for i in range(6)]
+    together = vllm_loop.gather([vllm_backend.generate(p, sp) for p, sp in zip(batch, params)])
+    alone = [vllm_loop.run(vllm_backend.generate(batch[0], params[0]))]
+    assert all(o.finish_reason == "length" for o in together) and together[0].token_ids == alone[0].token_ids

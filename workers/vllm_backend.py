@@ -1,17 +1,42 @@
 """vLLM behind the common backend interface, running this project's registered Phi-3 class.
 
 Tokens in, `Completion` out, exactly as the native backend:
-- vLLM never tokenizes (`skip_tokenizer_init`, `TokensPrompt`); texts come from this project's `Phi3Tokenizer`.
+- vLLM never tokenizes or detokenizes (`TokensPrompt`, `detokenize=False`); texts come from this project's
+  `Phi3Tokenizer`. vLLM does get a tokenizer, for its structured outputs: this project's own, registered as
+  tokenizer_mode `phi3_batch` (phi3_model/vllm_tokenizer.py), so xgrammar sees the native engine's vocabulary
+  (special tokens unusable in a grammar, config.eos_token_id the stop token).
 - Every request streams its new tokens (`output_kind=DELTA`) into the shared `Stopper` (phi3_model.engine.stopping),
-  the same per-request stop rule the native engine applies, so identical tokens give identical Completions. Stop
-  strings are matched there on the decoded text (vLLM cannot, without its tokenizer) and the vLLM request is aborted
-  when one matches; stop token ids, the model's end token, `min_new_tokens`, seeds, temperature, top-k (0 = off in
+  one per sample, the same per-request stop rule the native engine applies, so identical tokens give identical
+  Completions. Stop strings are matched there on the decoded text and the vLLM request is aborted once every sample
+  has ended; stop token ids, the model's end token, `min_new_tokens`, seeds, temperature, top-k (0 = off in
   both), top-p and `max_new_tokens` are also handed to vLLM's per-request sampling so it stops and masks on its own.
+- The other fields, as vLLM's SamplingParams: `n` -> `n` (sample i draws from seed + i in both backends: a seeded
+  request's samples equal the same seeds one at a time); `logprobs`, `prompt_logprobs` -> the same (vLLM's
+  {id: Logprob(logprob, rank)} per position become Logprob entries with our token texts, the top k by rank;
+  cumulative_logprob is the sum of the sample's entries, as natively); `logit_bias`, `allowed_token_ids` -> the same;
+  `bad_words` -> vLLM's bad-word token ids, set directly to the native engine's forms (rules.bad_word_ids: the word
+  alone and glued to what precedes it), since vLLM would tokenize `bad_words` its own way; structured output
+  (json_schema, json_object, regex, choice, grammar) -> `StructuredOutputsParams(grammar=EBNF)` with the EBNF the
+  native engine compiles (grammar.constraint_ebnf) and the engine's structured-output backend fixed to xgrammar,
+  so greedy constrained outputs are the native engine's token for token. A constrained request sends vLLM only the
+  end token as stop id (the grammar's stop token) and no min_tokens, as the native engine; its own stop_token_ids
+  are the Stopper's. A schema, regex or grammar that cannot be compiled is refused (RequestError naming the field)
+  before it reaches vLLM, with the native engine's message.
+- Log-probabilities are vLLM's raw ones (fp32 log_softmax of the logits, before bias, bad words, allowed ids and
+  temperature), as natively, except under a grammar: vLLM applies a grammar's token mask to the logits before it
+  takes log-probabilities, so a constrained request's logprobs are those of the masked distribution there.
+- Differences left: with `ignore_eos` and `min_new_tokens`, vLLM also holds the end token back for the first
+  min_new_tokens (it is always among its stop ids for min_tokens); a sample that a stop string ends keeps running in
+  vLLM, unseen, until every sample of its request has ended.
+- Request checks are the native engine's (sampling_params.validate_request), with its messages.
 - The model's generation_config.json is not read (vLLM would add its extra end ids, e.g. Phi-3's <|end|>, as stops):
   vLLM reads a neutral one shipped in workers/vllm_files/ instead (its own "vllm" setting still reads the
   model's end ids, see there), so the only end token is config.eos_token_id, as in the native engine.
 - Greedy tokens are the same in both backends; sampled ones come from each engine's own generator (a seeded request
   is reproducible within a backend, not across backends).
+- On CPU the engine runs without chunked prefill (max_num_batched_tokens at least max_model_len): vLLM 0.32's CPU
+  runner rewinds a seeded request's generator when its prefill is split over steps, which CPU generators do not
+  support ("CPU Generator does not use offset"), and the engine core dies.
 
 vLLM spawns its engine core (and on CPU a worker) process: a script that starts this backend needs the
 `if __name__ == "__main__":` guard, and the project must be installed (its `vllm.general_plugins` entry point is
