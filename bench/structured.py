@@ -1,7 +1,7 @@
 """Structured output throughput: one extraction workload unconstrained and constrained by one shared JSON schema,
 on the native engine and the vllm backend, side by side in one run.
 
-    python -m bench.structured [--json PATH] [--requests 200] [--threads N] [--rows a,b]
+    python -m bench.structured [--json PATH] [--requests 200] [--threads N] [--rows a,b] [--repeat R]
 
 Model: the demo checkpoint models/phi3-tiny-chat (`make demo` trains it). Workload: --requests extraction prompts
 ("extract the person as JSON" over made-up sentences, chat template, <s> first), each with 64-192 new tokens (fixed
@@ -14,6 +14,7 @@ per request. Rows (each in its own process, peak RSS of its process tree):
 Each row warms up on two requests first (for constrained rows that compiles the grammar); the grammar's compile time
 is measured on its own, cold, with the native engine's compiler (vLLM compiles the same EBNF with the same xgrammar
 and vocabulary): `grammar` in the JSON's workload. `valid` counts constrained outputs that parse and validate.
+--repeat R runs every row R times, interleaved, and reports each row's median run (for a noisy machine).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import random
 import sys
 import time
 
-from .common import Timer, have, measure_child, report, run_row
+from .common import have, measure_child, report, run_rows_repeated
 
 ROWS = ["native_unconstrained", "native_constrained", "vllm_unconstrained", "vllm_constrained"]
 MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "phi3-tiny-chat")
@@ -85,9 +86,10 @@ def row_native(args: dict) -> dict:
     engine = Engine.from_pretrained(args["model"], dtype="float32", device="cpu", max_num_seqs=args["max_num_seqs"])
     reqs = [Request(ids, sp) for ids, sp in requests(args, engine.tokenizer)]
     engine.generate(reqs[:2])  # warm-up (and the grammar's compile)
-    with Timer() as t:
-        outs = engine.generate(reqs)
-    return {**outcome([o.text for o in outs], sum(len(o.token_ids) for o in outs), t.seconds, args["constrained"]),
+    t = time.perf_counter()
+    outs = engine.generate(reqs)
+    seconds = time.perf_counter() - t
+    return {**outcome([o.text for o in outs], sum(len(o.token_ids) for o in outs), seconds, args["constrained"]),
             "threads": args["threads"], "steps": engine.num_steps}
 
 
@@ -145,6 +147,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--threads", type=int, default=default_threads(), help="native rows' torch threads "
                     "(default: the CPUs this process may use, capped by OMP_NUM_THREADS)")
     ap.add_argument("--child"), ap.add_argument("--child-args"), ap.add_argument("--child-out")
@@ -153,12 +156,9 @@ def main(argv=None) -> None:
         return child(a.child, json.loads(a.child_args), a.child_out)
     work = workload(a.requests)
     args = {"model": a.model, "work": work, "max_num_seqs": a.max_num_seqs, "threads": a.threads}
-    rows = []
-    for row in a.rows.split(","):
-        if row.startswith("vllm") and not have("vllm"):
-            continue
-        rows.append(run_row("bench.structured", row, args))
-        print(f"  {row}: {rows[-1].get('output_tokens_per_s', rows[-1].get('error'))} tok/s", file=sys.stderr)
+    names = [r for r in a.rows.split(",") if not r.startswith("vllm") or have("vllm")]
+    rows = run_rows_repeated("bench.structured", names, args, a.repeat, on_row=lambda r: print(
+        f"  {r['name']}: {r.get('output_tokens_per_s', r.get('error'))} tok/s", file=sys.stderr))
     wl = {"model": os.path.basename(a.model.rstrip("/")), "requests": a.requests, "schema": SCHEMA,
           "max_new_tokens": "64-192 (unconstrained: ignore_eos)", "sampling": "temperature 1, seed per request",
           "output_tokens_unconstrained": sum(n for _, n in work), "threads": a.threads,
