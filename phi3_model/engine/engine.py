@@ -16,7 +16,7 @@ from .runner import ModelRunner
 from .grammar import Grammars
 from .rules import Rules
 from .sampler import prompt_logprobs, sample
-from .sampling_params import Completion, RequestError, SamplingParams
+from .sampling_params import Completion, RequestError, SamplingParams, validate_request
 from .scheduler import Scheduler
 from .sequence import Group, Sequence
 from .stats import EngineStats
@@ -87,22 +87,8 @@ class Engine:
     # ---- requests -----------------------------------------------------------------------------------------
 
     def validate(self, req: Request) -> None:
+        validate_request(req.prompt_token_ids, req.params, self.model.config.vocab_size, self.max_model_len)
         n = len(req.prompt_token_ids)
-        vocab = self.model.config.vocab_size
-        if n == 0:
-            raise RequestError("prompt is empty: at least one token is needed")
-        bad = [t for t in req.prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        p = req.params
-        for name, ids in (("stop_token_ids", p.stop_ids(None)), ("allowed_token_ids", p.allowed_token_ids or ()),
-                          ("logit_bias", p.logit_bias or {})):
-            bad = [t for t in ids if t >= vocab]
-            if bad:
-                raise RequestError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if n >= self.max_model_len:
-            raise RequestError(f"prompt has {n} tokens, model context is {self.max_model_len} "
-                               f"(at most {self.max_model_len - 1} prompt tokens leave room for one new token)")
         need = min(n + req.params.max_new_tokens, self.max_model_len)
         if need > self.pool_tokens:
             raise RequestError(f"request needs {need} tokens of KV cache (prompt {n} + up to "
