@@ -140,3 +140,38 @@ def test_seeded_requests_too_many_for_one_step_run_and_equal_themselves_alone(vl
     together = vllm_loop.gather([vllm_backend.generate(p, sp) for p, sp in zip(batch, params)])
     alone = [vllm_loop.run(vllm_backend.generate(batch[0], params[0]))]
     assert all(o.finish_reason == "length" for o in together) and together[0].token_ids == alone[0].token_ids
+
+
+@pytest.mark.timeout(600)
+def test_the_queue_on_the_vllm_backend_gives_valid_values_equal_to_generate(vllm_loop, vllm_backend, vllm_model_dir,
+                                                                             redis_server, redis_url, queue_prefix):
+    """Requests asking for every structured kind and for logprobs, through a real redis-server and a queue worker
+    on the vllm backend: each value validates and equals Phi3CausalLM.generate's (native engine, greedy)."""
+    from phi3_model.causal_lm import Phi3CausalLM
+    from tests.fixtures.redis_server import run_bounded, worker_config
+    from tests.pipeline_helpers import PROMPTS
+    from tests.test_engine_structured import NEW, constraints
+    from workers.queue import QueueClient, QueueWorker
+    lm = Phi3CausalLM.from_preset(vllm_model_dir, dtype="float32", device="cpu")
+    lm.compile(sampler="greedy")
+    kinds = constraints()
+    requests = [dict(id=f"s{i}", prompt=PROMPTS[i], max_new_tokens=NEW, **fields) for i, (fields, _) in
+                enumerate(kinds)] + [dict(id="scored", prompt=PROMPTS[0], max_new_tokens=6, logprobs=2)]
+
+    async def go():
+        async with QueueClient(redis_url, queue_prefix) as client:
+            ids = await client.submit_many(requests)
+            await run_bounded(QueueWorker(vllm_backend, worker_config(redis_url, queue_prefix)), timeout=300)
+            return await client.results(ids, timeout=10)
+    got = vllm_loop.run(go())
+    for i, (fields, check) in enumerate(kinds):
+        r = got[f"s{i}"]
+        assert r.status == "ok" and r.finish_reason == "stop", (fields, r)
+        check(r.completion)
+        length = len(lm.tokenizer.encode(PROMPTS[i], add_bos=True)) + NEW
+        assert r.completion == lm.generate(PROMPTS[i], max_length=length, strip_prompt=True, **fields), fields
+    want = lm.generate_details(PROMPTS[0], max_length=len(lm.tokenizer.encode(PROMPTS[0], add_bos=True)) + 6,
+                               logprobs=2)
+    scored = got["scored"]
+    assert [e.token_id for e in scored.logprobs] == [e.token_id for e in want.logprobs]
+    assert all(abs(e.logprob - w.logprob) < LOGPROB_TOL for e, w in zip(scored.logprobs, want.logprobs))
