@@ -11,6 +11,9 @@ token ids). Workload: prompts of 8-64 tokens, 8-48 new tokens each (greedy, no s
                     running) to the last result written
   queue_1_worker_process  the same with `--option process=true`: the engine steps in a child process of the
                     worker (IPC per step instead of a shared GIL)
+  queue_1_worker_metrics  queue_1_worker with `--metrics-port` on (Prometheus /metrics, scraped once at the end:
+                    its processed counter is reported as `scraped_processed`); `vs_metrics_off` compares it with
+                    queue_1_worker of the same run
   queue_2_workers   two worker processes (usable CPUs / 2 threads each), consuming the same group
   queue_ceiling     ImmediateBackend (bench-only: answers at once, no model), one in-process worker draining
                     pre-enqueued requests: requests/s is the queue's own per-worker ceiling; also requests per
@@ -39,7 +42,8 @@ import time
 
 from .common import Timer, measure_child, report, run_rows_repeated
 
-ROWS = ["engine_direct", "queue_1_worker", "queue_1_worker_process", "queue_2_workers", "queue_ceiling"]
+ROWS = ["engine_direct", "queue_1_worker", "queue_1_worker_metrics", "queue_1_worker_process", "queue_2_workers",
+        "queue_ceiling"]
 
 
 def checkpoint() -> str:
@@ -120,12 +124,13 @@ def row_direct(a) -> dict:
             "placement": where["placement"], "threads": where["threads"], "threads_why": where["threads_why"]}
 
 
-def row_workers(a, n_workers: int, process: bool = False) -> dict:
+def row_workers(a, n_workers: int, process: bool = False, metrics: bool = False) -> dict:
     """Worker processes started first (each reports state=running in its health hash once its engine is up);
     timed from the first enqueue to the last result written."""
     import redis
     from workers.queue import QueueClient
-    prefix = f"bench{n_workers}{'p' if process else 't'}{a['rep']}"
+    prefix = f"bench{n_workers}{'p' if process else 't'}{'m' if metrics else ''}{a['rep']}"
+    ports = [free_port() for _ in range(n_workers)] if metrics else []
     r = redis.Redis.from_url(a["url"])
     threads = max(1, (a["threads"] or len(os.sched_getaffinity(0))) // n_workers)
 
@@ -138,7 +143,10 @@ def row_workers(a, n_workers: int, process: bool = False) -> dict:
                                "--dtype", "float32", "--device", "cpu", "--option", f"threads={threads}",
                                "--option", f"process={str(process).lower()}", *pin(i),
                                "--name", f"w{i}", "--url", a["url"], "--prefix", prefix, "--max-in-flight", "256",
-                               "--health-interval", "1"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                               "--health-interval", "1",
+                               *(["--metrics-port", str(ports[i]), "--metrics-address", "127.0.0.1"]
+                                 if metrics else [])],
+                              stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
              for i in range(n_workers)]
 
     async def submit(reqs):
@@ -158,14 +166,33 @@ def row_workers(a, n_workers: int, process: bool = False) -> dict:
         for v in values:
             w = json.loads(v)["worker"]
             per_worker[w] = per_worker.get(w, 0) + 1
+        scraped = sum(scrape_processed(p) for p in ports) if metrics else None
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait(60)
     return {"seconds": t.seconds, "output_tokens": tokens, "requests": len(ids), "per_worker": per_worker,
+            **({"scraped_processed": scraped} if metrics else {}),
             "placement": "process" if process else "thread", "threads": threads,
             "threads_why": f"{'--threads' if a['threads'] else 'usable CPUs'} / {n_workers} worker(s)"}
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape_processed(port: int) -> int:
+    """phi3_batch_queue_processed_total from a worker's /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return int(next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == "phi3_batch_queue_processed_total"))
 
 
 def wait_results(r, stream: str, n: int) -> None:
@@ -209,6 +236,7 @@ def child(row: str, args: dict, out: str) -> None:
     args["work"] = workload(args["requests"])  # regenerated (seeded): a command line cannot carry it
     fn = {"engine_direct": row_direct, "queue_1_worker": lambda a: row_workers(a, 1),
           "queue_1_worker_process": lambda a: row_workers(a, 1, process=True),
+          "queue_1_worker_metrics": lambda a: row_workers(a, 1, metrics=True),
           "queue_2_workers": lambda a: row_workers(a, 2), "queue_ceiling": row_ceiling}[row]
     if row == "queue_ceiling":
         fn = ceiling_per_worker(fn)
@@ -270,7 +298,10 @@ def main(argv=None) -> None:
         server.wait(30)
         shutil.rmtree(tmp, ignore_errors=True)
     direct = next((r for r in rows if r["name"] == "engine_direct" and r.get("output_tokens_per_s")), None)
+    off = next((r for r in rows if r["name"] == "queue_1_worker" and r.get("output_tokens_per_s")), None)
     for r in rows:
+        if off and r["name"] == "queue_1_worker_metrics" and r.get("output_tokens_per_s"):
+            r["vs_metrics_off"] = round(r["output_tokens_per_s"] / off["output_tokens_per_s"], 3)
         r["runs_text"] = " / ".join(f"{x:.0f}" for x in r.get("runs", []))
         if direct and r.get("output_tokens_per_s"):
             r["vs_direct"] = round(r["output_tokens_per_s"] / direct["output_tokens_per_s"], 3)
@@ -278,13 +309,15 @@ def main(argv=None) -> None:
           "requests": a.requests, "prompt_tokens": sum(len(p) for p, _ in work),
           "output_tokens": sum(n for _, n in work), "prompt_len": "8-64", "output_len": "8-48 (greedy, no stops)",
           "ceiling_requests": a.ceiling_requests, "threads": a.threads, "repeat": a.repeat, "engine_cpu": engine_cpu,
-          "targets": {"queue_1_worker_vs_direct": 0.95, "ceiling_requests_per_s_per_worker": 10_000}}
+          "targets": {"queue_1_worker_vs_direct": 0.95, "metrics_on_vs_off": 0.97,
+                      "ceiling_requests_per_s_per_worker": 10_000}}
     report(f"bench.queue: {a.requests} requests, {wl['output_tokens']} output tokens; ceiling over "
            f"{a.ceiling_requests} requests; median of {a.repeat} interleaved runs per row", rows,
            [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
             ("requests_per_s", "req/s", "{:.1f}"), ("requests_per_cpu_s", "req/cpu-s", "{:.0f}"),
             ("seconds", "s", "{:.2f}"), ("peak_rss_mb", "peak MB", "{:.0f}"), ("placement", "engine", ""),
-            ("threads", "threads", ""), ("runs_text", "every run", "")],
+            ("threads", "threads", ""), ("vs_metrics_off", "vs metrics off", "{:.2f}x"),
+            ("runs_text", "every run", "")],
            wl, a.json)
 
 

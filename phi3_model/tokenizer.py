@@ -131,6 +131,13 @@ class Phi3Tokenizer:
         raise KeyError(f"id {token_id} has no token: pieces are 0..{self.sp_size - 1}, "
                        f"added tokens {min(self.added_ids)}..{max(self.added_ids)}")
 
+    def text_pieces(self) -> dict[str, int]:
+        """piece -> id of every SentencePiece piece that spells text (what a grammar may match): all pieces but
+        <unk>, <s>, </s> and the added tokens. The structured-output vocabulary of both backends."""
+        sp = self.sp
+        special = set(self.added_ids) | {i for i in (sp.bos_id(), sp.eos_id(), sp.unk_id()) if i >= 0}
+        return {sp.id_to_piece(i): i for i in range(self.sp_size) if i not in special}
+
     # ---- text <-> ids ----
     def encode_continuation(self, text: str) -> list[int]:
         """Ids of `text` continuing other text: no dummy-prefix space in front (special tokens not recognized)."""

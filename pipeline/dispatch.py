@@ -41,8 +41,9 @@ class Dispatcher:
     def __init__(self, actors: list, reader: ShardReader, row_columns: dict[int, list[str]], spec, per_actor: int,
                  max_attempts: int, on_done: Callable[[Flight, pa.Table], None],
                  on_failed: Callable[[Shard, int, str], None], tick: Callable[[], None] = lambda: None,
-                 in_flight: Callable[[int, int], None] = lambda rows, tokens: None):
-        """in_flight(rows, tokens): rows (and their output tokens) finished so far in the shards in flight."""
+                 in_flight: Callable[[int, int], None] = lambda rows, tokens: None, metrics=None):
+        """in_flight(rows, tokens): rows (and their output tokens) finished so far in the shards in flight.
+        metrics: workers.job_metrics.RayMetrics with the actor gauges, or None."""
         self.actors, self.reader, self.row_columns, self.spec = actors, reader, row_columns, spec
         self.per_actor, self.max_attempts = per_actor, max_attempts
         self.on_done, self.on_failed, self.tick, self.in_flight = on_done, on_failed, tick, in_flight
@@ -56,6 +57,12 @@ class Dispatcher:
         self.flights: dict[ray.ObjectRef, Flight] = {}
         self.pings: dict[ray.ObjectRef, int] = {}
         self.ping_at = [0.0] * len(actors)
+        self.metrics = metrics
+        self._alive()
+
+    def _alive(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set("phi3_batch_job_actors_alive", self.state.count(ALIVE))
 
     def run(self, shards: list[Shard]) -> None:
         self.queue.extend((s, 1) for s in shards)
@@ -143,6 +150,7 @@ class Dispatcher:
         if self.state[i] == ALIVE:
             self.state[i] = DEAD if isinstance(error, ActorDiedError) else RECOVERING
             self.ping_at[i] = time.monotonic()
+            self._alive()
             log.warning("engine actor %d %s", i, "is dead" if self.state[i] == DEAD else "is restarting")
 
     def _ping(self) -> None:
@@ -163,4 +171,7 @@ class Dispatcher:
         else:
             self.state[i] = ALIVE
             self.restarts[i] += 1
+            self._alive()
+            if self.metrics is not None:
+                self.metrics.inc("phi3_batch_job_actor_restarts", 1)
             log.warning("engine actor %d restarted (pid %s)", i, info["pid"])

@@ -107,6 +107,7 @@ class Job:
         self.remaining = {i: sum(1 for s in self.todo if s.file == i) for i in range(len(plan.files))}
         self.failed: dict[str, dict] = {}
         self.progress: Progress | None = None
+        self.metrics = None  # workers.job_metrics.RayMetrics of the driver, while dispatching
 
     def begin(self, found: Manifest | None, actors: list[dict]) -> None:
         """The first writes: replace another job's files (overwrite), sweep temporaries, the manifest header and
@@ -141,13 +142,17 @@ class Job:
             self.progress = Progress(plan.rows, len(plan.shards), sum(s.rows for s in plan.shards if s.key not in todo),
                                      len(plan.shards) - len(todo), config.progress, config.log_every_s)
         t0 = time.monotonic()
+        from workers.job_metrics import RayMetrics
+        self.metrics = RayMetrics("phi3_batch_job_shards", "phi3_batch_job_actors_alive",
+                                  "phi3_batch_job_actor_restarts", "phi3_batch_job_output_tokens_per_second",
+                                  job=plan.fingerprint)
         reader = ShardReader(plan.fs, plan.files, plan.read_columns, config.shard_rows)
         if self.retry is not None:
             reader = self.retry.reader(reader)
         try:
             Dispatcher(actors, reader, plan.row_columns, config.row_spec(), config.shards_per_actor,
                        config.max_attempts, self.done, self.fail, self.progress.tick,
-                       self.progress.in_flight).run(self.todo)
+                       self.progress.in_flight, self.metrics).run(self.todo)
         finally:
             reader.close()
             self.progress.close()
@@ -168,6 +173,8 @@ class Job:
         self.manifest.record(dict(event="shard", key=f.shard.key, status="done", attempts=f.attempt, **stats,
                                   **extra))
         self.progress.advance(results.num_rows, generated_tokens(results))
+        self.metrics.inc("phi3_batch_job_shards", 1, status="done")
+        self.metrics.set("phi3_batch_job_output_tokens_per_second", self.progress.tokens_per_s)
         self.remaining[f.shard.file] -= 1
         if self.remaining[f.shard.file] == 0:
             self.assemble(f.shard.file)
@@ -179,6 +186,7 @@ class Job:
         kind = "retry_failed" if self.retry is not None else "shard"
         self.manifest.record(dict(event=kind, key=shard.key, status="failed", error=error, attempts=attempts))
         self.progress.advance(0, 0, failed=True)
+        self.metrics.inc("phi3_batch_job_shards", 1, status="failed")
         if self.retry is not None:
             self.remaining[shard.file] -= 1
             if self.remaining[shard.file] == 0:
@@ -217,6 +225,8 @@ class Job:
             run_rows=p.run_rows if p else 0, run_completion_tokens=p.tokens if p else 0, actors=actors,
             files=sorted(self.files_done), retried=self.retried if self.retry is not None else None)
         self.sink.write_summary(summary.to_dict())
+        if self.metrics is not None:
+            self.metrics.set("phi3_batch_job_output_tokens_per_second", summary.output_tokens_per_s)
         return summary
 
 

@@ -54,6 +54,8 @@ def _options():
                           help=f"{WorkerConfig.model_fields['reconnect_limit_s'].description} (exit {EXIT_REDIS})"),
         until_empty=w("until_empty", "--until-empty", help=f"{WorkerConfig.model_fields['until_empty'].description} "
                       "(default: serve until stopped)"),
+        metrics_port=w("metrics_port", "--metrics-port"),
+        metrics_address=w("metrics_address", "--metrics-address"),
         stall_timeout=b("stall_timeout_s", "--stall-timeout", help="seconds an engine may hold requests without "
                         "completing a step before it is declared hung (the worker then exits 1, leaving its "
                         "entries to others)"),
@@ -63,7 +65,8 @@ def _options():
 _W = _options()
 _TYPES = dict(model=str, backend=str, dtype=str, device=str, option=list[str], name=Optional[str], read_count=int,
               max_in_flight=int, block_ms=int, claim_idle=float, max_deliveries=int, result_ttl=int,
-              health_interval=float, reconnect_limit=float, until_empty=bool, stall_timeout=float)
+              health_interval=float, reconnect_limit=float, until_empty=bool, metrics_port=Optional[int],
+              metrics_address=str, stall_timeout=float)
 
 
 def _worker_command(fn):
@@ -84,12 +87,12 @@ def _worker_command(fn):
 def _configs(f: dict):
     wc = _worker_config(f["url"], f["prefix"], f["name"], f["read_count"], f["max_in_flight"], f["block_ms"],
                         f["claim_idle"], f["max_deliveries"], f["result_ttl"], f["health_interval"],
-                        f["reconnect_limit"], f["until_empty"])
+                        f["reconnect_limit"], f["until_empty"], f["metrics_port"], f["metrics_address"])
     return wc, _backend_config(f["backend"], f["model"], f["dtype"], f["device"], f["option"], f["stall_timeout"])
 
 
 def _worker_config(url, prefix, name, read_count, max_in_flight, block_ms, claim_idle, max_deliveries, result_ttl,
-                   health_interval, reconnect_limit, until_empty):
+                   health_interval, reconnect_limit, until_empty, metrics_port=None, metrics_address="0.0.0.0"):
     from pydantic import ValidationError
 
     from workers.queue.config import WorkerConfig, default_name
@@ -98,7 +101,8 @@ def _worker_config(url, prefix, name, read_count, max_in_flight, block_ms, claim
                             read_count=read_count, max_in_flight=max_in_flight, block_ms=block_ms,
                             claim_idle_s=claim_idle, max_deliveries=max_deliveries, result_ttl_s=result_ttl,
                             health_interval_s=health_interval, reconnect_limit_s=reconnect_limit,
-                            until_empty=until_empty)
+                            until_empty=until_empty, metrics_port=metrics_port,
+                            metrics_address=metrics_address)
     except ValidationError as e:
         from workers.queue.admit import explain
         fail(f"worker options: {explain(e)}")
@@ -120,6 +124,7 @@ def worker(**flags):
     """One worker process. SIGTERM: finish and ack what is in flight, exit 0; a second SIGTERM exits at once."""
     import asyncio
 
+    from workers.metrics import MetricsPortError
     from workers.queue.errors import RedisUnusable, preflight
     from workers.queue.worker import WorkerFailed
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -150,6 +155,8 @@ def worker(**flags):
         fail(str(e), EXIT_REDIS)
     except WorkerFailed as e:
         fail(str(e), EXIT_FAILED)
+    except MetricsPortError as e:
+        fail(str(e), EXIT_USAGE)
     from dataclasses import asdict
     typer.echo(json.dumps({"worker": wc.name, **asdict(counters)}))
 

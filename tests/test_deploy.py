@@ -196,10 +196,14 @@ def validate(where: str, doc: dict) -> None:
         pytest.fail(f"{where}: {e.message} at {'.'.join(map(str, e.path))}")
 
 
+CRDS = ("ray.io/v1", "keda.sh/v1alpha1", "monitoring.coreos.com/v1")  # not in Kubernetes' schemas: checked below
+
+
 def test_core_manifests_validate_against_the_kubernetes_schemas():
-    assert {d["kind"] for _, d in DOCS} >= {"Deployment", "Secret", "PersistentVolumeClaim", "Job", "RayJob"}
+    assert {d["kind"] for _, d in DOCS} >= {"Deployment", "Secret", "PersistentVolumeClaim", "Job", "RayJob",
+                                            "ScaledObject", "TriggerAuthentication", "PodMonitor"}
     for f, d in DOCS:
-        if d["apiVersion"] != "ray.io/v1":
+        if d["apiVersion"] not in CRDS:
             validate(f"{f} {d['kind']}/{d['metadata']['name']}", d)
 
 
@@ -428,3 +432,138 @@ def test_liveness_probe_follows_the_workers_health_hash(redis_server, queue_pref
     assert probe({**env, "PHI3_WORKER_NAME": "another-pod"})[0] == 1
     code, out = probe({**env, "PHI3_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     assert code == 0 and "unreachable" in out, "a Redis outage restarts no worker"
+
+
+# ---- autoscaling (KEDA), scraping (Prometheus Operator), dashboard (Grafana) -------------------------------------
+# The fields these objects may have and their types, as KEDA 2.20 defines them (kedacore/keda:
+# apis/keda/v1alpha1/scaledobject_types.go ScaledObjectSpec/AdvancedConfig/ScaleTarget, scaletriggers_types.go
+# ScaleTriggers/AuthenticationRef, triggerauthentication_types.go AuthTargetRef) and the redis-streams trigger's
+# metadata keys (pkg/scalers/redis_streams_scaler.go redisStreamsMetadata, redis_scaler.go redisConnectionInfo: the
+# `keda:"name=..."` tags; a key read from resolvedEnv may also be given as <key>FromEnv). Trigger metadata is a
+# map[string]string: every value a string. PodMonitor: prometheus-operator's monitoring.coreos.com/v1 PodMonitorSpec.
+I32, STR, OBJ, LIST = int, str, dict, list
+KEDA_SPEC = {"scaleTargetRef": {"name": STR, "apiVersion": STR, "kind": STR, "envSourceContainerName": STR},
+             "pollingInterval": I32, "initialCooldownPeriod": I32, "cooldownPeriod": I32, "idleReplicaCount": I32,
+             "minReplicaCount": I32, "maxReplicaCount": I32, "advanced": {
+                 "horizontalPodAutoscalerConfig": {"behavior": OBJ, "name": STR},
+                 "restoreToOriginalReplicaCount": bool, "scalingModifiers": OBJ},
+             "triggers": LIST, "fallback": {"failureThreshold": I32, "replicas": I32, "behavior": STR}}
+KEDA_TRIGGER = {"type": STR, "name": STR, "useCachedMetrics": bool, "metadata": OBJ,
+                "authenticationRef": {"name": STR, "kind": STR}, "metricType": STR}
+REDIS_STREAMS_KEYS = {"stream", "consumerGroup", "pendingEntriesCount", "streamLength", "lagCount",
+                      "activationLagCount", "databaseIndex", "enableTLS", "unsafeSsl", "address", "addresses", "host",
+                      "hosts", "port", "ports", "username", "password", "sentinelUsername", "sentinelPassword",
+                      "sentinelMaster"}
+FROM_ENV = {"address", "addresses", "host", "hosts", "port", "ports", "username", "password", "sentinelUsername",
+            "sentinelPassword", "sentinelMaster"}
+REDIS_AUTH_PARAMS = {"address", "addresses", "host", "hosts", "port", "ports", "username", "password",
+                     "sentinelUsername", "sentinelPassword", "sentinelMaster", "tls", "cert", "key", "keyPassword",
+                     "ca"}
+POD_MONITOR_SPEC = {"selector": {"matchLabels": OBJ, "matchExpressions": LIST}, "podMetricsEndpoints": LIST,
+                    "namespaceSelector": OBJ, "jobLabel": STR, "podTargetLabels": LIST, "sampleLimit": int}
+POD_METRICS_ENDPOINT = {"port": STR, "portNumber": int, "path": STR, "scheme": STR, "interval": STR,
+                        "scrapeTimeout": STR, "honorLabels": bool, "relabelings": LIST, "metricRelabelings": LIST}
+
+
+def check_fields(where: str, obj: dict, allowed: dict) -> None:
+    for key, value in obj.items():
+        assert key in allowed, f"{where}: {key!r} is not a field ({sorted(allowed)})"
+        want = allowed[key]
+        if isinstance(want, dict):
+            assert isinstance(value, dict), f"{where}.{key}: expected an object"
+            check_fields(f"{where}.{key}", value, want)
+        else:
+            assert isinstance(value, want) and not (want is int and isinstance(value, bool)), \
+                f"{where}.{key}: {value!r} is not a {want.__name__}"
+
+
+def one(kind: str) -> dict:
+    [(_, d)] = of_kind(kind)
+    return d
+
+
+def redis_triggers() -> list[dict]:
+    return [t for t in one("ScaledObject")["spec"]["triggers"] if t["type"] == "redis-streams"]
+
+
+def test_keda_objects_have_only_the_fields_keda_defines():
+    so, auth = one("ScaledObject"), one("TriggerAuthentication")
+    assert so["apiVersion"] == auth["apiVersion"] == "keda.sh/v1alpha1"
+    check_fields("ScaledObject.spec", so["spec"], KEDA_SPEC)
+    assert so["spec"]["scaleTargetRef"]["name"] and so["spec"]["triggers"]
+    for i, t in enumerate(so["spec"]["triggers"]):
+        check_fields(f"triggers[{i}]", t, KEDA_TRIGGER)
+        assert t["type"] == "redis-streams"
+        for key, value in t["metadata"].items():
+            assert key in REDIS_STREAMS_KEYS or key.removesuffix("FromEnv") in FROM_ENV, f"triggers[{i}]: {key}"
+            assert isinstance(value, str), f"triggers[{i}].metadata.{key}: {value!r} must be a string"
+        for key in ("pendingEntriesCount", "streamLength", "lagCount", "activationLagCount", "databaseIndex"):
+            assert key not in t["metadata"] or t["metadata"][key].isdigit(), f"triggers[{i}].{key}: an integer"
+    assert set(auth["spec"]) == {"secretTargetRef"}
+    for ref in auth["spec"]["secretTargetRef"]:
+        assert set(ref) == {"parameter", "name", "key"} and ref["parameter"] in REDIS_AUTH_PARAMS
+
+
+def test_keda_scales_the_worker_deployment_on_its_stream_and_group_from_zero():
+    from urllib.parse import urlsplit
+
+    from workers.queue.config import WorkerConfig
+    from workers.queue.connection import Names
+    so, auth, deployment = one("ScaledObject")["spec"], one("TriggerAuthentication"), one("Deployment")
+    assert so["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                    "name": deployment["metadata"]["name"]}
+    env = pod_env(worker_container())
+    names = Names(env["PHI3_QUEUE_PREFIX"])
+    assert env["PHI3_QUEUE_PREFIX"] == WorkerConfig.model_fields["prefix"].default  # the worker's default prefix
+    [lag] = [t for t in redis_triggers() if "lagCount" in t["metadata"]]
+    assert "activationLagCount" in lag["metadata"] and so["minReplicaCount"] == 0 < so["maxReplicaCount"]
+    tls = "true" if env["PHI3_REDIS_URL"].startswith("rediss://") else "false"
+    for t in redis_triggers():
+        m = t["metadata"]
+        assert (m["stream"], m["consumerGroup"]) == (names.requests, names.group)
+        db = urlsplit(env["PHI3_REDIS_URL"]).path.strip("/") or "0"
+        assert m.get("enableTLS", "false") == tls and m.get("databaseIndex", "0") == db
+        assert t["authenticationRef"]["name"] == auth["metadata"]["name"]
+    # KEDA's credentials: the keys of the same Secret the workers' URL is built from
+    used = {e["valueFrom"]["secretKeyRef"]["key"]: e["valueFrom"]["secretKeyRef"]["name"]
+            for e in worker_container()["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert {r["key"]: r["name"] for r in auth["spec"]["secretTargetRef"]} == used
+    assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {"address", "password"}
+
+
+def test_scale_down_waits_longer_than_a_drain():
+    so, pod = one("ScaledObject")["spec"], one("Deployment")["spec"]["template"]["spec"]
+    grace = pod["terminationGracePeriodSeconds"]
+    down = so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert so["cooldownPeriod"] > grace and down["stabilizationWindowSeconds"] >= grace
+    # entries held by workers keep them up even when nothing is left undelivered
+    assert any("pendingEntriesCount" in t["metadata"] for t in redis_triggers())
+
+
+def test_pod_monitor_scrapes_the_workers_metrics_port():
+    pm, deployment, c = one("PodMonitor"), one("Deployment"), worker_container()
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    check_fields("PodMonitor.spec", pm["spec"], POD_MONITOR_SPEC)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    [endpoint] = pm["spec"]["podMetricsEndpoints"]
+    check_fields("podMetricsEndpoints[0]", endpoint, POD_METRICS_ENDPOINT)
+    [port] = [p for p in c["ports"] if p["name"] == endpoint["port"]]
+    assert c["args"][c["args"].index("--metrics-port") + 1] == str(port["containerPort"])
+    assert endpoint["path"] == "/metrics"
+
+
+def test_the_dashboard_uses_only_metrics_the_code_exports():
+    from workers.job_metrics import exported_names
+    from workers.metrics import metric_names
+    dash = json.loads(read("grafana-dashboard.json"))
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", n) for e in exprs for n in re.findall(r"\b(?:ray_)?phi3_batch_\w+", e)}
+    known = metric_names() | exported_names()
+    assert used <= known, f"not exported by the code: {sorted(used - known)}"
+    for must in ("phi3_batch_queue_processed_total", "phi3_batch_queue_stream_lag",
+                 "phi3_batch_engine_time_to_first_token_seconds", "phi3_batch_engine_kv_blocks_used",
+                 "phi3_batch_queue_failed_total", "phi3_batch_queue_dead_lettered_total",
+                 "ray_phi3_batch_job_rows_total"):
+        assert must in used, f"the dashboard has no panel on {must}"
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])

@@ -90,15 +90,17 @@ def test_every_output_of_every_kind_validates_whatever_the_weights(loaded):
     assert eng.grammars.compiled == len(constraints())  # one compile per distinct grammar, not per row
 
 
-def test_json_object_gives_objects(loaded):
-    """Any JSON object: its strings and numbers have no bound, so random weights could fill max_new_tokens inside
-    one; a bias towards closing quotes and braces (bytes 0x22, 0x7D) lets the values end."""
-    tok = loaded[1]
+def json_objects(tok, n: int, seed: int) -> list[Request]:
+    """n json_object requests. Any JSON object: its strings and numbers have no bound, so random weights could fill
+    max_new_tokens inside one; a bias towards closing quotes and braces (bytes 0x22, 0x7D) lets the values end."""
     bias = {tok.token_to_id("<0x22>"): 4.0, tok.token_to_id("<0x7D>"): 4.0}
-    batch = prompts([4 + i for i in range(12)], seed=77)
-    outs = engine(loaded).generate([Request(p, SamplingParams(max_new_tokens=NEW, temperature=1.0, seed=i,
-                                                              json_object=True, logit_bias=bias))
-                                    for i, p in enumerate(batch)])
+    sampling = [dict(temperature=0.0)] + [dict(temperature=1.0, seed=i) for i in range(1, n)]
+    return [Request(p, SamplingParams(max_new_tokens=NEW, json_object=True, logit_bias=bias, **sampling[i]))
+            for i, p in enumerate(prompts([4 + i for i in range(n)], seed=seed))]
+
+
+def test_json_object_gives_objects(loaded):
+    outs = engine(loaded).generate(json_objects(loaded[1], 12, seed=77))
     assert all(o.finish_reason == "stop" and isinstance(json.loads(o.text), dict) for o in outs), outs
 
 

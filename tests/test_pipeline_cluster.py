@@ -16,10 +16,12 @@ import time
 import urllib.error
 import urllib.request
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from tests.pipeline_helpers import PROMPTS, job, read_outputs, reference_generate, write_prompts
+from tests.test_engine_structured import NEW, constraints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -131,9 +133,29 @@ def test_vllm_backend_in_an_actor_equals_generate(ray_local, vllm_model_dir, tmp
     lm.compile(sampler="greedy")
     prompts = PROMPTS[:8]
     src = write_prompts(str(tmp_path / "in"), {"p.parquet": (prompts, 3)})
+    # a second file: one row per structured-output kind (per-row request fields), plus a row asking for logprobs
+    kinds = constraints()
+    structured = [dict(prompt=PROMPTS[i], max_new_tokens=NEW, **{k: json.dumps(v) if k == "json_schema" else
+                                                                  list(v) if k == "choice" else v
+                                                                  for k, v in fields.items()})
+                  for i, (fields, _) in enumerate(kinds)] + [dict(prompt=PROMPTS[0], max_new_tokens=6, logprobs=2)]
+    names = list(dict.fromkeys(k for r in structured for k in r))
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in names} for r in structured]),
+                   os.path.join(src, "s.parquet"))
     summary = __import__("pipeline").run(job(
         src, str(tmp_path / "out"), vllm_model_dir, backend="vllm", max_new_tokens=8, shard_rows=3,
         engine_options=dict(max_model_len=512, max_num_seqs=16, kv_cache_space_gib=1)))
     assert summary.ok and summary.actors[0]["backend"] == "vllm"
     rows = pq.read_table(str(tmp_path / "out" / "p.parquet")).to_pylist()
     assert [r["completion"] for r in rows] == reference_generate(lm, prompts, 8)
+    rows = pq.read_table(str(tmp_path / "out" / "s.parquet")).to_pylist()
+    for i, ((fields, check), row) in enumerate(zip(kinds, rows)):   # valid, and the native engine's greedy value
+        check(row["completion"])
+        ids = lm.tokenizer.encode(PROMPTS[i], add_bos=True)
+        assert row["completion"] == lm.generate(PROMPTS[i], max_length=len(ids) + NEW, strip_prompt=True,
+                                                **fields), fields
+    want = lm.generate_details(PROMPTS[0], max_length=len(lm.tokenizer.encode(PROMPTS[0], add_bos=True)) + 6,
+                               logprobs=2)
+    got = rows[-1]["logprobs"]
+    assert [e["token_id"] for e in got] == [e.token_id for e in want.logprobs]
+    assert all(abs(e["logprob"] - w.logprob) < 1e-4 for e, w in zip(got, want.logprobs))

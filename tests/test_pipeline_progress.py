@@ -54,8 +54,8 @@ def test_rows_finished_inside_a_shard_in_flight_show_in_the_progress_line(ray_lo
         assert max(counts) == short, counts
     finally:
         seam.release()
-    out, _ = proc.communicate(timeout=GUARD_S)
-    reader.join(10)
+    proc.wait(timeout=GUARD_S)   # stderr is the reader's alone (communicate would race it); stdout is a short summary
+    reader.join(GUARD_S)
     assert proc.returncode == 0, "".join(lines)[-3000:]
     assert any("8/8 rows, 1/1 shards" in line for line in lines)
     rows = pq.read_table(str(tmp_path / "out" / "one.parquet")).to_pylist()

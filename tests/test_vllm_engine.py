@@ -144,7 +144,7 @@ def test_invalid_requests_fail_alone_with_errors_naming_the_input(vllm_loop, vll
         one([]), one([5, vocab]), one([5], stop_token_ids=(vocab + 1,)), one([5] * 512), one(prompts[3])])
     assert isinstance(empty, RequestError) and "empty" in str(empty)
     assert isinstance(outside, RequestError) and f"token id {vocab}" in str(outside)
-    assert isinstance(stop_outside, RequestError) and f"stop_token_ids: {vocab + 1}" in str(stop_outside)
+    assert isinstance(stop_outside, RequestError) and f"stop_token_ids: token id {vocab + 1}" in str(stop_outside)
     assert isinstance(too_long, RequestError) and "512 tokens" in str(too_long)
     assert good.token_ids == reference[3]
 

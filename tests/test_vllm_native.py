@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from phi3_model.engine.sampling_params import SamplingParams
-from tests.fixtures.vllm_engine import HFReference, mixed_prompts
-from workers.backend import BackendConfig, create_backend
+from tests.fixtures.vllm_engine import HFReference, both, mixed_prompts
 
 pytest.importorskip("phi3_model.engine.engine")
 pytestmark = pytest.mark.vllm
@@ -14,38 +13,23 @@ pytestmark = pytest.mark.vllm
 NEW = 24
 
 
-@pytest.fixture(scope="module")
-def native(vllm_loop, vllm_model_dir):
-    backend = create_backend(BackendConfig(name="native", model=vllm_model_dir, dtype="float32", device="cpu",
-                                           options={"max_model_len": 512}))
-    vllm_loop.run(backend.start())
-    yield backend
-    vllm_loop.run(backend.close())
-
-
-def both(loop, backends, cases):
-    """cases: [(prompt, SamplingParams)] -> per backend, its Completions in order."""
-    return [loop.gather([b.generate(p, sp, request_id=f"r{i}") for i, (p, sp) in enumerate(cases)])
-            for b in backends]
-
-
-def test_native_and_vllm_greedy_tokens_equal_transformers(vllm_loop, vllm_backend, native, vllm_model_dir):
+def test_native_and_vllm_greedy_tokens_equal_transformers(vllm_loop, vllm_backend, native_backend, vllm_model_dir):
     pytest.importorskip("transformers")
     hf = HFReference(vllm_model_dir)
     prompts = mixed_prompts(vllm_backend.tokenizer)
     greedy = SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=NEW)
-    ours, theirs = both(vllm_loop, [native, vllm_backend], [(p, greedy) for p in prompts])
+    ours, theirs = both(vllm_loop, [native_backend, vllm_backend], [(p, greedy) for p in prompts])
     for p, a, b in zip(prompts, ours, theirs):
         want = hf.greedy(p, NEW)
         assert a.token_ids == want, f"native, prompt of {len(p)} tokens"
         assert b.token_ids == want, f"vllm, prompt of {len(p)} tokens"
 
 
-def test_identical_completions_through_the_common_interface(vllm_loop, vllm_backend, native):
+def test_identical_completions_through_the_common_interface(vllm_loop, vllm_backend, native_backend):
     tok = vllm_backend.tokenizer
     prompts = mixed_prompts(tok)
     g = dict(temperature=0.0, max_new_tokens=NEW)
-    probe = vllm_loop.run(native.generate(prompts[0], SamplingParams(**g, ignore_eos=True)))  # picks stops below
+    probe = vllm_loop.run(native_backend.generate(prompts[0], SamplingParams(**g, ignore_eos=True)))  # stops below
     t, word = probe.token_ids[NEW // 3], probe.text[NEW // 2:NEW // 2 + 2]
     params = [
         SamplingParams(**g),  # the model's end token stops
@@ -60,7 +44,7 @@ def test_identical_completions_through_the_common_interface(vllm_loop, vllm_back
     cases = [(p, sp) for i, p in enumerate(prompts) for j, sp in enumerate(params) if (i + j) % 3 == 0]
     cases.append((prompts[0], params[3]))
     cases.append((mixed_prompts(tok, lengths=(500,), seed=2)[0], SamplingParams(**g, ignore_eos=True)))  # context end
-    ours, theirs = both(vllm_loop, [native, vllm_backend], cases)
+    ours, theirs = both(vllm_loop, [native_backend, vllm_backend], cases)
     assert any(c.finish_reason == "stop" and isinstance(c.stop_reason, str) for c in ours)
     assert any(c.finish_reason == "stop" and isinstance(c.stop_reason, int) for c in ours)
     for (p, sp), a, b in zip(cases, ours, theirs):

@@ -13,6 +13,7 @@ import ray
 from phi3_model.engine.sampling_params import EngineDied
 
 from .backend import BackendConfig, create_backend, exit_for_restart
+from .job_metrics import RayMetrics, count_rows
 from .rows import InFlight, RowSpec, run_table
 
 
@@ -23,6 +24,8 @@ class EngineActor:
         self.backend = None
         self._starting: asyncio.Task | None = None
         self.finished: dict[str, list[int]] = {}   # run() label -> [rows finished, output tokens]
+        self.metrics = RayMetrics("phi3_batch_job_rows", "phi3_batch_job_prompt_tokens",
+                                  "phi3_batch_job_completion_tokens")
 
     async def _ready(self):
         if self.backend is None:
@@ -41,7 +44,8 @@ class EngineActor:
         """Starts the engine; where it runs and what it holds."""
         backend = await self._ready()
         ctx = ray.get_runtime_context()
-        return dict(pid=os.getpid(), node_id=ctx.get_node_id(), gpu_ids=[str(g) for g in ray.get_gpu_ids()],
+        return dict(pid=os.getpid(), node_id=ctx.get_node_id(), worker_id=ctx.get_worker_id(),
+                    gpu_ids=[str(g) for g in ray.get_gpu_ids()],
                     max_model_len=backend.max_model_len, backend=self.config.name,
                     engine=getattr(backend, "placement", {}))
 
@@ -57,7 +61,9 @@ class EngineActor:
         key = label if label is not None else f"run-{id(table)}"
         counts = self.finished[key] = [0, 0]
         try:
-            return await run_table(backend, table, spec, self.limit, id_prefix=label, progress=counts)
+            results = await run_table(backend, table, spec, self.limit, id_prefix=label, progress=counts)
+            count_rows(self.metrics, results)
+            return results
         except EngineDied as e:
             exit_for_restart(e, backend)
         finally:

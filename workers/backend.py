@@ -66,6 +66,11 @@ class EngineBackend(abc.ABC):
         """Why this backend can run nothing any more (its engine process died), or None while it can."""
         return None
 
+    def stats(self) -> dict | None:
+        """The engine's figures as phi3_model/engine/stats.py's EngineStats.snapshot gives them, for metrics; None
+        where the backend has none (vLLM exports its own)."""
+        return None
+
     def remove_files(self) -> None:
         """Remove what the engine keeps on disk, for a process about to exit without closing it."""
 

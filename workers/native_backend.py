@@ -79,6 +79,10 @@ class NativeBackend(EngineBackend):
         return await self._async.generate_many([Request(list(ids), params, rid) for ids, params, rid in requests],
                                                finished)
 
+    def stats(self) -> dict | None:
+        """The engine's figures (phi3_model/engine/stats.py), None before it starts."""
+        return self._async.stats() if self._async is not None else None
+
     def failure(self) -> BaseException | None:
         return self._async.error if self._async is not None else None
 

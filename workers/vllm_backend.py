@@ -1,17 +1,42 @@
 """vLLM behind the common backend interface, running this project's registered Phi-3 class.
 
 Tokens in, `Completion` out, exactly as the native backend:
-- vLLM never tokenizes (`skip_tokenizer_init`, `TokensPrompt`); texts come from this project's `Phi3Tokenizer`.
+- vLLM never tokenizes or detokenizes (`TokensPrompt`, `detokenize=False`); texts come from this project's
+  `Phi3Tokenizer`. vLLM does get a tokenizer, for its structured outputs: this project's own, registered as
+  tokenizer_mode `phi3_batch` (phi3_model/vllm_tokenizer.py), so xgrammar sees the native engine's vocabulary
+  (special tokens unusable in a grammar, config.eos_token_id the stop token).
 - Every request streams its new tokens (`output_kind=DELTA`) into the shared `Stopper` (phi3_model.engine.stopping),
-  the same per-request stop rule the native engine applies, so identical tokens give identical Completions. Stop
-  strings are matched there on the decoded text (vLLM cannot, without its tokenizer) and the vLLM request is aborted
-  when one matches; stop token ids, the model's end token, `min_new_tokens`, seeds, temperature, top-k (0 = off in
+  one per sample, the same per-request stop rule the native engine applies, so identical tokens give identical
+  Completions. Stop strings are matched there on the decoded text and the vLLM request is aborted once every sample
+  has ended; stop token ids, the model's end token, `min_new_tokens`, seeds, temperature, top-k (0 = off in
   both), top-p and `max_new_tokens` are also handed to vLLM's per-request sampling so it stops and masks on its own.
+- The other fields, as vLLM's SamplingParams: `n` -> `n` (sample i draws from seed + i in both backends: a seeded
+  request's samples equal the same seeds one at a time); `logprobs`, `prompt_logprobs` -> the same (vLLM's
+  {id: Logprob(logprob, rank)} per position become Logprob entries with our token texts, the top k by rank;
+  cumulative_logprob is the sum of the sample's entries, as natively); `logit_bias`, `allowed_token_ids` -> the same;
+  `bad_words` -> vLLM's bad-word token ids, set directly to the native engine's forms (rules.bad_word_ids: the word
+  alone and glued to what precedes it), since vLLM would tokenize `bad_words` its own way; structured output
+  (json_schema, json_object, regex, choice, grammar) -> `StructuredOutputsParams(grammar=EBNF)` with the EBNF the
+  native engine compiles (grammar.constraint_ebnf) and the engine's structured-output backend fixed to xgrammar,
+  so greedy constrained outputs are the native engine's token for token. A constrained request sends vLLM only the
+  end token as stop id (the grammar's stop token) and no min_tokens, as the native engine; its own stop_token_ids
+  are the Stopper's. A schema, regex or grammar that cannot be compiled is refused (RequestError naming the field)
+  before it reaches vLLM, with the native engine's message.
+- Log-probabilities are vLLM's raw ones (fp32 log_softmax of the logits, before bias, bad words, allowed ids and
+  temperature), as natively, except under a grammar: vLLM applies a grammar's token mask to the logits before it
+  takes log-probabilities, so a constrained request's logprobs are those of the masked distribution there.
+- Differences left: with `ignore_eos` and `min_new_tokens`, vLLM also holds the end token back for the first
+  min_new_tokens (it is always among its stop ids for min_tokens); a sample that a stop string ends keeps running in
+  vLLM, unseen, until every sample of its request has ended.
+- Request checks are the native engine's (sampling_params.validate_request), with its messages.
 - The model's generation_config.json is not read (vLLM would add its extra end ids, e.g. Phi-3's <|end|>, as stops):
   vLLM reads a neutral one shipped in workers/vllm_files/ instead (its own "vllm" setting still reads the
   model's end ids, see there), so the only end token is config.eos_token_id, as in the native engine.
 - Greedy tokens are the same in both backends; sampled ones come from each engine's own generator (a seeded request
   is reproducible within a backend, not across backends).
+- On CPU the engine runs without chunked prefill (max_num_batched_tokens at least max_model_len): vLLM 0.32's CPU
+  runner rewinds a seeded request's generator when its prefill is split over steps, which CPU generators do not
+  support ("CPU Generator does not use offset"), and the engine core dies.
 
 vLLM spawns its engine core (and on CPU a worker) process: a script that starts this backend needs the
 `if __name__ == "__main__":` guard, and the project must be installed (its `vllm.general_plugins` entry point is
@@ -36,17 +61,21 @@ import time
 import uuid
 from contextlib import aclosing
 
-from phi3_model.engine.sampling_params import Completion, EngineDied, EngineStalled, RequestError, SamplingParams
-from phi3_model.engine.stopping import Stopper
+from phi3_model.engine.grammar import constraint_ebnf
+from phi3_model.engine.rules import bad_word_ids
+from phi3_model.engine.sampling_params import (MAX_LOGPROBS, Completion, EngineDied, EngineStalled, Logprob,
+                                               RequestError, SamplingParams, validate_request)
+from phi3_model.engine.stopping import Stopper, completion, to_logprob
 from phi3_model.engine.watchdog import Watchdog
 from phi3_model.presets import load_tokenizer, pick_device, pick_dtype, resolve
-from phi3_model.vllm_registry import ARCH, hf_overrides, register
+from phi3_model.vllm_registry import ARCH, TOKENIZER_MODE, hf_overrides, register
 
 from .backend import BackendConfig, EngineBackend
 from .backend_options import VLLMOptions
 from .vllm_files import NEUTRAL_GENERATION_CONFIG, files_in, make_run_directory, remove_run_directory
 
 log = logging.getLogger(__name__)
+CPU_BATCHED_TOKENS = 2048  # vLLM's default max_num_batched_tokens
 
 
 async def _in_own_thread(fn, abandon):
@@ -87,15 +116,37 @@ def check_entry_point() -> None:
                            "or pip install -e .)")
 
 
-def vllm_sampling_params(params: SamplingParams, stops: list[int], eos_token_id: int, max_tokens: int):
-    """stops: the request's resolved stop token ids; vLLM stops on its eos only when that is one of them."""
+def vllm_sampling_params(params: SamplingParams, stops: list[int], eos_token_id: int, max_tokens: int,
+                         tokenizer=None):
+    """vLLM's per-request parameters for `params` (the mapping in this module's docstring). stops: the request's
+    resolved stop token ids (SamplingParams.stop_ids); vLLM stops on its eos only when that is one of them."""
     from vllm import SamplingParams as VLLMSamplingParams
-    from vllm.sampling_params import RequestOutputKind
-    return VLLMSamplingParams(
-        n=1, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
-        max_tokens=max_tokens, min_tokens=min(params.min_new_tokens, max_tokens), stop_token_ids=stops,
-        ignore_eos=eos_token_id not in stops, detokenize=False, skip_special_tokens=False,
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+    constraint = params.constraint
+    if constraint is not None:  # the end token is the grammar's only stop token; the Stopper applies stop_token_ids
+        stops, ignore_eos, min_tokens = [eos_token_id], False, 0
+        structured = StructuredOutputsParams(grammar=constraint_ebnf(*constraint))
+    else:
+        stops = list(stops)
+        ignore_eos, min_tokens, structured = eos_token_id not in stops, min(params.min_new_tokens, max_tokens), None
+    sp = VLLMSamplingParams(
+        n=params.n, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+        max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=stops, ignore_eos=ignore_eos,
+        logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
+        logit_bias=dict(params.logit_bias) if params.logit_bias else None,
+        allowed_token_ids=list(params.allowed_token_ids) if params.allowed_token_ids is not None else None,
+        structured_outputs=structured, detokenize=False, skip_special_tokens=False,
         output_kind=RequestOutputKind.DELTA)
+    if params.bad_words:  # as token ids, the native engine's forms (vLLM would tokenize `bad_words` its own way)
+        sp._bad_words_token_ids = [ids for w in params.bad_words for ids in bad_word_ids(tokenizer, w)]
+    return sp
+
+
+def logprob_entry(token: int, position: dict, k: int) -> tuple:
+    """vLLM's {token id: Logprob(logprob, rank)} at one position -> (logprob of `token`, top-k ids, their logprobs)
+    as the native sampler gives it. The dict holds the top k and `token` (k + 1 entries when it is not among them)."""
+    top = sorted(((v.rank, i, v.logprob) for i, v in position.items() if len(position) <= k or i != token))[:k]
+    return position[token].logprob, [i for _, i, _ in top], [lp for _, _, lp in top]
 
 
 class VLLMBackend(EngineBackend):
@@ -122,6 +173,7 @@ class VLLMBackend(EngineBackend):
                 self.watchdog.start()
 
     def _build(self):
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -148,10 +200,15 @@ class VLLMBackend(EngineBackend):
                             "factors; the native engine uses the short ones for sequences up to %d tokens",
                             self.max_model_len, config.original_max_position_embeddings,
                             config.original_max_position_embeddings)
+        batched = o.max_num_batched_tokens
+        if device.type == "cpu":  # no chunked prefill: see the module docstring (seeded requests)
+            batched = max(batched or CPU_BATCHED_TOKENS, self.max_model_len)
         args = AsyncEngineArgs(
-            model=directory, dtype=dtype, skip_tokenizer_init=True, hf_overrides=hf_overrides(),
+            model=directory, dtype=dtype, tokenizer_mode=TOKENIZER_MODE, hf_overrides=hf_overrides(),
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar"), max_logprobs=MAX_LOGPROBS,
             generation_config=NEUTRAL_GENERATION_CONFIG, max_model_len=self.max_model_len, max_num_seqs=o.max_num_seqs,
-            max_num_batched_tokens=o.max_num_batched_tokens, gpu_memory_utilization=o.gpu_memory_utilization,
+            max_num_batched_tokens=batched, enable_chunked_prefill=device.type != "cpu",
+            gpu_memory_utilization=o.gpu_memory_utilization,
             kv_cache_memory_bytes=int(o.kv_cache_space_gib * 2**30) if o.kv_cache_space_gib else None,
             tensor_parallel_size=o.tensor_parallel_size,
             enforce_eager=o.enforce_eager if o.enforce_eager is not None else device.type == "cpu",
@@ -177,18 +234,7 @@ class VLLMBackend(EngineBackend):
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The native engine's request checks, with its messages (the KV pool check is vLLM's own)."""
-        n, vocab = len(prompt_token_ids), self.model_config.vocab_size
-        if n == 0:
-            raise RequestError("prompt is empty: at least one token is needed")
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        bad = [t for t in params.stop_ids(None) if t >= vocab]
-        if bad:
-            raise RequestError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {vocab})")
-        if n >= self.max_model_len:
-            raise RequestError(f"prompt has {n} tokens, model context is {self.max_model_len} "
-                               f"(at most {self.max_model_len - 1} prompt tokens leave room for one new token)")
+        validate_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> Completion:
@@ -203,10 +249,13 @@ class VLLMBackend(EngineBackend):
         prompt = list(prompt_token_ids)
         self.validate(prompt, params)
         eos = self.model_config.eos_token_id
-        stopper = Stopper(params, eos, self.tokenizer, self.max_model_len, len(prompt))
-        sp = vllm_sampling_params(params, sorted(stopper.stop_ids), eos, stopper.max_new)
+        stoppers = [Stopper(params.for_sample(i) if params.n > 1 else params, eos, self.tokenizer,
+                            self.max_model_len, len(prompt)) for i in range(params.n)]
+        sp = vllm_sampling_params(params, sorted(stoppers[0].stop_ids), eos, stoppers[0].max_new, self.tokenizer)
+        grammar_end = eos if params.constraint is not None else None  # the token that completes a structured value
         vllm_id = f"{request_id or 'req'}-{uuid.uuid4().hex}"  # unique even when callers reuse ids
-        ended = None
+        ended: dict[int, str | None] = {}
+        prompt_logprobs = None
         stream = self.engine.generate(TokensPrompt(prompt_token_ids=prompt), sp, vllm_id)
         task = asyncio.current_task()
         if not self._calls:
@@ -216,11 +265,20 @@ class VLLMBackend(EngineBackend):
             async with aclosing(stream):  # leaving early closes the stream, which aborts the vLLM request
                 async for out in stream:
                     self.watchdog.progress(time.monotonic() - self.watchdog.last)  # a step's output: progress
-                    step = out.outputs[0]
-                    if any(stopper.append(t) for t in step.token_ids):
+                    if out.prompt_logprobs and prompt_logprobs is None:
+                        prompt_logprobs = self._prompt_logprobs(prompt, out.prompt_logprobs, params.prompt_logprobs)
+                    for step in out.outputs:  # one per sample that has new tokens
+                        stopper = stoppers[step.index]
+                        lps = step.logprobs or [None] * len(step.token_ids)
+                        for t, lp in zip(step.token_ids, lps):
+                            if stopper.finished:
+                                break
+                            entry = logprob_entry(t, lp, params.logprobs) if lp is not None else None
+                            stopper.append(t, entry, t == grammar_end)
+                        if step.finish_reason is not None:
+                            ended[step.index] = step.finish_reason
+                    if all(s.finished for s in stoppers):
                         break
-                    if out.finished:
-                        ended = step.finish_reason
         except VLLMClientError as e:  # vLLM refused the request itself (e.g. more KV than the pool holds)
             raise RequestError(str(e)) from e
         except EngineDeadError as e:  # its engine core process is gone
@@ -231,11 +289,14 @@ class VLLMBackend(EngineBackend):
             raise
         finally:
             self._calls.discard(task)
-        if not stopper.finished:  # vLLM ended the request for a reason of its own (abort, error)
-            c = stopper.to_completion(len(prompt), request_id)
-            c.finish_reason, c.error = "error", f"vLLM ended the request early (finish_reason {ended!r})"
-            return c
-        return stopper.to_completion(len(prompt), request_id)
+        early = [i for i, s in enumerate(stoppers) if not s.finished]  # vLLM ended them for reasons of its own
+        error = (f"vLLM ended the request early (finish_reason {ended.get(early[0])!r})" if early else None)
+        return completion([s.to_sample() for s in stoppers], len(prompt), request_id, error, prompt_logprobs)
+
+    def _prompt_logprobs(self, prompt: list[int], positions: list, k: int) -> list[Logprob | None]:
+        """vLLM's prompt logprobs (None, then one {id: Logprob} per prompt token) -> the native engine's entries."""
+        return [None] + [to_logprob(self.tokenizer, prompt[i], logprob_entry(prompt[i], positions[i], k))
+                         for i in range(1, len(prompt))]
 
     def failure(self) -> BaseException | None:
         return self.error

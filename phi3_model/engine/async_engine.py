@@ -81,6 +81,10 @@ class AsyncEngine(Front):
     def _running(self) -> bool:
         return self._thread is not None
 
+    def stats(self) -> dict | None:
+        """The engine's figures now (engine/stats.py), None before it is built."""
+        return self.engine.stats.snapshot(self.engine) if self.engine is not None else None
+
     async def start(self) -> None:
         if self._thread is None:  # a closed engine can be started again
             release_openmp_team()  # this thread's OpenMP workers would make the engine thread's stop spinning

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -15,9 +16,10 @@ from .runner import ModelRunner
 from .grammar import Grammars
 from .rules import Rules
 from .sampler import prompt_logprobs, sample
-from .sampling_params import Completion, RequestError, SamplingParams
+from .sampling_params import Completion, RequestError, SamplingParams, validate_request
 from .scheduler import Scheduler
 from .sequence import Group, Sequence
+from .stats import EngineStats
 from .stopping import Stopper, completion, to_logprob
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class Engine:
         self.grammars: Grammars | None = None  # built with the first structured request
         self.num_computed_tokens = 0  # tokens that went through the model (prefill + decode), for stats
         self.num_steps = 0
+        self.stats = EngineStats()  # figures for metrics (engine/stats.py); snapshot() reads them
         log.info("KV pool: %d blocks x %d tokens = %.1f MiB", num_blocks, config.block_size,
                  self.cache.nbytes / 2**20)
 
@@ -84,22 +87,8 @@ class Engine:
     # ---- requests -----------------------------------------------------------------------------------------
 
     def validate(self, req: Request) -> None:
+        validate_request(req.prompt_token_ids, req.params, self.model.config.vocab_size, self.max_model_len)
         n = len(req.prompt_token_ids)
-        vocab = self.model.config.vocab_size
-        if n == 0:
-            raise RequestError("prompt is empty: at least one token is needed")
-        bad = [t for t in req.prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        p = req.params
-        for name, ids in (("stop_token_ids", p.stop_ids(None)), ("allowed_token_ids", p.allowed_token_ids or ()),
-                          ("logit_bias", p.logit_bias or {})):
-            bad = [t for t in ids if t >= vocab]
-            if bad:
-                raise RequestError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if n >= self.max_model_len:
-            raise RequestError(f"prompt has {n} tokens, model context is {self.max_model_len} "
-                               f"(at most {self.max_model_len - 1} prompt tokens leave room for one new token)")
         need = min(n + req.params.max_new_tokens, self.max_model_len)
         if need > self.pool_tokens:
             raise RequestError(f"request needs {need} tokens of KV cache (prompt {n} + up to "
@@ -110,6 +99,7 @@ class Engine:
         self.validate(req)
         p, n = req.params, len(req.prompt_token_ids)
         group = Group(req.request_id, n, p)
+        group.arrival = time.monotonic()
         eos = self.model.config.eos_token_id
         vocab = self.model.config.vocab_size
         constraint = p.constraint
@@ -128,7 +118,8 @@ class Engine:
         if self.grammars is None:
             if self.tokenizer is None:
                 raise RequestError("structured output needs the model's tokenizer; this engine was built without one")
-            self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.model.config.eos_token_id)
+            self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.model.config.eos_token_id,
+                                     compile_s=self.stats.grammar_compile_s)
         return self.grammars
 
     def abort(self, group: Group) -> None:
@@ -142,6 +133,7 @@ class Engine:
 
     def step(self) -> list[Group]:
         """One forward over the scheduled batch. Returns the requests that finished in it."""
+        t = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_work():
@@ -150,14 +142,34 @@ class Engine:
         logits, prompt = self.runner.run(batch)
         for seq, start, rows in prompt:
             self._prompt_logprobs(seq, start, rows)
-        tokens = sample(logits, [b.seq for b in batch if b.samples], self.grammars)
+        sampled = [b.seq for b in batch if b.samples]
+        tokens = sample(logits, sampled, self.grammars)
         self.num_computed_tokens += sum(b.num_tokens for b in batch)
         self.num_steps += 1
         done = []
         for seq in self.scheduler.postprocess(batch, tokens):
             if seq.group.finished and seq.group not in done:
                 done.append(seq.group)
+        self._count(len(batch), sampled, tokens, done, t)
         return done
+
+    def _count(self, size: int, sampled: list[Sequence], tokens, done: list[Group], t: float) -> None:
+        """The step's figures into self.stats: its time and size, tokens, first tokens, finished requests."""
+        st, now = self.stats, time.monotonic()
+        st.step_s.observe(time.perf_counter() - t)
+        st.batch_size.observe(size)
+        st.generation_tokens += sum(1 for token, _ in tokens if token is not None)
+        for seq in sampled:
+            group = seq.group
+            if group.first_token_at is None:
+                group.first_token_at = now
+                st.ttft_s.observe(now - group.arrival)
+                st.prompt_tokens += group.prompt_len
+        for group in done:
+            st.requests_finished += 1
+            generated = max(s.num_generated for s in group.seqs)
+            if generated >= 2 and group.first_token_at is not None:
+                st.tpot_s.observe((now - group.first_token_at) / (generated - 1))
 
     def _prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
         """logits [n, V] of prompt positions start..start+n-1 predict tokens start+1..; keep those inside the

@@ -8,8 +8,8 @@ engine steps in a child process (as vLLM's engine core does), running the same e
 Protocol over one socket pair (pickled tuples):
   parent -> child  ("spec", EngineSpec) once, then ("work", [(rid, Request)], [rid to abort]) ... ("close",)
   child -> parent  ("ready", max_model_len) or ("failed", error text), then ("done", [(rid, Completion | None,
-                   (kind, message) | None)], longest step s) for each step that finished something, and at least
-                   once a second while stepping (the parent's progress watchdog)
+                   (kind, message) | None)], longest step s, engine stats snapshot) for each step that finished
+                   something, and at least once a second while stepping (the parent's progress watchdog)
 The child ignores SIGINT/SIGTERM (the parent decides when it stops: a terminal's Ctrl-C reaches the whole process
 group, and a draining worker still needs its engine) and dies with the parent (PR_SET_PDEATHSIG, and EOF on the
 socket).
@@ -63,6 +63,7 @@ class EngineProcess(Front):
         self._outbox: queue.SimpleQueue | None = None
         self._sender: threading.Thread | None = None
         self._closing = False
+        self._stats: dict | None = None  # the engine's figures as of the child's last message
 
     @property
     def pid(self) -> int | None:
@@ -70,6 +71,11 @@ class EngineProcess(Front):
 
     def _running(self) -> bool:
         return self._proc is not None
+
+    def stats(self) -> dict | None:
+        """The engine's figures (engine/stats.py) as of the child's last message: after every step that finished
+        a request and at least once a second while it steps. None before the first."""
+        return self._stats
 
     async def start(self) -> None:
         if self._proc is not None:
@@ -168,6 +174,7 @@ class EngineProcess(Front):
                 self._closing = True  # the child exits next; start() raises this
                 settle_futures(loop, [(ready, None, RuntimeError(f"engine process: {msg[1]}"))])
             elif kind == "done":
+                self._stats = msg[3]
                 self.watchdog.progress(msg[2])
                 self._settle((rid, completion, _error(err)) for rid, completion, err in msg[1])
         code = proc.wait()
@@ -186,8 +193,8 @@ def _error(err: tuple[str, str] | None) -> BaseException | None:
 
 # ---- child side ------------------------------------------------------------------------------------------
 class _SocketTransport:
-    def __init__(self, conn: Connection):
-        self.conn = conn
+    def __init__(self, conn: Connection, engine: Engine):
+        self.conn, self.engine = conn, engine
         self.last_sent = time.monotonic()
 
     def receive(self, block: bool):
@@ -214,7 +221,7 @@ class _SocketTransport:
             return
         wire = [(rid, c, None if e is None else ("request" if isinstance(e, RequestError) else "engine", str(e)))
                 for rid, c, e in outcomes]
-        self.conn.send(("done", wire, longest_step_s))
+        self.conn.send(("done", wire, longest_step_s, self.engine.stats.snapshot(self.engine)))
         self.last_sent = now
 
 
@@ -254,7 +261,7 @@ def serve(conn: Connection) -> None:
         return
     conn.send(("ready", engine.max_model_len))
     try:
-        run_loop(engine, _SocketTransport(conn))
+        run_loop(engine, _SocketTransport(conn, engine))
     except (EOFError, OSError):  # the parent is gone
         pass
 

@@ -12,6 +12,9 @@ grammar's stop token: once the value is complete it is the only token allowed, a
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import re
 import time
 from collections import OrderedDict
@@ -45,13 +48,49 @@ def json_schema_ebnf(schema_text: str) -> str:
 
 def encoded_vocab(tokenizer, vocab_size: int) -> list[str]:
     """Token id -> its SentencePiece piece; "" (special) for added tokens, control pieces and padding rows."""
-    sp = tokenizer.sp
-    special = set(tokenizer.added_ids) | {i for i in (sp.bos_id(), sp.eos_id(), sp.unk_id()) if i >= 0}
-    return ["" if i in special or i >= tokenizer.sp_size else sp.id_to_piece(i) for i in range(vocab_size)]
+    out = [""] * vocab_size
+    for piece, i in tokenizer.text_pieces().items():
+        if i < vocab_size:
+            out[i] = piece
+    return out
+
+
+@contextlib.contextmanager
+def _compile_errors(kind: str):
+    """xgrammar's RuntimeError -> RequestError naming the field, without xgrammar's C++ source location."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e).strip()
+        why = _CPP_PREFIX.sub("", text.splitlines()[0] if text else type(e).__name__)
+        raise RequestError(f"{kind}: cannot be compiled: {why}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def constraint_ebnf(kind: str, text: str) -> str:
+    """The EBNF grammar a structured request is constrained with, in both backends (the vLLM backend sends it as
+    vLLM's `grammar`, so both compile the same text). kind and text: SamplingParams.constraint. json_schema and
+    json_object: compact separators, no free whitespace; regex: xgrammar's conversion; choice: one string literal
+    per alternative; grammar: the text itself, parsed. Raises RequestError naming the field and the problem."""
+    xgr = _xgr()
+    with _compile_errors(kind):
+        if kind == "json_schema":
+            return json_schema_ebnf(text)
+        if kind == "json_object":  # any object (xgrammar's built-in JSON grammar allows any value)
+            return json_schema_ebnf(ANY_OBJECT)
+        if kind == "regex":
+            return str(xgr.Grammar.from_regex(text))
+        if kind == "choice":
+            return "root ::= " + " | ".join(json.dumps(c) for c in json.loads(text))  # EBNF string literals
+        if kind == "grammar":
+            xgr.Grammar.from_ebnf(text)
+            return text
+    raise ValueError(f"unknown structured output kind {kind!r}")
 
 
 class Grammars:
-    def __init__(self, tokenizer, vocab_size: int, eos_token_id: int, cache_size: int = 256):
+    def __init__(self, tokenizer, vocab_size: int, eos_token_id: int, cache_size: int = 256, compile_s=None):
+        """compile_s: a stats.Histogram that gets each compile's seconds (the engine's stats), or None."""
         xgr = _xgr()
         self.vocab_size = vocab_size
         self.info = xgr.TokenizerInfo(encoded_vocab(tokenizer, vocab_size), xgr.VocabType.BYTE_FALLBACK,
@@ -62,36 +101,25 @@ class Grammars:
         self.cache_size = cache_size
         self.compiled = 0  # grammars compiled (cache misses)
         self.compile_s = 0.0  # seconds spent compiling
+        self.compile_hist = compile_s
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
 
     def compile(self, kind: str, text: str):
-        """kind: json_schema | json_object | regex | choice | grammar; text: its canonical text (choice: one
-        alternative per element of a JSON list). Raises RequestError naming the field and the problem."""
+        """kind: json_schema | json_object | regex | choice | grammar; text: its canonical text
+        (SamplingParams.constraint). Raises RequestError naming the field and the problem."""
         key = (kind, text)
         grammar = self.cache.get(key)
         if grammar is not None:
             self.cache.move_to_end(key)
             return grammar
         t = time.perf_counter()
-        try:
-            if kind == "json_schema":
-                grammar = self.compiler.compile_grammar(json_schema_ebnf(text))
-            elif kind == "json_object":  # any object (xgrammar's built-in JSON grammar allows any value)
-                grammar = self.compiler.compile_grammar(json_schema_ebnf(ANY_OBJECT))
-            elif kind == "regex":
-                grammar = self.compiler.compile_regex(text)
-            elif kind == "choice":
-                import json
-                alternatives = " | ".join(json.dumps(c) for c in json.loads(text))  # EBNF string literals
-                grammar = self.compiler.compile_grammar(f"root ::= {alternatives}")
-            elif kind == "grammar":
-                grammar = self.compiler.compile_grammar(text)
-            else:
-                raise ValueError(f"unknown structured output kind {kind!r}")
-        except RuntimeError as e:
-            why = _CPP_PREFIX.sub("", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-            raise RequestError(f"{kind}: cannot be compiled: {why}") from None
-        self.compile_s += time.perf_counter() - t
+        ebnf = constraint_ebnf(kind, text)
+        with _compile_errors(kind):
+            grammar = self.compiler.compile_grammar(ebnf)
+        took = time.perf_counter() - t
+        self.compile_s += took
+        if self.compile_hist is not None:
+            self.compile_hist.observe(took)
         self.compiled += 1
         self.cache[key] = grammar
         if len(self.cache) > self.cache_size:

@@ -185,6 +185,26 @@ class SamplingParams(BaseModel):
         return self.model_copy(update=update)
 
 
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """What every backend checks before it queues a request (the fields' own ranges are SamplingParams'): a
+    non-empty prompt that leaves room for one new token, and every token id the request names inside the
+    vocabulary. Raises RequestError naming the field; backends add their own capacity checks."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise RequestError("prompt is empty: at least one token is needed")
+    bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    for name, ids in (("stop_token_ids", params.stop_ids(None)), ("allowed_token_ids", params.allowed_token_ids or ()),
+                      ("logit_bias", params.logit_bias or {})):
+        bad = [t for t in ids if t >= vocab_size]
+        if bad:
+            raise RequestError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    if n >= max_model_len:
+        raise RequestError(f"prompt has {n} tokens, model context is {max_model_len} "
+                           f"(at most {max_model_len - 1} prompt tokens leave room for one new token)")
+
+
 FinishReason = Literal["stop", "length", "error"]
 
 

@@ -44,6 +44,7 @@ class Scheduler:
         self.watermark = max(1, blocks.num_blocks // 100)
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
+        self.num_queried_tokens = 0  # tokens of admitted sequences (what the prefix cache was asked for)
         self.num_rope_switches = 0
 
     def add(self, seq: Sequence) -> None:
@@ -115,6 +116,7 @@ class Scheduler:
                 seq.reset_cache_state()
                 break
             self.num_cached_tokens += hits
+            self.num_queried_tokens += len(seq)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

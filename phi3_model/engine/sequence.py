@@ -76,6 +76,8 @@ class Group:
         self.seqs: list[Sequence] = []
         self.prompt_logprobs: list[tuple] = []  # (logprob, top ids, top logprobs) per prompt token after the first
         self.error: str | None = None  # the request failed inside the engine (no token its rules allow)
+        self.arrival = 0.0  # time.monotonic() when the engine took it, and of its first token (stats)
+        self.first_token_at: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -38,6 +38,9 @@ class WorkerConfig(BaseModel):
                                      "connection errors this long exits (non-zero); a password or database "
                                      "the server refuses ends it at once")
     until_empty: bool = Field(False, description="exit 0 once the stream and every pending list are empty")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus metrics on this port "
+                                     "at /metrics (0: a free port, logged; default: no metrics)")
+    metrics_address: str = Field("0.0.0.0", min_length=1, description="address the metrics port is bound to")
     defaults: dict[str, Any] = Field(default_factory=dict, description="request defaults (SamplingParams fields) "
                                      "for fields a request omits")
 

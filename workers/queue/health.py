@@ -48,6 +48,20 @@ class Health:
         await pipe.execute()
 
 
+async def backlog(r, names) -> dict[str, int | None]:
+    """The group's lag (entries not yet delivered to it) and pending count. Redis cannot count the lag past deleted
+    entries (it says nil); workers delete what they ack, so the stream then holds exactly the undelivered entries
+    and the pending ones: lag = length - pending."""
+    groups = await r.xinfo_groups(names.requests)
+    g = next((g for g in groups if g["name"] in (names.group, names.group.encode())), None)
+    if g is None:
+        return {"lag": None, "pending": None}
+    lag = g.get("lag")
+    if lag is None:
+        lag = max(0, await r.xlen(names.requests) - g["pending"])
+    return {"lag": lag, "pending": g["pending"]}
+
+
 async def beat_loop(w) -> None:
     """Keeps the entries the QueueWorker `w` holds from being reclaimed (XCLAIM JUSTID of its own ids)."""
     while True:
@@ -69,6 +83,8 @@ async def health_loop(w) -> None:
             w._die(failure)
         try:
             await w.health.publish(w.state, len(w.active) + len(w.solo), w.reason)
+            if w.metrics is not None:
+                w.backlog = await backlog(w.r, w.names)
         except TRANSIENT + (ResponseError,):
             pass
         await asyncio.sleep(w.cfg.health_interval_s)

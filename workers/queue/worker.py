@@ -18,6 +18,8 @@ from functools import partial
 
 from phi3_model import seam
 from phi3_model.engine.sampling_params import EngineDied, EngineStalled, RequestError
+from phi3_model.engine.stats import Histogram
+from workers.metrics import WRITE_S
 from workers.rows import RowError, check_room
 
 from .admit import Admission, Admitted, ParamsCache, dead_letter, lost_letter
@@ -65,6 +67,9 @@ class QueueWorker:
         self._fatal: BaseException | None = None  # the engine or a background loop died: the worker must not go on
         self._fatal_why = ""
         self.reason: str | None = None  # why a failed worker failed: stalled | engine died | <loop> failed
+        self.write_s = Histogram(WRITE_S)  # seconds per batch of outcomes written and acked (metrics)
+        self.backlog: dict[str, int | None] = {"lag": None, "pending": None}  # as last seen, with metrics on
+        self.metrics = None  # workers.metrics.MetricsServer while serving --metrics-port
 
     # ---- public -------------------------------------------------------------------------------------------------
     async def run(self, install_signals: bool = False) -> Counters:
@@ -72,6 +77,9 @@ class QueueWorker:
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._on_term)
             asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._on_term)
         log.info("worker %s on %s, prefix %r", self.cfg.name, redact(self.cfg.url), self.cfg.prefix)
+        if self.cfg.metrics_port is not None:
+            from workers.metrics import serve
+            self.metrics = serve(self, self.cfg.metrics_address, self.cfg.metrics_port)
         background = [asyncio.create_task(self._guard(f)) for f in (self._acker, partial(beat_loop, self),
                                                                      partial(health_loop, self))]
         try:
@@ -112,6 +120,9 @@ class QueueWorker:
                 pass
             if self._own_redis:
                 await self.r.aclose()
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
         return self.counters
 
     def stop(self) -> None:
@@ -249,7 +260,9 @@ class QueueWorker:
             batch = [self.done.popleft() for _ in range(min(len(self.done), 4096))]
             if len(self.done):
                 self._done_added.set()
+            t = time.perf_counter()
             await self.settlement.write(batch)
+            self.write_s.observe(time.perf_counter() - t)
             for _, e, _ in batch:
                 self.active.discard(e)
             self._changed.set()
