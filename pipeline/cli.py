@@ -173,7 +173,8 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("phi3_batch").setLevel(logging.INFO)
     try:
-        flags = dict(input=input, input_format=input_format, model_name=model_name, output=output, model=model, backend=backend, dtype=dtype, device=device,
+        flags = dict(input=input, input_format=input_format, model_name=model_name, output=output, model=model,
+                     backend=backend, dtype=dtype, device=device,
                      engine_options=_engine_options(engine_option), prompt_column=prompt_column,
                      messages_column=messages_column, id_column=id_column, keep_columns=_list(keep_columns),
                      strip_prompt=strip_prompt,

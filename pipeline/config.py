@@ -37,8 +37,8 @@ class _Job(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # what to read and where to write
-    input: str = Field(..., description="Parquet file, directory or glob; local path or any pyarrow.fs URI (s3://, gs://, ...); "
-                       "or OpenAI batch files (*.jsonl)")
+    input: str = Field(..., description="Parquet file, directory or glob; local path or any pyarrow.fs URI (s3://, "
+                       "gs://, ...); or OpenAI batch files (*.jsonl)")
     input_format: Literal["auto", "parquet", "openai"] = Field(
         "auto", description="parquet | openai (OpenAI Batch API JSONL: one request per line, output name.jsonl and "
         "name.errors.jsonl); auto: openai for *.jsonl input, else parquet")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ from openai.types.chat import ChatCompletion
 import pipeline
 from tests.fixtures.seam import GUARD_S
 from tests.pipeline_helpers import PROMPTS, ROOT, job, manifest_events
-from tests.test_pipeline_recovery import done_keys, events_or_empty, wait_for
+from tests.test_pipeline_recovery import done_keys, kill_once_shards_are_done
 from tests.test_pipeline_storage import s3  # noqa: F401
 
 CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
@@ -195,17 +194,7 @@ def test_a_killed_run_rerun_writes_identical_files(ray_local, tiny_model_dir, tm
     out = str(tmp_path / "out")
     # 2 shards of 2 rows in flight at once, each row NEW steps (ignore_eos): after 2.5 * NEW steps 2 to 4 shards
     # are done (the first two by step NEW, the next two by 2 * NEW), the rest not
-    seam.hold(after_steps=int(2.5 * NEW))
-    driver = subprocess.Popen(command + ["-o", out], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        seam.held()
-        wait_for(lambda: len(done_keys(events_or_empty(out))) >= 2)
-        driver.send_signal(signal.SIGKILL)
-    finally:
-        driver.wait(timeout=60)
-        seam.release()
-    first = events_or_empty(out)
+    first = kill_once_shards_are_done(command + ["-o", out], out, seam, int(2.5 * NEW), 2)
     assert 2 <= len(done_keys(first)) <= 4 < first[0]["shards"]
     assert not os.path.exists(os.path.join(out, "b.jsonl"))          # nothing half-written
     rerun = subprocess.run(command + ["-o", out], cwd=ROOT, capture_output=True, text=True, timeout=GUARD_S)
@@ -228,7 +217,8 @@ def test_object_storage_input_and_output(ray_local, tiny_model_dir, s3):
     lines = GREEDY[:4] + ["[1, 2]"]
     with fs.open_output_stream("jobs/openai-in/batch.jsonl") as f:
         f.write("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines).encode())
-    config = job("s3://jobs/openai-in/*.jsonl" + s3, "s3://jobs/openai-out" + s3, tiny_model_dir, model_name="tiny", shard_rows=2)
+    config = job("s3://jobs/openai-in/*.jsonl" + s3, "s3://jobs/openai-out" + s3, tiny_model_dir, model_name="tiny",
+                 shard_rows=2)
     first = pipeline.run(config)
     assert first.ok and first.files == ["batch.jsonl"] and (first.rows_ok, first.rows_failed) == (4, 1)
 
@@ -243,8 +233,8 @@ def test_object_storage_input_and_output(ray_local, tiny_model_dir, s3):
     assert len(errors) == 1 and errors[0]["error"]["message"].startswith("line 5: a JSON list")
     listed = sorted(i.path for i in fs.get_file_info(pafs.FileSelector("jobs/openai-out", recursive=True))
                     if i.type == pafs.FileType.File)
-    assert listed == ["jobs/openai-out/_manifest.jsonl", "jobs/openai-out/_summary.json", "jobs/openai-out/batch.errors.jsonl",
-                      "jobs/openai-out/batch.jsonl"]
+    assert listed == [f"jobs/openai-out/{n}" for n in ("_manifest.jsonl", "_summary.json", "batch.errors.jsonl",
+                                                        "batch.jsonl")]
     before = read("batch.jsonl"), read("batch.errors.jsonl")
     again = pipeline.run(config)
     assert again.ok and again.run_rows == 0 and (read("batch.jsonl"), read("batch.errors.jsonl")) == before

@@ -42,6 +42,21 @@ def done_keys(events: list[dict]) -> list[str]:
     return [e["key"] for e in events if e.get("event") == "shard" and e["status"] == "done"]
 
 
+def kill_once_shards_are_done(command: list[str], out: str, seam, steps: int, shards: int) -> list[dict]:
+    """Run the job command with engines held after `steps` steps, SIGKILL it once `shards` shards are recorded
+    done, release the engines; -> the manifest's events as the killed run left them."""
+    seam.hold(after_steps=steps)
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        seam.held()
+        wait_for(lambda: len(done_keys(events_or_empty(out))) >= shards)
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.wait(timeout=60)
+        seam.release()
+    return events_or_empty(out)
+
+
 @pytest.fixture(scope="module")
 def prompts_dir(tmp_path_factory):
     return write_prompts(str(tmp_path_factory.mktemp("prompts")))
@@ -110,16 +125,7 @@ def test_driver_killed_then_rerun_gives_identical_files_and_no_shard_twice(
                "--address", ray_local, "--actors", "1", "--cpus-per-actor", "1", "--progress", "log"]
     # Each row takes NEW steps and the actor runs at most 2 shards at once, so after 2.5 * NEW steps at least 2
     # shards are done (the first two end by step 2 * NEW) and at most 4 (two at a time): the rest are not.
-    seam.hold(after_steps=int(2.5 * NEW))
-    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        seam.held()
-        wait_for(lambda: len(done_keys(events_or_empty(out))) >= 2)
-        driver.send_signal(signal.SIGKILL)
-    finally:
-        driver.wait(timeout=60)
-        seam.release()
-    first = events_or_empty(out)
+    first = kill_once_shards_are_done(command, out, seam, int(2.5 * NEW), 2)
     finished_first = set(done_keys(first))
     total = first[0]["shards"]
     assert 2 <= len(finished_first) <= 4 < total and not os.path.exists(os.path.join(out, "_summary.json"))
