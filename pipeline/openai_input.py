@@ -54,4 +54,4 @@ def output_lines(table: pa.Table, job: str, model: str, created: int, any_model:
     for row in table.to_pylist():
         error = json.loads(row["line_error"]) if row["line_error"] else None
         yield openai_batch.output_line(row, row["custom_id"], row["url"], f"{job}-{row['line']}",
-                                       (row["model"] or model) if any_model else model, created, error)
+                                       (row["model"] or model) if any_model else model, created, error, row["line"])

@@ -234,11 +234,12 @@ def _prompt(n: int, prompt) -> str:
 # ---- output ----
 
 def output_line(result: dict, custom_id: str | None, url: str | None, request_id: str, model: str, created: int,
-                error: dict | None = None) -> tuple[bool, str]:
+                error: dict | None = None, line: int | None = None) -> tuple[bool, str]:
     """(ok, the JSONL line) for one request. result: a result row of the Parquet job or a queue result record
     (completion, finish_reason, stop_reason, prompt_tokens, completion_tokens, error, samples with each sample's
     completion, finish_reason, stop_reason, completion_tokens, logprobs). error: the line's own error
-    (LineError.to_dict()), which wins over the result."""
+    (LineError.to_dict()), which wins over the result. line: the request's line number, named in the message of an
+    error the engine side found (a prompt too long for the model)."""
     head = {"id": f"batch_req_{request_id}", "custom_id": custom_id}
     if error is not None and error["kind"] == "line":
         return False, _dump({**head, "response": None, "error": {"code": error["code"], "message": error["message"]}})
@@ -246,7 +247,9 @@ def output_line(result: dict, custom_id: str | None, url: str | None, request_id
         body = completion_body(result, url, request_id, model, created)
         return True, _dump({**head, "response": {"status_code": 200, "request_id": request_id, "body": body},
                             "error": None})
-    error = error or {"code": "invalid_request", "message": result.get("error") or "engine error", "param": None}
+    where = f"line {line}: " if line is not None else ""
+    error = error or {"code": "invalid_request", "message": where + (result.get("error") or "engine error"),
+                      "param": None}
     body = {"error": {"message": error["message"], "type": "invalid_request_error", "param": error.get("param"),
                       "code": error["code"]}}
     return False, _dump({**head, "response": {"status_code": 400, "request_id": request_id, "body": body},
