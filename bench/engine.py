@@ -96,7 +96,7 @@ def row_vllm(args, ours: bool) -> dict:
     from vllm import LLM, SamplingParams, TokensPrompt
     kw = {}
     if ours:
-        from phi3_model.vllm_registry import hf_overrides, register
+        from phi3_model.vllm.registry import hf_overrides, register
         register()
         kw["hf_overrides"] = hf_overrides()
     llm = LLM(model=args["ckpt"], skip_tokenizer_init=True, dtype=args["dtype"], enforce_eager=True,
