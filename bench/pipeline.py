@@ -7,6 +7,8 @@ trained tokenizer. Workload: N prompts of 16-96 tokens from Parquet, per-row max
 greedy, run to length (stop_token_ids none). Rows (stable names; each in its own process):
   engine_direct               the native Engine in one process: encode, Engine.generate over all rows
   pipeline_1_actor            pipeline.run (what `phi3-batch run` calls), embedded local Ray, one actor
+  pipeline_1_actor_openai     the same requests given as OpenAI batch files (JSONL, /v1/completions lines with
+                              max_tokens), written as OpenAI output lines (native only)
   pipeline_1_actor_process    the same with `--engine-option process=true`: the actor's engine steps in a child
                               process (native only)
   pipeline_max_actors         the same with as many actors as the machine sensibly holds: one per GPU, or on CPU
@@ -85,6 +87,12 @@ def write_input(directory: str, rows: int, files: int, with_lengths: bool, seed:
             data["max_new_tokens"] = [rng.randint(8, 48) for _ in range(n)]
             new_total += sum(data["max_new_tokens"])
         pq.write_table(pa.table(data), os.path.join(directory, f"part-{f:03d}.parquet"))
+        if with_lengths:   # the same requests as an OpenAI batch file
+            os.makedirs(directory + "_openai", exist_ok=True)
+            with open(os.path.join(directory + "_openai", f"part-{f:03d}.jsonl"), "w") as out:
+                for i, (p, m) in enumerate(zip(data["prompt"], data["max_new_tokens"])):
+                    out.write(json.dumps({"custom_id": f"{f}-{i}", "method": "POST", "url": "/v1/completions",
+                                          "body": {"prompt": p, "max_tokens": m}}) + "\n")
     return {"rows": rows, "files": files, "output_tokens": new_total}
 
 
@@ -233,6 +241,7 @@ def main(argv=None) -> None:
     backends = [b for b in a.backends.split(",") if b]
     data = os.path.join(BENCH_DIR, f"input_{a.rows}")
     shutil.rmtree(data, ignore_errors=True)
+    shutil.rmtree(data + "_openai", ignore_errors=True)
     wl = write_input(data, a.rows, files=4, with_lengths=True) if backends else {"rows": 0, "output_tokens": 0}
     n = max_actors(a.threads_per_actor)
     cpus = usable_cpus()
@@ -256,6 +265,9 @@ def main(argv=None) -> None:
         single = a.threads or cpus  # the single actor gets the machine's CPUs
         plan[f"pipeline_1_actor{suffix}"] = dict(common, backend=backend, actors=1, cpus_per_actor=single,
                                                  options=one)
+        if backend == "native":  # the same requests as OpenAI batch files (output name.jsonl + .errors.jsonl)
+            plan["pipeline_1_actor_openai"] = dict(common, input=data + "_openai", backend=backend, actors=1,
+                                                   cpus_per_actor=single, options=one)
         if backend == "native":  # the same actor with its engine stepping in a child process
             plan["pipeline_1_actor_process"] = dict(common, backend=backend, actors=1, cpus_per_actor=single,
                                                     options=dict(one, process=True))

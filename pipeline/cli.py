@@ -126,6 +126,7 @@ def run(
         "--config", "-c", help="YAML file with the job's keys; flags given here override it", show_default="none",
         rich_help_panel=INPUT)] = None,
     input: Annotated[Optional[str], _o("input", "--input", "-i", panel=INPUT)] = None,
+    input_format: Annotated[Optional[str], _o("input_format", panel=INPUT)] = None,
     prompt_column: Annotated[Optional[str], _o("prompt_column", panel=INPUT)] = None,
     messages_column: Annotated[Optional[str], _o("messages_column", panel=INPUT)] = None,
     id_column: Annotated[Optional[str], _o("id_column", panel=INPUT)] = None,
@@ -139,6 +140,7 @@ def run(
         "retry_errors", "--retry-errors", panel=OUTPUT, extra="; a refused change is an error naming each key with "
         "its old and new value, before anything is written")] = None,
     model: Annotated[Optional[str], _o("model", panel=ENGINE)] = None,
+    model_name: Annotated[Optional[str], _o("model_name", panel=ENGINE)] = None,
     backend: Annotated[Optional[str], _o("backend", panel=ENGINE)] = None,
     dtype: Annotated[Optional[str], _o("dtype", panel=ENGINE)] = None,
     device: Annotated[Optional[str], _o("device", panel=ENGINE)] = None,
@@ -161,6 +163,7 @@ def run(
     **request: Any,  # one flag per request field: see _request_flags
 ) -> None:
     """Generate a completion for every row of the input Parquet files; write one Parquet file per input file.
+    OpenAI batch files (*.jsonl) give name.jsonl and name.errors.jsonl per input file instead.
 
     Rerunning the same command resumes: finished shards are skipped. Adding --retry-errors to the command of a
     finished job recomputes only its rows with an `error` (e.g. with a longer --engine-option max_model_len=...).
@@ -170,7 +173,7 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("phi3_batch").setLevel(logging.INFO)
     try:
-        flags = dict(input=input, output=output, model=model, backend=backend, dtype=dtype, device=device,
+        flags = dict(input=input, input_format=input_format, model_name=model_name, output=output, model=model, backend=backend, dtype=dtype, device=device,
                      engine_options=_engine_options(engine_option), prompt_column=prompt_column,
                      messages_column=messages_column, id_column=id_column, keep_columns=_list(keep_columns),
                      strip_prompt=strip_prompt,

@@ -19,7 +19,9 @@ from workers.rows import OVERRIDES as REQUEST_FIELDS, RowError, RowSpec, request
 # What decides a row's output bytes besides the input files: the job's fingerprint, and the keys a retry of the
 # error rows refuses to change (the rows it keeps were computed with them).
 ROW_KEYS = ("model", "backend", "dtype", "prompt_column", "messages_column", "id_column", "keep_columns",
-            "strip_prompt", "shard_rows") + REQUEST_FIELDS
+            "strip_prompt", "shard_rows", "input_format", "model_name") + REQUEST_FIELDS
+# keys a job's fingerprint holds only when set otherwise (jobs run before they existed keep their fingerprint)
+_LATER = {"input_format": ("auto", "parquet"), "model_name": (None,)}
 # request fields a job's fingerprint always held; the others count only when set (old jobs keep their fingerprint)
 _FINGERPRINTED = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stop_token_ids")
 REQUEST_DEFAULTS = SamplingParams().model_dump(mode="json")
@@ -35,7 +37,14 @@ class _Job(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # what to read and where to write
-    input: str = Field(..., description="Parquet file, directory or glob; local path or any pyarrow.fs URI (s3://, gs://, ...)")
+    input: str = Field(..., description="Parquet file, directory or glob; local path or any pyarrow.fs URI (s3://, gs://, ...); "
+                       "or OpenAI batch files (*.jsonl)")
+    input_format: Literal["auto", "parquet", "openai"] = Field(
+        "auto", description="parquet | openai (OpenAI Batch API JSONL: one request per line, output name.jsonl and "
+        "name.errors.jsonl); auto: openai for *.jsonl input, else parquet")
+    model_name: str | None = Field(None, description="openai input: the name each line's body.model must equal and "
+                                   "the output bodies report (default: the model key); '*': accept any name, "
+                                   "reported as given")
     output: str = Field(..., description="output directory (local path or URI); one Parquet file per input file")
     prompt_column: str = Field("prompt", description="column holding the prompt text")
     messages_column: str | None = Field(None, description="column of chat messages (list of {role, content}); "
@@ -94,6 +103,20 @@ class _Job(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _openai(self):
+        if self.input_format == "openai":
+            self.check_openai()
+        return self
+
+    def check_openai(self) -> None:
+        """What an OpenAI batch job cannot take (its prompts and ids are the lines', its text the new text)."""
+        if self.retry_errors:
+            raise ValueError("retry_errors is for Parquet outputs; rerun failed OpenAI lines as a new batch file")
+        if not self.strip_prompt:
+            raise ValueError("strip_prompt false does not apply to OpenAI input (a completion body holds the new "
+                             "text only)")
+
+    @model_validator(mode="after")
     def _retry(self):
         if self.retry_errors and self.overwrite:
             raise ValueError("retry_errors keeps the rows without an error and overwrite replaces every row; "
@@ -126,6 +149,8 @@ class _Job(BaseModel):
         return request_params({k: getattr(self, k) for k in REQUEST_FIELDS})
 
     def row_spec(self) -> RowSpec:
+        if self.input_format == "openai":   # each line holds a prompt or messages
+            return RowSpec(messages_column="messages", either=True, defaults=self.request_defaults())
         return RowSpec(prompt_column=self.prompt_column, messages_column=self.messages_column,
                        strip_prompt=self.strip_prompt, defaults=self.request_defaults())
 
@@ -134,7 +159,15 @@ class _Job(BaseModel):
         return self.messages_column or self.prompt_column
 
     @property
+    def served_name(self) -> str | None:
+        """The model name OpenAI lines must give (None: any)."""
+        return None if self.model_name == "*" else self.model_name or self.model
+
+    @property
     def kept(self) -> list[str]:
+        if self.input_format == "openai":
+            from .openai_input import KEPT
+            return KEPT.names
         return list(self.keep_columns) if self.keep_columns is not None else ["id", self.source_column]
 
     def fingerprint(self, files: list[dict], **resolved: Any) -> str:
@@ -143,7 +176,8 @@ class _Job(BaseModel):
         resolved: keys as they resolve for these files (id_column 'auto' -> 'id' or None)."""
         config = {k: resolved.get(k, getattr(self, k)) for k in ROW_KEYS}
         config = {k: v for k, v in self.model_copy(update=config).model_dump(mode="json").items() if k in ROW_KEYS
-                  and (k in _FINGERPRINTED or k not in REQUEST_FIELDS or v != REQUEST_DEFAULTS[k])}
+                  and (k in _FINGERPRINTED or k not in REQUEST_FIELDS or v != REQUEST_DEFAULTS[k])
+                  and v not in _LATER.get(k, ())}
         blob = json.dumps({"config": config, "files": files}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -9,6 +9,7 @@ of a finished job only (pipeline/retry.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -19,7 +20,10 @@ import pyarrow.fs as pafs
 from .actors import JobError, start_actors, starts_local_ray, stop_actors  # noqa: F401 - JobError: the CLI catches it here
 from .config import ConfigError, JobConfig
 from .dispatch import Dispatcher, Flight
+from workers.openai_batch import errors_name
+
 from .manifest import Manifest
+from .openai_input import output_lines
 from .plan import Plan, make_plan
 from .progress import Progress
 from .ray_session import ray_session
@@ -59,12 +63,14 @@ def claim_output(plan: Plan, sink: Sink) -> tuple[Manifest | None, Manifest]:
     header = dict(config=plan.recorded_config(), shards=len(plan.shards),
                   files=[dict(f.identity(), name=f.name, shards=len(plan.shards_of(i)))
                          for i, f in enumerate(plan.files)])
+    if plan.openai:   # the `created` of every response body: once per job, so a rerun writes the same bytes
+        header["created"] = int(time.time())
     found = Manifest.read(sink.fs, sink.dir)
     if config.retry_errors:
         check_retry(found, plan, sink)
     manifest = Manifest.open(sink.fs, sink.dir, plan.fingerprint, header, config.overwrite)
     if found is None and not config.overwrite:
-        taken = [f.name for f in plan.files if sink.exists(sink.output_path(f.name))]
+        taken = [n for i in range(len(plan.files)) for n in plan.outputs(i) if sink.exists(sink.output_path(n))]
         if taken:
             raise ConfigError(f"output directory {config.output} already holds {', '.join(taken)}, not written by "
                               f"this job (no {os.path.basename(manifest.path)}); pass --overwrite to replace them or "
@@ -110,7 +116,8 @@ class Job:
         sink.fs.create_dir(sink.dir, recursive=True)
         if manifest.fresh and found is not None:
             old = [f["name"] for f in found.header.get("files", [])] if found.events else []
-            sink.clear(sorted(set(old + [f.name for f in plan.files])))
+            old += [errors_name(n) for n in old if n.endswith(".jsonl")]
+            sink.clear(sorted(set(old + [n for i in range(len(plan.files)) for n in plan.outputs(i)])))
         sink.sweep_temporaries()
         manifest.start()
         if actors:
@@ -191,7 +198,13 @@ class Job:
             return
         if self.retry is None and any(s.key in self.failed for s in self.plan.shards_of(i)):
             return
-        rows = self.sink.assemble(name, self.plan.shards_of(i), self.plan.schemas[i])
+        if self.plan.openai:
+            config = self.plan.config
+            lines = functools.partial(output_lines, job=self.plan.fingerprint, model=config.served_name or config.model,
+                                      created=self.manifest.header["created"], any_model=config.served_name is None)
+            rows = self.sink.assemble_lines(self.plan.outputs(i), self.plan.shards_of(i), self.plan.schemas[i], lines)
+        else:
+            rows = self.sink.assemble(name, self.plan.shards_of(i), self.plan.schemas[i])
         self.manifest.record(dict(event="file", name=name, rows=rows))
         self.files_done.add(name)
         self.sink.drop_parts(name)

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from workers.rows import OVERRIDES
+from workers.openai_batch import errors_name
 
 from .columns import check_columns, id_column, kept_read, output_schema
 from .config import ConfigError, JobConfig
 from .shards import Shard, cut
-from .source import InputFile, describe_file, filesystem, list_files
+from .source import InputFile, describe_file, describe_jsonl, filesystem, input_format, list_files
 
 
 @dataclass
@@ -38,6 +38,15 @@ class Plan:
         """The configuration as the manifest records it and a retry compares it: id_column as resolved here."""
         return dict(self.config.model_dump(mode="json"), id_column=resolved_id_column(self.config, self.id_columns))
 
+    @property
+    def openai(self) -> bool:
+        return self.config.input_format == "openai"
+
+    def outputs(self, file: int) -> list[str]:
+        """The output file names of input file `file` (OpenAI input: name.jsonl and its error file)."""
+        name = self.files[file].name
+        return [name, errors_name(name)] if self.openai else [name]
+
     def shards_of(self, file: int) -> list[Shard]:
         return [s for s in self.shards if s.file == file]
 
@@ -49,8 +58,14 @@ class Plan:
             lines.append(f"  {f.name:<32} {f.rows:>10} rows {len(f.row_groups):>5} row group(s) "
                          f"{len(self.shards_of(i)):>6} shard(s)")
         ids = sorted({f"column {v!r}" if v else "'<file name>:<row index>'" for v in self.id_columns.values()})
-        lines += [f"ids     {', '.join(ids)} (id_column {'null' if c.id_column is None else c.id_column})",
-                  f"output  {c.output} (job {self.fingerprint})",
+        if self.openai:
+            bad = sum(f.table.column("line_error").length() - f.table.column("line_error").null_count
+                      for f in self.files)
+            lines.append(f"format  OpenAI batch lines: ids are custom_id; {bad} line(s) that cannot run go to the "
+                         f"error files; output name.jsonl and name.errors.jsonl per input file")
+        else:
+            lines.append(f"ids     {', '.join(ids)} (id_column {'null' if c.id_column is None else c.id_column})")
+        lines += [f"output  {c.output} (job {self.fingerprint})",
                   f"engine  {c.backend} {c.model} dtype={c.dtype} device={c.device}",
                   f"request {self.describe_request()}"]
         return "\n".join(lines)
@@ -80,8 +95,15 @@ def check_output_location(fs: pafs.FileSystem, files: list[InputFile], config: J
 
 
 def make_plan(config: JobConfig) -> Plan:
-    fs, paths = list_files(config.input)
-    files = [describe_file(fs, p) for p in paths]
+    fmt = input_format(config.input, config.input_format)
+    if fmt == "openai" and config.input_format != "openai":   # the plan's config says what auto resolved to
+        try:
+            config.check_openai()
+        except ValueError as e:
+            raise ConfigError(f"input {config.input} is OpenAI batch input: {e}") from None
+        config = config.model_copy(update=dict(input_format="openai"))
+    fs, paths = list_files(config.input, fmt)
+    files = [describe_jsonl(fs, p, config) if fmt == "openai" else describe_file(fs, p) for p in paths]
     check_output_location(fs, files, config)
     seen: dict[str, str] = {}
     for f in files:
@@ -89,16 +111,18 @@ def make_plan(config: JobConfig) -> Plan:
             raise ConfigError(f"input files {seen[f.name]} and {f.path} share the base name {f.name!r}; outputs are "
                               f"named after inputs, so base names must be unique")
         seen[f.name] = f.path
-        check_columns(f, config)
+        if fmt == "parquet":
+            check_columns(f, config)
     shards, read_columns, row_columns, schemas, ids = [], {}, {}, {}, {}
     for i, f in enumerate(files):
         shards += cut(i, f.name, f.row_groups, config.shard_rows)
-        row_cols = [c for c in (config.source_column,) + OVERRIDES if c in f.schema.names]
+        row_cols = [c for c in config.row_spec().columns if c in f.schema.names]
         row_columns[i] = row_cols
         read_columns[i] = list(dict.fromkeys(row_cols + kept_read(f, config)))
         schemas[i] = output_schema(f, config)
         ids[i] = id_column(f, config)
-    fingerprint = config.fingerprint([f.identity() for f in files], id_column=resolved_id_column(config, ids))
+    fingerprint = config.fingerprint([f.identity() for f in files], id_column=resolved_id_column(config, ids),
+                                     input_format=fmt)
     return Plan(config, fs, files, shards, read_columns, row_columns, schemas, ids, fingerprint)
 
 

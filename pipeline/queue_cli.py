@@ -49,12 +49,42 @@ def _with_ids(path: Path, rows: list[tuple[str, dict]], auto_ids: bool) -> list[
     return [row["id"] for _, row in missing]
 
 
+def is_openai(path: Path) -> bool:
+    """A JSONL file whose first request line is an OpenAI batch line (custom_id, url, body)."""
+    if path.suffix == ".parquet":
+        return False
+    with open(path, errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and "custom_id" in obj and "body" in obj
+
+
+def openai_rows(path: Path) -> list[tuple[str, dict]]:
+    """OpenAI batch lines as queue requests: custom_id is the id, the body's fields the request's (mapped as the
+    Parquet job maps them, workers/openai_batch.py), the url and model kept in metadata for `results --format
+    openai`. A line that cannot run refuses the file, naming it (nothing is sent)."""
+    from workers.openai_batch import parse_file
+    out = []
+    for line in parse_file(path.read_text()):
+        if line.error is not None:
+            fail(f"{path}: {line.error.message}")
+        request = {"id": line.custom_id, "metadata": {"openai": {"url": line.url, "model": line.model}},
+                   **({"messages": line.messages} if line.messages is not None else {"prompt": line.prompt}),
+                   **line.values}
+        out.append((f"line {line.line}", request))
+    return out
+
+
 @queue_app.command()
 def enqueue(
     input: Optional[Path] = typer.Option(None, "--input", "-i", exists=True, dir_okay=False,
-                                         help="JSONL (one request object per line) or Parquet (one per row); each "
-                                              "request needs a unique id (default: none; give --input or "
-                                              "--prompt)"),
+                                         help="JSONL (one request object per line), an OpenAI batch file (JSONL "
+                                              "of {custom_id, method, url, body}; custom_id is the id) or Parquet "
+                                              "(one per row); each request needs a unique id (default: none; give "
+                                              "--input or --prompt)"),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="enqueue this one prompt (default: none)"),
     id: Optional[str] = typer.Option(None, "--id", help="id of --prompt (default: a random id, printed)"),
     auto_ids: bool = typer.Option(False, "--auto-ids", help="rows of --input without an id get <file stem>-<line> "
@@ -84,7 +114,8 @@ def enqueue(
     from workers.queue.schema import QueueRequest
     if (input is None) == (prompt is None):
         fail("give either --input FILE or --prompt TEXT")
-    rows = read_rows(input) if input else [("--prompt", {"id": id, "prompt": prompt})]
+    rows = (openai_rows(input) if input and is_openai(input) else read_rows(input) if input
+            else [("--prompt", {"id": id, "prompt": prompt})])
     if input is None and id is None:
         import uuid
         rows[0][1]["id"] = uuid.uuid4().hex
@@ -139,6 +170,9 @@ def results(ids: Optional[Path] = typer.Option(None, "--ids", exists=True, dir_o
                                                    "id column (default: every result announced so far, no "
                                                    "waiting)"),
             out: Path = typer.Option(..., "--out", help="results file: .parquet, else JSONL"),
+            format: str = typer.Option("native", "--format", help="native: the result records | openai: OpenAI "
+                                       "batch output lines (requests enqueued from an OpenAI batch file), the "
+                                       "failed ones in OUT's .errors.jsonl beside it"),
             timeout: float = typer.Option(300.0, "--timeout", min=0, envvar="PHI3_RESULTS_TIMEOUT",
                                           help="seconds to wait for the results of --ids; ids still without one "
                                                "are then listed in OUT.missing.txt (0: export what exists now)"),
@@ -148,6 +182,10 @@ def results(ids: Optional[Path] = typer.Option(None, "--ids", exists=True, dir_o
     When some ids have no result within --timeout, the results found are written all the same, the missing ids
     go to OUT.missing.txt, and the exit status is 4."""
     from workers.queue.client import QueueClient
+    if format not in ("native", "openai"):
+        fail(f"--format {format!r}: expected native or openai")
+    if format == "openai" and out.suffix == ".parquet":
+        fail(f"--out {out}: --format openai writes JSONL; name a .jsonl file")
     wanted = read_ids(ids) if ids else None
     if not out.parent.is_dir():
         fail(f"--out {out}: directory {out.parent} does not exist; create it or write elsewhere")
@@ -178,7 +216,7 @@ def results(ids: Optional[Path] = typer.Option(None, "--ids", exists=True, dir_o
             return wanted
     order = with_redis(url, go)
     rows = [got[k].model_dump() for k in order if k in got]
-    _write(out, rows)
+    _write_openai(out, rows, prefix) if format == "openai" else _write(out, rows)
     missing = list(dict.fromkeys(k for k in order if k not in got))
     listing = out.with_name(out.name + ".missing.txt")
     if not missing:
@@ -192,6 +230,26 @@ def results(ids: Optional[Path] = typer.Option(None, "--ids", exists=True, dir_o
 
 
 exit_codes(results, EXIT_CODES + f"; {EXIT_MISSING} some ids have no result (the rest written).")
+
+
+def _write_openai(out: Path, rows: list[dict], prefix: str) -> None:
+    """OpenAI batch output: OUT holds the requests that ran, OUT's .errors.jsonl the others. Ids are
+    `<prefix>-<request id>`, `created` the time the result was written."""
+    from workers.openai_batch import errors_name, output_line
+    plain = [r["id"] for r in rows if not (r.get("metadata") or {}).get("openai")]
+    if plain:
+        fail(f"{_n(plain, 'result')} did not come from an OpenAI batch file ({_some(plain)}); --format openai "
+             "needs requests enqueued from one")
+    good, bad = [], []
+    for r in rows:
+        meta = r["metadata"]["openai"]
+        error = None if r["status"] != "dead" else {"kind": "request", "code": "dead_letter", "param": None,
+                                                     "message": r["error"] or "dead-lettered"}
+        ok, line = output_line(r, r["id"], meta["url"], f"{prefix}-{r['id']}", meta.get("model") or "phi3-batch",
+                               int(r.get("finished_at") or 0), error)
+        (good if ok else bad).append(line)
+    out.with_name(errors_name(out.name)).write_text("".join(bad))
+    out.write_text("".join(good))
 
 
 def _write(out: Path, rows: list[dict]) -> None:

@@ -85,6 +85,23 @@ class Sink:
         self.fs.move(tmp, path)
         return rows
 
+    def assemble_lines(self, names: list[str], shards: list[Shard], schema: pa.Schema, lines) -> int:
+        """OpenAI output: the parts of `shards` (in order) as JSONL lines, names[0] the successful ones, names[1]
+        the failed; lines(table) yields (ok, line). Both written under temporary names, then renamed; returns the
+        row count."""
+        paths = [self.output_path(n) for n in names]
+        tmps = [posixpath.join(self.dir, f".{n}.tmp-{uuid.uuid4().hex[:8]}") for n in names]
+        rows = 0
+        with self.fs.open_output_stream(tmps[0]) as good, self.fs.open_output_stream(tmps[1]) as bad:
+            for shard in shards:
+                table = self.shard_table(shard).cast(schema)
+                rows += table.num_rows
+                for ok, line in lines(table):
+                    (good if ok else bad).write(line.encode())
+        for tmp, path in zip(tmps[::-1], paths[::-1]):   # the error file first: the output file appears last
+            self.fs.move(tmp, path)
+        return rows
+
     def drop_parts(self, name: str) -> None:
         path = posixpath.join(self.dir, PARTS, name)
         if self.fs.get_file_info(path).type == pafs.FileType.Directory:

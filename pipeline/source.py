@@ -1,11 +1,12 @@
 """Input Parquet files on any pyarrow filesystem: resolving a path, directory or glob, reading metadata, and reading
-shards as a forward stream so a file is never held whole in memory."""
+shards as a forward stream so a file is never held whole in memory. OpenAI batch files (JSONL) are the exception:
+each is read whole and parsed into a table of its lines when the job is planned (pipeline/openai_input.py)."""
 from __future__ import annotations
 
 import fnmatch
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -25,6 +26,7 @@ class InputFile:
     size: int                 # bytes
     row_groups: list[int]     # rows per row group
     schema: pa.Schema
+    table: pa.Table | None = field(default=None, compare=False, repr=False)  # a JSONL file's rows, parsed
 
     def identity(self) -> dict:
         return {"path": self.path, "rows": self.rows, "size": self.size}
@@ -40,9 +42,14 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         raise ConfigError(f"input/output {uri!r}: no filesystem for it ({e})") from None
 
 
-def list_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
-    """Sorted Parquet file paths for a file, a directory (its *.parquet files, skipping _ and . names) or a glob."""
+SUFFIXES = {"parquet": ".parquet", "openai": ".jsonl"}
+
+
+def list_files(uri: str, fmt: str = "parquet") -> tuple[pafs.FileSystem, list[str]]:
+    """Sorted input file paths for a file, a directory (its *.parquet or, for fmt openai, *.jsonl files, skipping
+    _ and . names) or a glob."""
     fs, path = filesystem(uri)
+    suffix = SUFFIXES[fmt]
     if any(c in path for c in GLOB_CHARS):
         parts = path.split("/")
         fixed = next(i for i, p in enumerate(parts) if any(c in p for c in GLOB_CHARS))
@@ -61,14 +68,43 @@ def list_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
             raise ConfigError(f"input {uri!r} does not exist")
         if info.type == pafs.FileType.Directory:
             infos = fs.get_file_info(pafs.FileSelector(path))
-            paths = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+            paths = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
                      and not i.base_name.startswith(("_", "."))]
             kind = "directory"
         else:
             paths, kind = [path], "file"
     if not paths:
-        raise ConfigError(f"input {uri!r}: no Parquet files match this {kind} (expected *.parquet files)")
+        what = "OpenAI batch" if fmt == "openai" else "Parquet"
+        raise ConfigError(f"input {uri!r}: no {what} files match this {kind} (expected *{suffix} files)")
     return fs, sorted(paths)
+
+
+def input_format(uri: str, fmt: str) -> str:
+    """What input_format auto means for `uri`: openai for a path or glob ending in .jsonl, or a directory holding
+    *.jsonl files and no *.parquet ones; else parquet."""
+    if fmt != "auto":
+        return fmt
+    fs, path = filesystem(uri)
+    if path.endswith(".jsonl"):
+        return "openai"
+    if any(c in path for c in GLOB_CHARS) or fs.get_file_info(path).type != pafs.FileType.Directory:
+        return "parquet"
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.File]
+    return "openai" if any(n.endswith(".jsonl") for n in names) and not any(
+        n.endswith(".parquet") for n in names) else "parquet"
+
+
+def describe_jsonl(fs: pafs.FileSystem, path: str, config) -> InputFile:
+    """An OpenAI batch file, read whole and parsed into its table of lines (pipeline/openai_input.py)."""
+    from .openai_input import read_table
+    try:
+        with fs.open_input_stream(path) as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"input file {path} cannot be read: {e}") from None
+    table = read_table(data, path, config.served_name, config.request_defaults())
+    return InputFile(path, posixpath.basename(path), table.num_rows, len(data), [table.num_rows], table.schema,
+                     table)
 
 
 def describe_file(fs: pafs.FileSystem, path: str) -> InputFile:
@@ -129,6 +165,8 @@ class ShardReader:
 
     def read(self, shard: Shard) -> pa.Table:
         file = self.files[shard.file]
+        if file.table is not None:
+            return file.table.select(self.columns[shard.file]).slice(shard.start, shard.rows).combine_chunks()
         cursor = self._cursors.get(shard.file)
         if cursor is None or cursor.position != shard.start:
             if cursor is not None:

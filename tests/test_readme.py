@@ -31,6 +31,23 @@ def run(argv: list[str], cwd: str, timeout: float = 300) -> subprocess.Completed
     return out
 
 
+def test_readme_openai_batch_command_runs_on_its_example_lines(workdir):
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+    example = re.findall(r"```jsonl\n(.*?)```", README, re.S)
+    assert len(example) == 1 and len(example[0].splitlines()) == 3
+    (workdir / "batch.jsonl").write_text(example[0])
+    [command] = [c for c in commands("phi3-batch run") if "batch.jsonl" in c]
+    run(command, str(workdir))
+    out = [json.loads(line) for line in open(workdir / "out" / "batch.jsonl")]
+    assert [x["custom_id"] for x in out] == ["q1", "q2", "q3"]
+    assert (workdir / "out" / "batch.errors.jsonl").read_text() == ""
+    for x, line in zip(out, example[0].splitlines()):
+        model = ChatCompletion if json.loads(line)["url"] == "/v1/chat/completions" else Completion
+        body = model.model_validate(x["response"]["body"], strict=True)
+        assert body.model == "phi3"
+
+
 DEMO_ROWS = 60   # `make demo`'s prompts: 60 rows in row groups of 20, an `id` column and chat `messages`
 
 
@@ -44,7 +61,7 @@ def workdir(tmp_path):
 
 
 def test_readme_parquet_job_commands_run_as_written_on_the_demo_prompts(workdir):
-    job, dry = commands("phi3-batch run")
+    job, dry = [c for c in commands("phi3-batch run") if "batch.jsonl" not in c]
     assert "--id-column" not in job    # the README's first command, as a new user types it
     (workdir / "job.yaml").write_text("input: prompts/\noutput: completions/\nmodel: models/phi3-tiny-chat\n"
                                       "messages_column: messages\nmax_new_tokens: 16\n")

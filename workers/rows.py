@@ -61,15 +61,17 @@ class RowSpec:
     messages_column: str | None = None
     strip_prompt: bool = True
     defaults: SamplingParams = field(default_factory=SamplingParams)
+    either: bool = False    # a row holds messages or, where they are null, a prompt (OpenAI batch lines)
 
     @property
     def columns(self) -> tuple[str, ...]:
         """Input columns a row may use; absent ones are simply not overridden."""
-        return (self.messages_column or self.prompt_column,) + OVERRIDES
+        either = (self.prompt_column,) if self.either else ()
+        return (self.messages_column or self.prompt_column,) + either + OVERRIDES
 
 
 def prompt_ids(row: dict, spec: RowSpec, tokenizer) -> list[int]:
-    if spec.messages_column:
+    if spec.messages_column and not (spec.either and row.get(spec.messages_column) is None):
         messages = row.get(spec.messages_column)
         if not messages:
             raise RowError(f"{spec.messages_column} is {'null' if messages is None else 'empty'}; "
