@@ -19,6 +19,7 @@ from .sampling_params import Completion, RequestError, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Group, Sequence
 from .stopping import Stopper, completion, to_logprob
+from .timers import OFF, StepTimers
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,13 @@ class Engine:
         long_after = mc.original_max_position_embeddings if mc.rope_scaling is not None else None
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, long_after,
                                    config.schedule)
-        self.runner = ModelRunner(model, self.cache)
+        layer_bytes = sum(m.weight.nbytes for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+        self.runner = ModelRunner(model, self.cache, config.packs_layers(layer_bytes))
         self.grammars: Grammars | None = None  # built with the first structured request
         self.num_computed_tokens = 0  # tokens that went through the model (prefill + decode), for stats
         self.num_steps = 0
+        self.timers = None
+        self.recorder: list | None = None  # set to [] to record each step's schedule (timers.py)
         log.info("KV pool: %d blocks x %d tokens = %.1f MiB", num_blocks, config.block_size,
                  self.cache.nbytes / 2**20)
 
@@ -70,6 +74,15 @@ class Engine:
         from ..presets import load_model_and_tokenizer
         model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=device)
         return cls(model, tokenizer, EngineConfig(**engine_config))
+
+    @property
+    def timers(self) -> StepTimers | None:
+        """Per-phase step timers (engine.timers), None (the default) when off."""
+        return None if self._timers is OFF else self._timers
+
+    @timers.setter
+    def timers(self, timers: StepTimers | None) -> None:
+        self._timers = self.scheduler.timers = self.runner.timers = timers or OFF
 
     # ---- pool facts ---------------------------------------------------------------------------------------
 
@@ -142,21 +155,29 @@ class Engine:
 
     def step(self) -> list[Group]:
         """One forward over the scheduled batch. Returns the requests that finished in it."""
+        timers = self._timers
+        timers.start()
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress with work pending (KV pool too small?)")
             return []
+        if self.recorder is not None:
+            self.recorder.append(([(b.num_tokens, b.seq.num_computed + b.num_tokens) for b in batch],
+                                  sum(b.samples for b in batch)))
+        timers.lap("schedule")
         logits, prompt = self.runner.run(batch)
         for seq, start, rows in prompt:
             self._prompt_logprobs(seq, start, rows)
         tokens = sample(logits, [b.seq for b in batch if b.samples], self.grammars)
+        timers.lap("sample")
         self.num_computed_tokens += sum(b.num_tokens for b in batch)
         self.num_steps += 1
         done = []
         for seq in self.scheduler.postprocess(batch, tokens):
             if seq.group.finished and seq.group not in done:
                 done.append(seq.group)
+        timers.lap("postprocess")
         return done
 
     def _prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
@@ -193,5 +214,7 @@ class Engine:
                                     request_id=req.request_id)
         while self.has_work():
             for group in self.step():
+                self._timers.start()
                 out[index[id(group)]] = self.completion(group)
+                self._timers.lap("detokenize")
         return out
