@@ -1,6 +1,7 @@
 """Engine throughput: one model, one workload, every engine side by side in one run.
 
-    python -m bench.engine [--json PATH] [--requests N] [--dtype bfloat16|float32] [--threads N]
+    python -m bench.engine [--json PATH] [--requests N] [--dtype bfloat16|float32] [--threads N] [--rows A,B]
+    python -m bench.engine --device cuda     (bench/gpu.sh: a random Phi-3-mini in bf16 on one GPU)
 
 Model: a Phi-3 with the real vocabulary (32064), hidden 512, 8 layers, 8 heads, random weights (sized so a
 run fits in about 5 minutes on 2 CPU cores). Workload: mixed
@@ -19,6 +20,11 @@ prompt lengths (16-512 tokens) and output lengths (16-256, ignore_eos, greedy), 
   native_bf16, vllm_builtin_phi3_bf16
                       the same two in bfloat16 (an fp32 run adds them only where the CPU multiplies bf16 natively:
                       AVX-512 BF16 or AMX)
+On CUDA (--device cuda) the rows are
+  native_batch1       one request decoding alone (batch-1 decode)
+  roofline_batch1     its memory-bandwidth bound: the weights' bytes read once per token at the bandwidth of a
+                      device-to-device copy measured in the same run (native_batch1's `vs limit` is against it)
+  native              the continuous batch of --requests (default 64) requests
 Each row runs in its own process; peak RSS covers that process tree. Threads: the CPUs this process may use.
 """
 from __future__ import annotations
@@ -34,6 +40,10 @@ from .common import Timer, have, measure_child, report, run_row
 
 ROWS = ["native", "native_alternating", "limit", "hf_static_batch", "vllm_builtin_phi3", "vllm_phi3_batch"]
 BF16_ROWS = ["native_bf16", "vllm_builtin_phi3_bf16"]
+CUDA_ROWS = ["native_batch1", "roofline_batch1", "native"]
+LIMIT_OF = {"native_batch1": "roofline_batch1"}  # a row's `vs limit` reference; every other row's is `limit`
+GPU_PRESET = "phi3_mini_4k_instruct_en"
+BATCH1 = (128, 256)  # the batch-1 decode rows: prompt tokens, new tokens
 
 
 def bench_config():
@@ -70,13 +80,20 @@ def native_run(args, schedule: str = "mixed", timed: bool = True) -> dict:
     from phi3_model.engine import Engine, Request, SamplingParams
     from phi3_model.engine.timers import StepTimers
     torch.set_num_threads(args["threads"])
-    model = load_checkpoint(args["ckpt"], dtype=args["dtype"])
+    cuda = args.get("device") == "cuda"
+    if cuda:  # a random Phi-3-mini built on the GPU (no 7.6 GB checkpoint to write and read)
+        from phi3_model.checkpoint import build_model
+        from phi3_model.config import preset_config
+        model = build_model(preset_config(GPU_PRESET), args["dtype"], "cuda", seed=0)
+    else:
+        model = load_checkpoint(args["ckpt"], dtype=args["dtype"])
     engine = Engine(model, None, max_num_seqs=args["max_num_seqs"], max_num_batched_tokens=args["batched_tokens"],
                     schedule=schedule)
     reqs = [Request(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)) for p, n in args["work"]]
     engine.generate(reqs[:2])  # warm-up
     steps0 = engine.num_steps
-    engine.recorder, engine.timers = [], StepTimers() if timed else None
+    engine.recorder = []
+    engine.timers = StepTimers(torch.cuda.synchronize if cuda else None) if timed else None
     with Timer() as t:
         outs = engine.generate(reqs)
     out = {"seconds": t.seconds, "output_tokens": sum(len(o.token_ids) for o in outs),
@@ -173,6 +190,28 @@ def replay(c, steps: list, dtype) -> float:
         return time.perf_counter() - t0
 
 
+def row_roofline(args) -> dict:
+    """Batch-1 decode's memory-bandwidth bound on CUDA: every weight read once per token (the embedding excepted:
+    one row), at the device-to-device copy bandwidth measured here."""
+    import torch
+    from phi3_model.config import preset_config
+    c = preset_config(GPU_PRESET)
+    weight_bytes = (c.num_parameters() - c.vocab_size * c.hidden_size) * torch.empty((), dtype=getattr(
+        torch, args["dtype"])).element_size()
+    buf = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(buf)
+    dst.copy_(buf)
+    torch.cuda.synchronize()
+    with Timer() as t:
+        for _ in range(20):
+            dst.copy_(buf)
+        torch.cuda.synchronize()
+    bandwidth = 2 * 20 * buf.numel() / t.seconds  # bytes read + written
+    tokens = BATCH1[1]
+    return {"seconds": tokens * weight_bytes / bandwidth, "output_tokens": tokens, "requests": 1,
+            "bandwidth_gbs": round(bandwidth / 1e9, 1), "weight_gb": round(weight_bytes / 1e9, 2)}
+
+
 def row_hf(args) -> dict:
     import torch
     from transformers import Phi3ForCausalLM
@@ -217,10 +256,14 @@ def row_vllm(args, ours: bool) -> dict:
 def child(row: str, args: dict, out: str) -> None:
     if row.endswith("_bf16"):
         row, args = row[:-len("_bf16")], {**args, "dtype": "bfloat16", "ckpt": args["bf16_ckpt"]}
+    if row == "native_batch1":
+        rng = random.Random(1)
+        row, args = "native", {**args, "work": [([rng.randrange(3, 32000) for _ in range(BATCH1[0])], BATCH1[1])]}
     fn = {"native": row_native, "native_alternating": lambda a: row_native(a, "alternating"), "limit": row_limit,
+          "roofline_batch1": row_roofline,
           "hf_static_batch": row_hf, "vllm_builtin_phi3": lambda a: row_vllm(a, False),
           "vllm_phi3_batch": lambda a: row_vllm(a, True)}[row]
-    measure_child(fn, args, out, requests=len(args["work"]))
+    measure_child(fn, args, out, requests=len(args["work"]))  # row_roofline says its own request count
 
 
 def print_breakdown(row: dict) -> None:
@@ -242,9 +285,11 @@ def print_breakdown(row: dict) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the rows as JSON here")
-    ap.add_argument("--requests", type=int, default=24)
-    ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: a random Phi-3-mini (3.8B) built on the GPU, rows " + ",".join(CUDA_ROWS))
+    ap.add_argument("--requests", type=int, help="default: 24 on CPU, 64 on CUDA")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--rows", help="comma-separated subset of " + ",".join(ROWS + BF16_ROWS + CUDA_ROWS))
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--batched-tokens", type=int, default=1024)
@@ -254,14 +299,17 @@ def main(argv=None) -> None:
     if a.child:
         return child(a.child, json.loads(a.child_args), a.child_out)
     from phi3_model.presets import cpu_has_native_bf16
+    cuda = a.device == "cuda"
+    a.requests = a.requests or (64 if cuda else 24)
+    a.dtype = a.dtype or ("bfloat16" if cuda else "float32")
     work = workload(a.requests)
-    names = a.rows.split(",")
-    if a.rows == ap.get_default("rows") and a.dtype == "float32" and cpu_has_native_bf16():
+    names = a.rows.split(",") if a.rows else list(CUDA_ROWS if cuda else ROWS)
+    if not a.rows and not cuda and a.dtype == "float32" and cpu_has_native_bf16():
         names += BF16_ROWS
     fd, schedule_path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     os.unlink(schedule_path)  # the native row writes it
-    args = {"ckpt": checkpoint(a.dtype), "dtype": a.dtype, "work": work, "hf_batch": a.hf_batch,
+    args = {"ckpt": None if cuda else checkpoint(a.dtype), "dtype": a.dtype, "device": a.device, "work": work, "hf_batch": a.hf_batch,
             "max_num_seqs": a.max_num_seqs, "batched_tokens": a.batched_tokens, "threads": a.threads,
             "schedule_path": schedule_path}
     if any(n.endswith("_bf16") for n in names):
@@ -276,19 +324,24 @@ def main(argv=None) -> None:
     finally:
         if os.path.exists(schedule_path):
             os.unlink(schedule_path)
-    limit = next((r for r in rows if r["name"] == "limit" and r.get("output_tokens_per_s")), None)
+    rate = {r["name"]: r.get("output_tokens_per_s") for r in rows}
     for r in rows:
-        if limit and r.get("output_tokens_per_s") and r["name"] != "limit":
-            r["vs_limit"] = round(r["output_tokens_per_s"] / limit["output_tokens_per_s"], 3)
-    wl = {"model": "phi3 512x8 (head_dim 64), vocab 32064, random weights", "dtype": a.dtype, "requests": a.requests,
+        ref = rate.get(LIMIT_OF.get(r["name"], "limit"))
+        if ref and rate[r["name"]] and r["name"] not in ("limit", *LIMIT_OF.values()):
+            r["vs_limit"] = round(rate[r["name"]] / ref, 3)
+    model = (f"{GPU_PRESET} architecture (3.8B)" if cuda else "phi3 512x8 (head_dim 64), vocab 32064") + \
+        ", random weights"
+    wl = {"model": model, "device": a.device, "dtype": a.dtype, "requests": a.requests,
           "prompt_tokens": sum(len(p) for p, _ in work), "output_tokens": sum(n for _, n in work),
           "prompt_len": "16-512", "output_len": "16-256 (ignore_eos, greedy)", "hf_batch": a.hf_batch}
-    report(f"bench.engine: {a.requests} requests, {wl['output_tokens']} output tokens, {a.dtype}", rows,
+    if cuda:
+        wl["batch1"] = f"one request: {BATCH1[0]} prompt tokens, {BATCH1[1]} new; vs limit = vs roofline_batch1"
+    report(f"bench.engine: {a.requests} requests, {wl['output_tokens']} output tokens, {a.dtype}, {a.device}", rows,
            [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
             ("requests_per_s", "req/s", "{:.2f}"), ("seconds", "s", "{:.1f}"),
             ("peak_rss_mb", "peak MB", "{:.0f}"), ("vs_limit", "vs limit", "{:.2f}x")], wl, a.json)
     for r in rows:
-        if r["name"] == "native":
+        if r["name"] in ("native", "native_batch1"):
             print_breakdown(r)
 
 
