@@ -44,6 +44,14 @@ def current_context() -> AttentionContext:
     return ctx
 
 
+def project(linear, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)`, or the active context's prepared equivalent of that layer when it has one (the engine's
+    weights packed for the CPU GEMM: `ctx.packed`, a dict from module to callable)."""
+    packed = getattr(current_context(), "packed", None)
+    fast = packed.get(linear) if packed else None
+    return fast(x) if fast is not None else linear(x)
+
+
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
     """q_pos [..., Tq], k_pos [..., Tk] -> bool [..., Tq, Tk]: key visible to query.
 

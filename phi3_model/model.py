@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import DenseContext, attention_context, current_context
+from .attention import DenseContext, attention_context, current_context, project
 from .config import Phi3Config
 
 
@@ -76,12 +76,12 @@ class Phi3Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         N = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q, k, v = project(self.qkv_proj, x).split(self.split, dim=-1)
         q = apply_rotary(q.view(N, self.n_heads, self.head_dim), cos, sin, self.rotary_dim)  # [N, H, D]
         k = apply_rotary(k.view(N, self.n_kv, self.head_dim), cos, sin, self.rotary_dim)  # [N, Hkv, D]
         v = v.view(N, self.n_kv, self.head_dim)
         out = current_context().attend(self.layer, q, k, v)  # [N, H, D]
-        return self.o_proj(out.reshape(N, -1))
+        return project(self.o_proj, out.reshape(N, -1))
 
 
 class Phi3MLP(nn.Module):
@@ -91,8 +91,8 @@ class Phi3MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
+        gate, up = project(self.gate_up_proj, x).chunk(2, dim=-1)
+        return project(self.down_proj, up * F.silu(gate))
 
 
 class Phi3DecoderLayer(nn.Module):

@@ -76,6 +76,22 @@ def pick_device(device: str = "auto"):
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX tiles), as torch's own CPU checks say, else
+    as /proc/cpuinfo's flags say. Without them bf16 matmuls are emulated and slower than fp32."""
+    import torch
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def pick_dtype(dtype, device):
     import torch
     from .checkpoint import resolve_dtype

@@ -161,6 +161,33 @@ def test_min_new_tokens_delays_stop_strings_past_an_early_match(tiny):
     assert out.text == full[:second]
 
 
+def test_stop_strings_read_the_same_text_as_a_full_decode_at_every_token(tiny):
+    """The stop check decodes only a window of recent tokens per step; its text equals the whole completion's
+    decode after every token (byte pieces, added and hidden tokens included), whatever ends a character."""
+    from phi3_model.engine.stopping import Stopper, decode_completion
+    tok = tiny["tok"]
+    g = torch.Generator().manual_seed(5)
+    byte_pieces = [t for t in range(tok.sp_size) if tok.sp.is_byte(t)]
+    assert len(byte_pieces) >= 100
+    utf8 = [t for ch in "Ünïcödé 🙂 ok" for b in ch.encode() for t in byte_pieces if tok.sp.id_to_piece(t) ==
+            f"<0x{b:02X}>"]
+    checked = 0
+    for trial in range(12):
+        ids = torch.randint(0, 448, (120,), generator=g).tolist()
+        ids[10 * trial:10 * trial] = utf8  # complete multi-byte characters split over tokens
+        for skip in (False, True):
+            stopper = Stopper(SamplingParams(max_new_tokens=1000, stop=("never emitted \x00",),
+                                             skip_special_tokens=skip), None, tok)
+            stopper.stop_ids = set()  # end tokens too are just text here
+            for n, t in enumerate(ids, 1):
+                assert not stopper.append(t)
+                full = decode_completion(tok, ids[:n], skip)
+                if not full.endswith("\ufffd"):
+                    assert stopper._text == full, f"after {n} tokens {ids[:n]}"
+                    checked += 1
+    assert checked > 2000
+
+
 # ---- scheduling ----------------------------------------------------------------------------------------------------
 
 def test_preemption_under_a_tiny_block_budget_gives_identical_outputs(tiny):

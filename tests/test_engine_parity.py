@@ -86,6 +86,28 @@ def test_greedy_batch_of_mixed_lengths_equals_hf_generate(tiny_model_dir):
     assert engine.num_computed_tokens == sum(LENGTHS) + len(batch) * (n - 1)
 
 
+@pytest.mark.parametrize("path", ["cuda_choices_on_cpu", "cuda"])
+def test_greedy_batch_equals_hf_generate_on_the_cuda_paths(tiny_model_dir, path):
+    """What the engine does differently on CUDA: decoding sequences gathered into padded groups (never read in
+    place), plain linear layers (no oneDNN packing), the KV pool from torch.zeros. On CPU the same choices are
+    forced, so that path stays covered where no GPU is; on CUDA (bench/gpu.sh) the engine runs there."""
+    if path == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here (bench/gpu.sh runs this on a GPU machine)")
+    hf = hf_model(tiny_model_dir)
+    batch, n = prompts(LENGTHS, seed=1), 24
+    want = hf_generate_batch(hf, batch, n)
+    device = "cuda" if path == "cuda" else "cpu"
+    engine = Engine(load_checkpoint(tiny_model_dir, device=device), block_size=8, num_blocks=256,
+                    packed_weights="lm_head")
+    engine.runner.read_in_place = False
+    engine.runner.lm_head.enabled = False
+    assert engine.runner.packed == {}
+    got = run(engine, batch, n)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"prompt {i} ({len(batch[i])} tokens): engine {g} != HF {w}"
+    assert engine.num_steps == n
+
+
 def test_greedy_longrope_crossing_the_original_max_equals_hf_full_recompute(tiny_longrope_dir):
     hf = hf_model(tiny_longrope_dir)
     original = hf.config.rope_parameters["original_max_position_embeddings"]
@@ -160,3 +182,33 @@ def test_a_request_alone_equals_the_same_request_in_a_big_mixed_batch(tiny_model
     greedy = Engine(model, block_size=8, num_blocks=256).generate(
         [Request(target, SamplingParams(max_new_tokens=20, **GREEDY))])[0].token_ids
     assert solo != other_seed and solo != greedy
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_bf16_greedy_agrees_with_hf_bf16_better_than_hf_bf16_with_hf_fp32(tiny_model_dir):
+    """bf16 rounds differently in every implementation (GEMM blocking, fused attention), so a near-tie can flip a
+    greedy token and everything after it. The agreement shown: every request's first 4 tokens equal HF's in bf16,
+    at least 14 of the 18 requests equal it for all 24 tokens, and the engine follows HF bf16 for at least as many
+    tokens in all as HF's own fp32 does."""
+    def hf_in(dtype):
+        hf = transformers.Phi3ForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype,
+                                                          attn_implementation="eager").eval()
+        hf.generation_config.eos_token_id = None
+        return hf
+    batch, n = prompts(LENGTHS, seed=1), 24
+    hf16 = hf_in(torch.bfloat16)
+    want = [hf_cached(hf16, p, n) for p in batch]
+    fp32 = [hf_cached(hf_in(torch.float32), p, n) for p in batch]
+    engine = Engine(load_checkpoint(tiny_model_dir, dtype="bfloat16"), block_size=8, num_blocks=256)
+    assert engine.model.dtype == torch.bfloat16
+    got = run(engine, batch, n)
+    ours = [first_difference(g, w) for g, w in zip(got, want)]
+    theirs = [first_difference(f, w) for f, w in zip(fp32, want)]
+    assert min(ours) >= 4, ours
+    assert sum(k == n for k in ours) >= 14, ours
+    assert sum(ours) >= sum(theirs), (ours, theirs)
+    assert sum(theirs) < n * len(batch)  # bf16 does change HF's own tokens: the comparison is not vacuous
+    assert engine.num_steps == n

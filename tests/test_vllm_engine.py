@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from phi3_model.engine.sampling_params import RequestError, SamplingParams
-from phi3_model.vllm_registry import ARCH
+from phi3_model.vllm.registry import ARCH
 from tests.fixtures.vllm_engine import HFReference, mixed_prompts
 
 pytestmark = pytest.mark.vllm

@@ -24,7 +24,7 @@ def test_importing_phi3_model_never_imports_vllm_ray_redis_or_pyarrow():
     """phi3_model knows nothing of Ray, Redis or Parquet, and needs vLLM only in the modules made for it."""
     imports = ("import pkgutil, phi3_model\n"
                "for m in pkgutil.walk_packages(phi3_model.__path__, 'phi3_model.'):\n"
-               "    if m.name != 'phi3_model.vllm_model':\n"
+               "    if m.name != 'phi3_model.vllm.model':\n"
                "        importlib.import_module(m.name)")
     assert _loaded_after(imports, ("vllm", "ray", "redis", "pyarrow")) == []
 
@@ -38,10 +38,10 @@ def test_the_request_vocabulary_costs_no_torch():
 def test_entry_point_declared_for_vllm_general_plugins():
     from importlib.metadata import entry_points
 
-    from phi3_model.vllm_registry import register
+    from phi3_model.vllm.registry import register
     eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "phi3_batch"]
     assert eps, "phi3-batch is not installed (scripts/setup.sh installs it editable): no 'phi3_batch' entry point"
-    assert eps[0].value == "phi3_model.vllm_registry:register"
+    assert eps[0].value == "phi3_model.vllm.registry:register"
     assert eps[0].load() is register
 
 
@@ -52,15 +52,15 @@ def test_register_is_lazy_idempotent_and_resolves_our_own_class():
     from vllm.model_executor.models.llama import LlamaForCausalLM
     from vllm.model_executor.models.phi3 import Phi3ForCausalLM as VLLMPhi3
 
-    from phi3_model.vllm_registry import ARCH, register
+    from phi3_model.vllm.registry import ARCH, register
     register()
     first = ModelRegistry.models[ARCH]
     register()
     assert ModelRegistry.models[ARCH] is first  # a second call leaves the registration alone
-    assert (first.module_name, first.class_name) == ("phi3_model.vllm_model", "Phi3BatchForCausalLM")  # lazy form
+    assert (first.module_name, first.class_name) == ("phi3_model.vllm.model", "Phi3BatchForCausalLM")  # lazy form
 
     cls = first.load_model_cls()
-    from phi3_model.vllm_model import Phi3BatchForCausalLM
+    from phi3_model.vllm.model import Phi3BatchForCausalLM
     assert cls is Phi3BatchForCausalLM
     assert not issubclass(cls, (VLLMPhi3, LlamaForCausalLM))
     assert "Phi3ForCausalLM" in ModelRegistry.get_supported_archs()  # vLLM's own class stays available

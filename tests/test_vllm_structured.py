@@ -27,7 +27,7 @@ def test_vllms_grammar_vocabulary_is_the_native_engines(vllm_model_dir):
     see the vocabulary, specials, stop token and prefix-space rule that phi3_model.engine.grammar gives xgrammar."""
     from phi3_model.engine.grammar import Grammars
     from phi3_model.presets import load_tokenizer, resolve
-    from phi3_model.vllm_tokenizer import Phi3VLLMTokenizer
+    from phi3_model.vllm.tokenizer import Phi3VLLMTokenizer
     xgr = pytest.importorskip("xgrammar")
     config, directory = resolve(vllm_model_dir)
     ours = Grammars(load_tokenizer(directory), config.vocab_size, config.eos_token_id).info

@@ -3,7 +3,7 @@
 Tokens in, `Completion` out, exactly as the native backend:
 - vLLM never tokenizes or detokenizes (`TokensPrompt`, `detokenize=False`); texts come from this project's
   `Phi3Tokenizer`. vLLM does get a tokenizer, for its structured outputs: this project's own, registered as
-  tokenizer_mode `phi3_batch` (phi3_model/vllm_tokenizer.py), so xgrammar sees the native engine's vocabulary
+  tokenizer_mode `phi3_batch` (phi3_model/vllm/tokenizer.py), so xgrammar sees the native engine's vocabulary
   (special tokens unusable in a grammar, config.eos_token_id the stop token).
 - Every request streams its new tokens (`output_kind=DELTA`) into the shared `Stopper` (phi3_model.engine.stopping),
   one per sample, the same per-request stop rule the native engine applies, so identical tokens give identical
@@ -68,7 +68,7 @@ from phi3_model.engine.sampling_params import (MAX_LOGPROBS, Completion, EngineD
 from phi3_model.engine.stopping import Stopper, completion, to_logprob
 from phi3_model.engine.watchdog import Watchdog
 from phi3_model.presets import load_tokenizer, pick_device, pick_dtype, resolve
-from phi3_model.vllm_registry import ARCH, TOKENIZER_MODE, hf_overrides, register
+from phi3_model.vllm.registry import ARCH, TOKENIZER_MODE, hf_overrides, register
 
 from .backend import BackendConfig, EngineBackend
 from .backend_options import VLLMOptions
@@ -110,7 +110,7 @@ async def _in_own_thread(fn, abandon):
 def check_entry_point() -> None:
     """vLLM's engine process learns ARCH only through the installed `vllm.general_plugins` entry point."""
     from importlib.metadata import entry_points
-    if not any(ep.value == "phi3_model.vllm_registry:register" for ep in entry_points(group="vllm.general_plugins")):
+    if not any(ep.value == "phi3_model.vllm.registry:register" for ep in entry_points(group="vllm.general_plugins")):
         raise RuntimeError("the vllm.general_plugins entry point 'phi3_batch' of phi3-batch is not installed, so "
                            f"vLLM's engine process cannot build {ARCH}; install this project (scripts/setup.sh, "
                            "or pip install -e .)")

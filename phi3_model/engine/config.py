@@ -22,6 +22,13 @@ class EngineConfig(BaseModel):
         "mixed", description="mixed: decodes and prefill chunks share every step; alternating: prefill-only and "
         "decode-only steps take turns")
     max_model_len: int | None = Field(None, ge=2, description="default: the model's max_position_embeddings")
+    packed_weights: Literal["auto", "all", "lm_head"] = Field(
+        "auto", description="CPU: linear layers whose weights are kept a second time, reordered for oneDNN's GEMM "
+        "(faster, see engine/packed_linear.py): all (decoder layers and lm_head), lm_head, or auto (all when the "
+        "decoder layers' weights take at most 1 GiB, else lm_head)")
+
+    def packs_layers(self, layer_weight_bytes: int) -> bool:
+        return self.packed_weights == "all" or (self.packed_weights == "auto" and layer_weight_bytes <= 2**30)
 
     def cpu_kv_bytes(self, model_config, max_model_len: int, element_size: int) -> int:
         """The KV pool's bytes on CPU (on CUDA it takes 90% of free memory): kv_cache_bytes, else what max_num_seqs
@@ -38,4 +45,9 @@ class EngineConfig(BaseModel):
 def engine_bytes(model_config, config: EngineConfig, element_size: int) -> int:
     """Host memory one native engine on CPU holds for weights and KV cache (the actor's own overhead aside)."""
     max_len = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
-    return model_config.num_parameters() * element_size + config.cpu_kv_bytes(model_config, max_len, element_size)
+    c = model_config
+    lm_head = c.vocab_size * c.hidden_size * element_size
+    layers = c.num_parameters() * element_size - lm_head * (1 if c.tie_word_embeddings else 2)  # norms: a rounding
+    packed = lm_head + (layers if config.packs_layers(layers) else 0)  # the engine's packed copies (CPU)
+    return (c.num_parameters() * element_size + packed
+            + config.cpu_kv_bytes(model_config, max_len, element_size))

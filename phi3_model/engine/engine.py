@@ -21,6 +21,7 @@ from .scheduler import Scheduler
 from .sequence import Group, Sequence
 from .stats import EngineStats
 from .stopping import Stopper, completion, to_logprob
+from .timers import OFF, StepTimers
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,14 @@ class Engine:
         long_after = mc.original_max_position_embeddings if mc.rope_scaling is not None else None
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, long_after,
                                    config.schedule)
-        self.runner = ModelRunner(model, self.cache)
+        layer_bytes = sum(m.weight.nbytes for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+        self.runner = ModelRunner(model, self.cache, config.packs_layers(layer_bytes))
         self.grammars: Grammars | None = None  # built with the first structured request
         self.num_computed_tokens = 0  # tokens that went through the model (prefill + decode), for stats
         self.num_steps = 0
         self.stats = EngineStats()  # figures for metrics (engine/stats.py); snapshot() reads them
+        self.timers = None
+        self.recorder: list | None = None  # set to [] to record each step's schedule (timers.py)
         log.info("KV pool: %d blocks x %d tokens = %.1f MiB", num_blocks, config.block_size,
                  self.cache.nbytes / 2**20)
 
@@ -73,6 +77,15 @@ class Engine:
         from ..presets import load_model_and_tokenizer
         model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=device)
         return cls(model, tokenizer, EngineConfig(**engine_config))
+
+    @property
+    def timers(self) -> StepTimers | None:
+        """Per-phase step timers (engine.timers), None (the default) when off."""
+        return None if self._timers is OFF else self._timers
+
+    @timers.setter
+    def timers(self, timers: StepTimers | None) -> None:
+        self._timers = self.scheduler.timers = self.runner.timers = timers or OFF
 
     # ---- pool facts ---------------------------------------------------------------------------------------
 
@@ -134,22 +147,30 @@ class Engine:
     def step(self) -> list[Group]:
         """One forward over the scheduled batch. Returns the requests that finished in it."""
         t = time.perf_counter()
+        timers = self._timers
+        timers.start()
         batch = self.scheduler.schedule()
         if not batch:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress with work pending (KV pool too small?)")
             return []
+        if self.recorder is not None:
+            self.recorder.append(([(b.num_tokens, b.seq.num_computed + b.num_tokens) for b in batch],
+                                  sum(b.samples for b in batch)))
+        timers.lap("schedule")
         logits, prompt = self.runner.run(batch)
         for seq, start, rows in prompt:
             self._prompt_logprobs(seq, start, rows)
         sampled = [b.seq for b in batch if b.samples]
         tokens = sample(logits, sampled, self.grammars)
+        timers.lap("sample")
         self.num_computed_tokens += sum(b.num_tokens for b in batch)
         self.num_steps += 1
         done = []
         for seq in self.scheduler.postprocess(batch, tokens):
             if seq.group.finished and seq.group not in done:
                 done.append(seq.group)
+        timers.lap("postprocess")
         self._count(len(batch), sampled, tokens, done, t)
         return done
 
@@ -205,5 +226,7 @@ class Engine:
                                     request_id=req.request_id)
         while self.has_work():
             for group in self.step():
+                self._timers.start()
                 out[index[id(group)]] = self.completion(group)
+                self._timers.lap("detokenize")
         return out

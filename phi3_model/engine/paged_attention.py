@@ -13,22 +13,39 @@ Writing every key of the step before any read is what lets sequences share block
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..attention import causal_mask
+from .timers import OFF
+
+
+def lazy_zeros(shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.zeros, except that on CPU the memory is an anonymous mapping: the kernel hands out zero pages as they
+    are first written, so the untouched part of a large pool costs no resident memory (torch.zeros writes every
+    page at once). Reads of never-written slots still see zeros (padding in decode groups reads some)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
 
 
 class KVCache:
-    """k, v: [layers, Hkv, num_blocks, block_size, D]."""
+    """k, v: [layers, Hkv, num_blocks, block_size, D], zeros until written (pages taken as they are written)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device):
         shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = lazy_zeros(shape, dtype, device)
+        self.v = lazy_zeros(shape, dtype, device)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self._scratch = torch.empty(0, dtype=dtype, device=device)
@@ -67,7 +84,7 @@ class PrefillItem:
 class PagedContext:
     def __init__(self, cache: KVCache, slot_mapping: torch.Tensor, decode: list[DecodeGroup],
                  prefill: list[PrefillItem], long_rope: torch.Tensor | None, sliding_window: int | None,
-                 in_place: list[tuple[int, int, int]] = ()):
+                 in_place: list[tuple[int, int, int]] = (), timers=OFF, packed: dict | None = None):
         self.cache = cache
         self.slot_mapping = slot_mapping  # [N]
         self.decode = decode
@@ -75,8 +92,16 @@ class PagedContext:
         self.long_rope = long_rope
         self.sliding_window = sliding_window
         self.in_place = in_place  # decoding sequences read in place: (row in the step, first slot, length)
+        self.timers = timers
+        self.packed = packed  # the linear layers' packed weights (attention.project), or None
 
     def attend(self, layer: int, q, k, v):
+        self.timers.lap("forward")
+        out = self._attend(layer, q, k, v)
+        self.timers.lap("attention")
+        return out
+
+    def _attend(self, layer: int, q, k, v):
         N, H, D = q.shape
         Hkv = k.shape[1]
         bs, nblocks = self.cache.block_size, self.cache.num_blocks

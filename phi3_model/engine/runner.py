@@ -8,6 +8,7 @@ from ..model import Phi3ForCausalLM
 from .packed_linear import PackedLinear
 from .paged_attention import DecodeGroup, KVCache, PagedContext, PrefillItem
 from .scheduler import ScheduledSeq
+from .timers import OFF
 
 
 def _decode_buckets(lengths: list[int]) -> list[list[int]]:
@@ -32,7 +33,7 @@ def contiguous_start(table: list[int], length: int, block_size: int) -> int | No
 
 
 class ModelRunner:
-    def __init__(self, model: Phi3ForCausalLM, cache: KVCache):
+    def __init__(self, model: Phi3ForCausalLM, cache: KVCache, pack_layers: bool = False):
         self.model = model
         self.cache = cache
         self.block_size = cache.block_size
@@ -40,9 +41,15 @@ class ModelRunner:
         self.sliding_window = model.config.sliding_window
         self.uses_long_rope = model.config.rope_scaling is not None
         self.lm_head = PackedLinear(model.lm_head)
+        # the decoder's linear layers through packed weights too (phi3_model.attention.project): module -> callable
+        self.packed = {}
+        if pack_layers:
+            linears = (PackedLinear(m) for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+            self.packed = {p.linear: p for p in linears if p.enabled}
         # per-sequence attention over pool views saves the gather's memory traffic on CPU; on CUDA its one small
         # kernel launch per sequence and layer would cost more than one batched gather
         self.read_in_place = self.device.type == "cpu"
+        self.timers = OFF  # the engine's step timers (timers.py)
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -84,7 +91,7 @@ class ModelRunner:
         if self.uses_long_rope and any(long_flags):
             long_rope = torch.tensor(long_flags, dtype=torch.bool, device=dev)
         ctx = PagedContext(self.cache, torch.tensor(slots, device=dev), decode, prefill, long_rope,
-                           self.sliding_window, in_place)
+                           self.sliding_window, in_place, self.timers, self.packed)
         return (torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), ctx,
                 torch.tensor(sample_rows, dtype=torch.long, device=dev))
 
@@ -106,8 +113,10 @@ class ModelRunner:
         """-> (logits [S, V] float32, one row per sampling sequence, in batch order; for each sequence that computes
         its prompt's log-probabilities, (sequence, first position fed, logits [n, V] float32 of its n fed rows))."""
         ids, pos, ctx, sample_rows = self.build(batch)
+        self.timers.lap("build")
         with attention_context(ctx):
             hidden = self.model(ids, pos)
+        self.timers.lap("forward")
         prompt = []
         row = 0
         for item in batch:
@@ -115,4 +124,6 @@ class ModelRunner:
                 prompt.append((item.seq, item.seq.num_computed,
                                self.lm_head(hidden[row:row + item.num_tokens]).float()))
             row += item.num_tokens
-        return self.lm_head(hidden[sample_rows]).float(), prompt
+        logits = self.lm_head(hidden[sample_rows]).float()
+        self.timers.lap("lm_head")
+        return logits, prompt

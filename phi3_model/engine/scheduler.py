@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
+from .timers import OFF
 
 
 @dataclass(slots=True)
@@ -46,6 +47,7 @@ class Scheduler:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
         self.num_queried_tokens = 0  # tokens of admitted sequences (what the prefix cache was asked for)
         self.num_rope_switches = 0
+        self.timers = OFF  # the engine's step timers (timers.py)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -137,6 +139,7 @@ class Scheduler:
         none), its grammar advanced and its stop rule applied; finished ones leave (blocks freed).
         Returns the sequences that finished."""
         finished = []
+        timers = self.timers
         tokens = iter(sampled)
         for item in batch:
             seq = item.seq
@@ -156,7 +159,9 @@ class Scheduler:
                     if not seq.matcher.accept_token(token):
                         raise RuntimeError(f"grammar refused token {token} it allowed")
                     grammar_done = seq.matcher.is_terminated()
+                timers.lap("postprocess")
                 done = seq.stopper.append(token, logprob, grammar_done)
+                timers.lap("stop_checks")
             if done:
                 self.finish(seq)
                 finished.append(seq)

@@ -54,6 +54,9 @@ class Stopper:
         self.constrained = params.constraint is not None
         self._hide_last = False  # the last token closed a structured value: not part of the text
         self._scan_from = 0  # text length before the newest token: a stop string must end after it
+        # stop strings look at the text incrementally: _text is decode(token_ids) up to the last complete character,
+        # grown by decoding only a window of tokens (_window: its first token, _read: where its known text ends)
+        self._text, self._window, self._read = "", 0, 0
 
     @property
     def finished(self) -> bool:
@@ -72,25 +75,40 @@ class Stopper:
         if grammar_done:
             self.finish_reason, self.stop_reason, self._hide_last = "stop", token, True
             return True
-        if self.params.stop and n == self.params.min_new_tokens > 1:
-            # strings completed inside the first min_new_tokens - 1 tokens do not count
-            self._scan_from = len(self._decode(self.token_ids[:-1]))
+        grown = False
+        if self.params.stop:
+            if n == self.params.min_new_tokens > 1:
+                # strings completed inside the first min_new_tokens - 1 tokens do not count
+                self._scan_from = len(self._text)
+            grown = self._grow_text()
         if n >= self.params.min_new_tokens:
             if token in self.stop_ids:
                 self.finish_reason, self.stop_reason = "stop", token
                 self._hide_last = self.constrained
                 return True
-            if self.params.stop and self._match_stop_string():
+            if grown and self._match_stop_string():
                 return True
         if n >= self.max_new:
             self.finish_reason = "length"
             return True
         return False
 
-    def _match_stop_string(self) -> bool:
-        text = self._decode(self.token_ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+    def _grow_text(self) -> bool:
+        """Append the newest tokens' text to _text (False, nothing appended, while the last character's UTF-8 bytes
+        are incomplete). Decodes only the window from the token before the last known text, and keeps what it adds
+        past that token's own text, as vLLM's incremental detokenizer does: the tokenizer's decode is prefix-stable
+        and only the window's first piece (its leading space) reads differently, so O(1) per token, not O(length)."""
+        ids = self.token_ids
+        known = self._decode(ids[self._window:self._read])
+        text = self._decode(ids[self._window:])
+        if len(text) <= len(known) or text.endswith("\ufffd"):
             return False
+        self._text += text[len(known):]
+        self._window, self._read = self._read, len(ids)
+        return True
+
+    def _match_stop_string(self) -> bool:
+        text = self._text
         best = None
         for s in self.params.stop:
             i = text.find(s, max(0, self._scan_from - len(s) + 1))  # first match ending in the new text

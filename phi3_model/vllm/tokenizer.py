@@ -1,5 +1,5 @@
-"""This project's Phi3Tokenizer as vLLM's tokenizer (`tokenizer_mode` vllm_registry.TOKENIZER_MODE, registered by
-phi3_model.vllm_registry in every vLLM process), so that vLLM's structured outputs see exactly the native engine's
+"""This project's Phi3Tokenizer as vLLM's tokenizer (`tokenizer_mode` registry.TOKENIZER_MODE, registered by
+phi3_model.vllm.registry in every vLLM process), so that vLLM's structured outputs see exactly the native engine's
 token vocabulary.
 
 vLLM only needs a tokenizer for structured outputs: its xgrammar backend builds the grammar vocabulary with
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .presets import resolve
-from .tokenizer import Phi3Tokenizer
+from ..presets import resolve
+from ..tokenizer import Phi3Tokenizer
 
 
 

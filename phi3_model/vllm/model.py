@@ -3,7 +3,7 @@ embedding (LongRoPE included), RMSNorm with fused residual add, vocab-parallel e
 
 Reads the same checkpoint tensor names as `phi3_model.model` (fused `qkv_proj` and `gate_up_proj` on disk) and the
 same config semantics (`Phi3Config.from_dict` on the engine's HF config). Registered under `ARCH` by
-`phi3_model.vllm_registry`; only vLLM's engine process imports this module.
+`phi3_model.vllm.registry`; only vLLM's engine process imports this module.
 
 LongRoPE: vLLM's rotary picks the factor set once per engine (long for every token iff max_model_len > original
 max positions); see workers/vllm_backend.py for what that means against the native engine.
@@ -25,10 +25,10 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
-from . import seam
-from .config import Phi3Config
+from .. import seam
+from ..config import Phi3Config
 
-from .vllm_registry import ARCH
+from .registry import ARCH
 
 
 def rope_parameters(config: Phi3Config) -> dict:

@@ -4,13 +4,13 @@ Declared in pyproject.toml as the `vllm.general_plugins` entry point `phi3_batch
 engine core, workers) runs `register()` at start-up. The class is registered lazily ("module:Class"): nothing of the
 model is imported until vLLM builds it. This module itself imports vLLM only inside `register()`.
 
-It also registers this project's tokenizer as vLLM's tokenizer_mode TOKENIZER_MODE (phi3_model.vllm_tokenizer), with
+It also registers this project's tokenizer as vLLM's tokenizer_mode TOKENIZER_MODE (phi3_model.vllm.tokenizer), with
 vLLM's plain HF renderer for that mode (the backend sends token ids, so nothing is rendered).
 """
 from __future__ import annotations
 
 ARCH = "Phi3BatchForCausalLM"
-MODEL_CLASS = "phi3_model.vllm_model:Phi3BatchForCausalLM"
+MODEL_CLASS = "phi3_model.vllm.model:Phi3BatchForCausalLM"
 TOKENIZER_MODE = "phi3_batch"
 
 
@@ -24,7 +24,7 @@ def register() -> None:
     if ARCH not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCH, MODEL_CLASS)
     if TOKENIZER_MODE not in TokenizerRegistry.tokenizers:
-        TokenizerRegistry.register(TOKENIZER_MODE, "phi3_model.vllm_tokenizer", "Phi3VLLMTokenizer")
+        TokenizerRegistry.register(TOKENIZER_MODE, "phi3_model.vllm.tokenizer", "Phi3VLLMTokenizer")
     if TOKENIZER_MODE not in RENDERER_REGISTRY.renderers:
         RENDERER_REGISTRY.register(TOKENIZER_MODE, "vllm.renderers.hf", "HfRenderer")
 
