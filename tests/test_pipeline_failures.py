@@ -77,8 +77,10 @@ def test_bad_job_input_is_refused_and_nothing_is_written(ray_local, tiny_model_d
     result = cli("-i", str(tmp_path / "cols"), "-o", out, *model)
     assert result.exit_code == 2 and "has no column 'prompt'" in result.output and "text" in result.output
 
-    result = cli("-i", str(tmp_path / "cols" / "*.jsonl"), "-o", out, *model)
+    result = cli("-i", str(tmp_path / "cols" / "*.csv"), "-o", out, *model)
     assert result.exit_code == 2 and "no Parquet files match" in result.output
+    result = cli("-i", str(tmp_path / "cols" / "*.jsonl"), "-o", out, *model)   # *.jsonl: OpenAI batch input
+    assert result.exit_code == 2 and "no OpenAI batch files match" in result.output
 
     os.makedirs(tmp_path / "broken")
     (tmp_path / "broken" / "a.parquet").write_bytes(b"PAR1 truncated")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -89,20 +90,24 @@ def interrupt_when(argv: list[str], marker: str, env: dict) -> tuple[subprocess.
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     watch = Watch(proc.pid)
+    err: list[str] = []   # drained as it comes: a full stderr pipe would block the command, and it would not exit
+    reader = threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + GUARD_S
         while not watch.has(marker):
-            assert proc.poll() is None, f"the command ended before {marker!r} appeared: {proc.stderr.read()[-2000:]}"
+            assert proc.poll() is None, f"the command ended before {marker!r} appeared: {''.join(err)[-2000:]}"
             assert time.monotonic() < deadline, f"{marker!r} never appeared among the command's processes"
             watch.poll()
             time.sleep(0.002)
         proc.send_signal(signal.SIGINT)
         deadline = time.monotonic() + EXIT_S
         while proc.poll() is None:
-            assert time.monotonic() < deadline, f"still running {EXIT_S} s after SIGINT"
+            assert time.monotonic() < deadline, f"still running {EXIT_S} s after SIGINT: {''.join(err)[-2000:]}"
             watch.poll()
             time.sleep(0.01)
-        return proc, watch, proc.stderr.read()
+        reader.join(GUARD_S)
+        return proc, watch, "".join(err)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
