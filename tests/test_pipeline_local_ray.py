@@ -88,7 +88,8 @@ def interrupt_when(argv: list[str], marker: str, env: dict) -> tuple[subprocess.
     env = dict(os.environ, PYTHONPATH=ROOT, **env)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint)
     watch = Watch(proc.pid)
     err: list[str] = []   # drained as it comes: a full stderr pipe would block the command, and it would not exit
     reader = threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True)
@@ -112,6 +113,12 @@ def interrupt_when(argv: list[str], marker: str, env: dict) -> tuple[subprocess.
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _default_sigint() -> None:
+    """Ctrl-C reaches a command in a terminal's foreground with SIGINT's default action. A test run started in the
+    background of a non-interactive shell inherits SIGINT ignored, and Python then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_all_gone(watch: Watch) -> None:
