@@ -7,7 +7,6 @@ commands: pipeline/queue_worker_cli.py.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint import resolve_dtype
 from ..model import Phi3ForCausalLM
 from .block_manager import BlockManager
 from .config import EngineConfig
