@@ -123,15 +123,16 @@ def row_limit(args) -> dict:
     else:
         steps = native_run(args, timed=False)["schedule"]
     torch.set_num_threads(args["threads"])
-    seconds = replay(bench_config(), steps, getattr(torch, args["dtype"]))
-    return {"seconds": seconds, "output_tokens": sum(s for _, s in steps), "steps": len(steps)}
+    seconds, spent = replay(bench_config(), steps, getattr(torch, args["dtype"]))
+    return {"seconds": seconds, "output_tokens": sum(s for _, s in steps), "steps": len(steps),
+            "breakdown_s": {k: round(v, 4) for k, v in spent.items()}}
 
 
 def replay(c, steps: list, dtype) -> float:
-    """Seconds for `steps` ([(per sequence (query tokens, context length)), rows sampled], as Engine.recorder
-    writes them) as bare tensor operations on preallocated random tensors, after one untimed pass over the first
+    """(seconds, seconds per kind of operation) for `steps` ([(per sequence (query tokens, context length)), rows
+    sampled], as Engine.recorder writes them) as bare tensor operations on preallocated random tensors, after one untimed pass over the first
     steps. Each operation takes the fastest kernel measured for it on CPU: linear layers through weights packed for
-    oneDNN (as the engine's), one query's attention as matmul-softmax-matmul, longer ones with SDPA."""
+    oneDNN (as the engine's), one query's attention in fp32 as matmul-softmax-matmul, everything else with SDPA."""
     import time
     import torch
     import torch.nn.functional as F
@@ -162,15 +163,20 @@ def replay(c, steps: list, dtype) -> float:
     masks = {(q, k): torch.ones(q, k, dtype=torch.bool).tril(k - q)
              for seqs, _ in steps for q, k in seqs if 1 < q < k}
 
+    clock = time.perf_counter
+    spent = {"linear": 0.0, "attention": 0.0, "lm_head": 0.0}
+
     def run(steps):
         for seqs, sampled in steps:
             n = sum(q for q, _ in seqs)
             for (w_qkv, w_o, w_gu, w_d), (k_buf, v_buf) in zip(layers, kv):
+                t0 = clock()
                 w_qkv(x[:n])
+                t1 = clock()
                 row = first = 0
                 for q, k in seqs:
                     keys, values = k_buf[:, first:first + k], v_buf[:, first:first + k]
-                    if q == 1:
+                    if q == 1 and dtype == torch.float32:
                         probs = torch.bmm(queries[:, row].view(Hkv, G, D), keys.transpose(1, 2)).softmax(-1)
                         torch.bmm(probs, values)
                     else:
@@ -178,16 +184,23 @@ def replay(c, steps: list, dtype) -> float:
                                                        attn_mask=masks.get((q, k)), is_causal=q == k,
                                                        enable_gqa=G > 1)
                     row, first = row + q, first + k
+                t2 = clock()
                 w_o(attn_in[:n])
                 w_gu(x[:n])
                 w_d(act[:n])
+                t3 = clock()
+                spent["linear"] += t1 - t0 + t3 - t2
+                spent["attention"] += t2 - t1
+            t0 = clock()
             lm_head(x[:sampled])
+            spent["lm_head"] += clock() - t0
 
     with torch.inference_mode():
         run(steps[:8])
-        t0 = time.perf_counter()
+        spent.update(dict.fromkeys(spent, 0.0))
+        t0 = clock()
         run(steps)
-        return time.perf_counter() - t0
+        return clock() - t0, spent
 
 
 def row_roofline(args) -> dict:
@@ -267,13 +280,13 @@ def child(row: str, args: dict, out: str) -> None:
 
 
 def print_breakdown(row: dict) -> None:
-    """Where the native run's time went, per step, from its engine timers."""
+    """Where a run's time went, per step: the native run's engine timers, the limit's kinds of operation."""
     b, steps = row.get("breakdown_s"), row.get("steps")
     if not b or not steps:
         return
     total = row["seconds"]
     names = {"schedule": "scheduling", "build": "building inputs", "forward": "model forward (no attention)",
-             "attention": "attention", "lm_head": "lm_head", "sample": "sampling", "postprocess": "bookkeeping",
+             "linear": "linear layers", "attention": "attention", "lm_head": "lm_head", "sample": "sampling", "postprocess": "bookkeeping",
              "stop_checks": "stop checks", "detokenize": "detokenization"}
     print(f"\n{row['name']}: {steps} steps, {1000 * total / steps:.2f} ms per step")
     for k, v in b.items():
@@ -341,7 +354,7 @@ def main(argv=None) -> None:
             ("requests_per_s", "req/s", "{:.2f}"), ("seconds", "s", "{:.1f}"),
             ("peak_rss_mb", "peak MB", "{:.0f}"), ("vs_limit", "vs limit", "{:.2f}x")], wl, a.json)
     for r in rows:
-        if r["name"] in ("native", "native_batch1"):
+        if r["name"] in ("native", "limit", "native_batch1"):
             print_breakdown(r)
 
 

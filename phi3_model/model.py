@@ -75,11 +75,12 @@ class Phi3Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
 
     def forward(self, x, cos, sin):
-        N = x.shape[0]
-        q, k, v = project(self.qkv_proj, x).split(self.split, dim=-1)
-        q = apply_rotary(q.view(N, self.n_heads, self.head_dim), cos, sin, self.rotary_dim)  # [N, H, D]
-        k = apply_rotary(k.view(N, self.n_kv, self.head_dim), cos, sin, self.rotary_dim)  # [N, Hkv, D]
-        v = v.view(N, self.n_kv, self.head_dim)
+        N, H, Hkv, D = x.shape[0], self.n_heads, self.n_kv, self.head_dim
+        qkv = project(self.qkv_proj, x)
+        # queries and keys side by side in qkv's rows: rotated together, the same math per element in half the ops
+        qk = apply_rotary(qkv[:, :(H + Hkv) * D].view(N, H + Hkv, D), cos, sin, self.rotary_dim)
+        q, k = qk[:, :H], qk[:, H:]  # [N, H, D], [N, Hkv, D]
+        v = qkv[:, (H + Hkv) * D:].view(N, Hkv, D)
         out = current_context().attend(self.layer, q, k, v)  # [N, H, D]
         return project(self.o_proj, out.reshape(N, -1))
 

@@ -138,15 +138,20 @@ class PagedContext:
         G = H // Hkv
         window = self.sliding_window
         rows = [r for r, _, _ in self.in_place]
-        qs = (q[rows] * D ** -0.5).view(len(rows), Hkv, G, D)
+        # fp32: matmul, softmax, matmul is the fastest on CPU; in bf16 torch's batched matmul is several times slower
+        # than SDPA's fused kernel there (bench model, one sequence: 150 vs 70 us at 100 keys, 440 vs 280 at 500)
+        fused = q.dtype != torch.float32
+        qs = (q[rows] if fused else q[rows] * D ** -0.5).view(len(rows), Hkv, G, D)
         res = torch.empty_like(qs)
         for i, (_, first, n) in enumerate(self.in_place):
             if window is not None and n > window:
                 first, n = first + n - window, window
             keys, values = kc[:, first:first + n], vc[:, first:first + n]  # [Hkv, n, D], views
+            if fused:
+                res[i] = F.scaled_dot_product_attention(qs[i], keys, values)
+                continue
             scores = torch.bmm(qs[i], keys.transpose(1, 2))  # [Hkv, G, n]
-            probs = scores.float().softmax(-1).to(q.dtype)
-            torch.bmm(probs, values, out=res[i])
+            torch.bmm(scores.softmax(-1), values, out=res[i])
         out[rows] = res.view(len(rows), H, D)
 
     def decode_group(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, g: DecodeGroup) -> torch.Tensor:
