@@ -1,6 +1,7 @@
 """Engine throughput: one model, one workload, every engine side by side in one run.
 
     python -m bench.engine [--json PATH] [--requests N] [--dtype bfloat16|float32] [--threads N] [--rows A,B]
+                           [--repeat N]
     python -m bench.engine --device cuda     (bench/gpu.sh: a random Phi-3-mini in bf16 on one GPU)
 
 Model: a Phi-3 with the real vocabulary (32064), hidden 512, 8 layers, 8 heads, random weights (sized so a
@@ -36,7 +37,7 @@ import random
 import sys
 import tempfile
 
-from .common import Timer, have, measure_child, report, run_row
+from .common import Timer, have, measure_child, report, run_rows_repeated
 
 ROWS = ["native", "native_alternating", "limit", "hf_static_batch", "vllm_builtin_phi3", "vllm_phi3_batch"]
 BF16_ROWS = ["native_bf16", "vllm_builtin_phi3_bf16"]
@@ -307,6 +308,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--batched-tokens", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--repeat", type=int, default=1, help="run every row this many times, interleaved (A, B, C, "
+                    "A, B, C...), and report each row's median run")
     ap.add_argument("--child"), ap.add_argument("--child-args"), ap.add_argument("--child-out")
     a = ap.parse_args(argv)
     if a.child:
@@ -327,13 +330,10 @@ def main(argv=None) -> None:
             "schedule_path": schedule_path}
     if any(n.endswith("_bf16") for n in names):
         args["bf16_ckpt"] = checkpoint("bfloat16")
-    rows = []
+    names = [n for n in names if not (n.startswith("vllm") and not have("vllm"))]
     try:
-        for row in names:
-            if row.startswith("vllm") and not have("vllm"):
-                continue
-            rows.append(run_row("bench.engine", row, args))
-            print(f"  {row}: {rows[-1].get('output_tokens_per_s', rows[-1].get('error'))} tok/s", file=sys.stderr)
+        rows = run_rows_repeated("bench.engine", names, args, a.repeat, on_row=lambda r: print(
+            f"  {r['name']}: {r.get('output_tokens_per_s', r.get('error'))} tok/s", file=sys.stderr))
     finally:
         if os.path.exists(schedule_path):
             os.unlink(schedule_path)
