@@ -18,9 +18,9 @@ prompt lengths (16-512 tokens) and output lengths (16-256, ignore_eos, greedy), 
   hf_static_batch     transformers generate, static left-padded batches of --hf-batch requests
   vllm_builtin_phi3   vLLM (CPU build) with its own Phi-3 class            (when vLLM is installed)
   vllm_phi3_batch     vLLM with this project's registered Phi-3 class     (when vLLM is installed)
-  native_bf16, vllm_builtin_phi3_bf16
-                      the same two in bfloat16 (an fp32 run adds them only where the CPU multiplies bf16 natively:
-                      AVX-512 BF16 or AMX)
+  native_bf16, limit_bf16, vllm_builtin_phi3_bf16
+                      the same three in bfloat16 (an fp32 run adds them only where the CPU multiplies bf16
+                      natively: AVX-512 BF16 or AMX); the bf16 rows' `vs limit` is against limit_bf16
 On CUDA (--device cuda) the rows are
   native_batch1       one request decoding alone (batch-1 decode)
   roofline_batch1     its memory-bandwidth bound: the weights' bytes read once per token at the bandwidth of a
@@ -40,9 +40,10 @@ import tempfile
 from .common import Timer, have, measure_child, report, run_rows_repeated
 
 ROWS = ["native", "native_alternating", "limit", "hf_static_batch", "vllm_builtin_phi3", "vllm_phi3_batch"]
-BF16_ROWS = ["native_bf16", "vllm_builtin_phi3_bf16"]
+BF16_ROWS = ["native_bf16", "limit_bf16", "vllm_builtin_phi3_bf16"]
 CUDA_ROWS = ["native_batch1", "roofline_batch1", "native"]
-LIMIT_OF = {"native_batch1": "roofline_batch1"}  # a row's `vs limit` reference; every other row's is `limit`
+# a row's `vs limit` reference: the bf16 rows' is limit_bf16 (the same schedule: it depends on lengths alone)
+LIMIT_OF = {"native_batch1": "roofline_batch1", "native_bf16": "limit_bf16", "vllm_builtin_phi3_bf16": "limit_bf16"}
 GPU_PRESET = "phi3_mini_4k_instruct_en"
 BATCH1 = (128, 256)  # the batch-1 decode rows: prompt tokens, new tokens
 
@@ -129,11 +130,12 @@ def row_limit(args) -> dict:
             "breakdown_s": {k: round(v, 4) for k, v in spent.items()}}
 
 
-def replay(c, steps: list, dtype) -> float:
+def replay(c, steps: list, dtype) -> tuple[float, dict]:
     """(seconds, seconds per kind of operation) for `steps` ([(per sequence (query tokens, context length)), rows
-    sampled], as Engine.recorder writes them) as bare tensor operations on preallocated random tensors, after one untimed pass over the first
-    steps. Each operation takes the fastest kernel measured for it on CPU: linear layers through weights packed for
-    oneDNN (as the engine's), one query's attention in fp32 as matmul-softmax-matmul, everything else with SDPA."""
+    sampled], as Engine.recorder writes them) as bare tensor operations on preallocated random tensors, after one
+    untimed pass over the first steps. Each operation takes the fastest kernel measured for it on CPU: linear
+    layers through weights packed for oneDNN (as the engine's), one query's attention in fp32 as
+    matmul-softmax-matmul, everything else with SDPA."""
     import time
     import torch
     import torch.nn.functional as F
@@ -287,8 +289,8 @@ def print_breakdown(row: dict) -> None:
         return
     total = row["seconds"]
     names = {"schedule": "scheduling", "build": "building inputs", "forward": "model forward (no attention)",
-             "linear": "linear layers", "attention": "attention", "lm_head": "lm_head", "sample": "sampling", "postprocess": "bookkeeping",
-             "stop_checks": "stop checks", "detokenize": "detokenization"}
+             "linear": "linear layers", "attention": "attention", "lm_head": "lm_head", "sample": "sampling",
+             "postprocess": "bookkeeping", "stop_checks": "stop checks", "detokenize": "detokenization"}
     print(f"\n{row['name']}: {steps} steps, {1000 * total / steps:.2f} ms per step")
     for k, v in b.items():
         print(f"  {names.get(k, k):<30} {1000 * v / steps:8.3f} ms/step  {100 * v / total:5.1f}%")
@@ -325,9 +327,9 @@ def main(argv=None) -> None:
     fd, schedule_path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     os.unlink(schedule_path)  # the native row writes it
-    args = {"ckpt": None if cuda else checkpoint(a.dtype), "dtype": a.dtype, "device": a.device, "work": work, "hf_batch": a.hf_batch,
-            "max_num_seqs": a.max_num_seqs, "batched_tokens": a.batched_tokens, "threads": a.threads,
-            "schedule_path": schedule_path}
+    args = {"ckpt": None if cuda else checkpoint(a.dtype), "dtype": a.dtype, "device": a.device, "work": work,
+            "hf_batch": a.hf_batch, "max_num_seqs": a.max_num_seqs, "batched_tokens": a.batched_tokens,
+            "threads": a.threads, "schedule_path": schedule_path}
     if any(n.endswith("_bf16") for n in names):
         args["bf16_ckpt"] = checkpoint("bfloat16")
     names = [n for n in names if not (n.startswith("vllm") and not have("vllm"))]
@@ -340,7 +342,7 @@ def main(argv=None) -> None:
     rate = {r["name"]: r.get("output_tokens_per_s") for r in rows}
     for r in rows:
         ref = rate.get(LIMIT_OF.get(r["name"], "limit"))
-        if ref and rate[r["name"]] and r["name"] not in ("limit", *LIMIT_OF.values()):
+        if ref and rate[r["name"]] and r["name"] not in ("limit", *LIMIT_OF.values()):  # limits and rooflines
             r["vs_limit"] = round(rate[r["name"]] / ref, 3)
     model = (f"{GPU_PRESET} architecture (3.8B)" if cuda else "phi3 512x8 (head_dim 64), vocab 32064") + \
         ", random weights"
@@ -354,7 +356,7 @@ def main(argv=None) -> None:
             ("requests_per_s", "req/s", "{:.2f}"), ("seconds", "s", "{:.1f}"),
             ("peak_rss_mb", "peak MB", "{:.0f}"), ("vs_limit", "vs limit", "{:.2f}x")], wl, a.json)
     for r in rows:
-        if r["name"] in ("native", "limit", "native_batch1"):
+        if r["name"] in ("native", "limit", "native_bf16", "limit_bf16", "native_batch1"):
             print_breakdown(r)
 
 
