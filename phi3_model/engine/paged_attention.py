@@ -144,15 +144,17 @@ class PagedContext:
         fused = q.dtype != torch.float32
         qs = (q[rows] if fused else q[rows] * D ** -0.5).view(len(rows), Hkv, G, D)
         res = torch.empty_like(qs)
-        for i, (_, first, n) in enumerate(self.in_place):
+        keys_t = kc.transpose(1, 2)  # [Hkv, D, slots]: one view per layer, sliced per sequence
+        # five torch calls per sequence and layer (the loop's cost at small contexts is their dispatch)
+        for q_i, res_i, (_, first, n) in zip(qs.unbind(0), res.unbind(0), self.in_place):
             if window is not None and n > window:
                 first, n = first + n - window, window
-            keys, values = kc[:, first:first + n], vc[:, first:first + n]  # [Hkv, n, D], views
+            values = vc[:, first:first + n]  # [Hkv, n, D], a view
             if fused:
-                res[i] = F.scaled_dot_product_attention(qs[i], keys, values)
+                res_i.copy_(F.scaled_dot_product_attention(q_i, kc[:, first:first + n], values))
                 continue
-            scores = torch.bmm(qs[i], keys.transpose(1, 2))  # [Hkv, G, n]
-            torch.bmm(scores.softmax(-1), values, out=res[i])
+            scores = torch.bmm(q_i, keys_t[:, :, first:first + n])  # [Hkv, G, n]
+            torch.bmm(scores.softmax(-1), values, out=res_i)
         out[rows] = res.view(len(rows), H, D)
 
     def decode_group(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, g: DecodeGroup) -> torch.Tensor:
