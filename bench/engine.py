@@ -26,7 +26,9 @@ On CUDA (--device cuda) the rows are
   roofline_batch1     its memory-bandwidth bound: the weights' bytes read once per token at the bandwidth of a
                       device-to-device copy measured in the same run (native_batch1's `vs limit` is against it)
   native              the continuous batch of --requests (default 64) requests
-Each row runs in its own process; peak RSS covers that process tree. Threads: the CPUs this process may use.
+Each row runs in its own process; peak RSS covers that process tree, `cores` is the CPU seconds its process tree
+spent in the timed run over the run's wall seconds (vLLM steps in a helper process of its own). Threads: the CPUs
+this process may use.
 """
 from __future__ import annotations
 
@@ -99,7 +101,8 @@ def native_run(args, schedule: str = "mixed", timed: bool = True) -> dict:
     with Timer() as t:
         outs = engine.generate(reqs)
     out = {"seconds": t.seconds, "output_tokens": sum(len(o.token_ids) for o in outs),
-           "steps": engine.num_steps - steps0, "preemptions": engine.scheduler.num_preemptions,
+           "cores": round(t.cpu_seconds / t.seconds, 2), "steps": engine.num_steps - steps0,
+           "preemptions": engine.scheduler.num_preemptions,
            "kv_pool": engine.describe_pool(), "schedule": engine.recorder}
     if timed:
         out["breakdown_s"] = {k: round(v, 4) for k, v in engine.timers.seconds.items()}
@@ -254,7 +257,7 @@ def row_hf(args) -> dict:
                 model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                do_sample=False, pad_token_id=pad, eos_token_id=None)
             produced += sum(n for _, n in chunk)  # useful tokens: each request's own output length
-    return {"seconds": t.seconds, "output_tokens": produced}
+    return {"seconds": t.seconds, "output_tokens": produced, "cores": round(t.cpu_seconds / t.seconds, 2)}
 
 
 def row_vllm(args, ours: bool) -> dict:
@@ -273,7 +276,8 @@ def row_vllm(args, ours: bool) -> dict:
     llm.generate(prompts[:2], params[:2], use_tqdm=False)
     with Timer() as t:
         outs = llm.generate(prompts, params, use_tqdm=False)
-    return {"seconds": t.seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
+    return {"seconds": t.seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+            "cores": round(t.cpu_seconds / t.seconds, 2)}
 
 
 def child(row: str, args: dict, out: str) -> None:
@@ -361,7 +365,8 @@ def main(argv=None) -> None:
     report(f"bench.engine: {a.requests} requests, {wl['output_tokens']} output tokens, {a.dtype}, {a.device}", rows,
            [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
             ("requests_per_s", "req/s", "{:.2f}"), ("seconds", "s", "{:.1f}"),
-            ("peak_rss_mb", "peak MB", "{:.0f}"), ("vs_limit", "vs limit", "{:.2f}x")], wl, a.json)
+            ("peak_rss_mb", "peak MB", "{:.0f}"), ("cores", "cores", "{:.2f}"),
+            ("vs_limit", "vs limit", "{:.2f}x")], wl, a.json)
     for r in rows:
         if r["name"] in ("native", "limit", "native_bf16", "limit_bf16", "native_batch1"):
             print_breakdown(r)
