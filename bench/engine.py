@@ -12,9 +12,11 @@ prompt lengths (16-512 tokens) and output lengths (16-256, ignore_eos, greedy), 
   native_alternating  the same engine with prefill-only and decode-only steps taking turns
   limit               the native run's own schedule replayed as bare tensor operations on preallocated tensors,
                       same threads and dtype: per step and layer the linear layers (qkv, o, gate_up, down) at the
-                      step's token count, attention (SDPA) of each sequence's queries over exactly the keys they
-                      need, and the lm_head on the sampled rows; no norms, rotary, Python bookkeeping, scheduling
-                      or sampling. `vs limit` = a row's tokens/s over this row's.
+                      step's token count (weights packed for oneDNN), each sequence's attention over exactly the
+                      keys it needs (its own, per layer; fp32 decode as matmul-softmax-matmul, else SDPA), and the
+                      lm_head on the sampled rows; no norms, rotary, Python bookkeeping, scheduling or sampling.
+                      The faster of two passes. `vs limit` = a row's tokens/s over this row's; its split (linear,
+                      attention, lm_head) is printed below the table.
   hf_static_batch     transformers generate, static left-padded batches of --hf-batch requests
   vllm_builtin_phi3   vLLM (CPU build) with its own Phi-3 class            (when vLLM is installed)
   vllm_phi3_batch     vLLM with this project's registered Phi-3 class     (when vLLM is installed)
