@@ -138,10 +138,10 @@ def row_limit(args) -> dict:
 
 def replay(c, steps: list, dtype) -> tuple[float, dict]:
     """(seconds, seconds per kind of operation and "cores": CPU over wall seconds) for `steps` ([(per sequence
-    (query tokens, context length)), rows sampled], as Engine.recorder writes them) as bare tensor operations on preallocated random tensors, after one
-    untimed pass over the first steps (the faster of two timed passes). Each operation takes the fastest kernel
-    measured for it on CPU: linear layers through weights packed for oneDNN (as the engine's), one query's
-    attention in fp32 as matmul-softmax-matmul, everything else with SDPA."""
+    (query tokens, context length)), rows sampled], as Engine.recorder writes them) as bare tensor operations on
+    preallocated random tensors, after one untimed pass over the first steps (the faster of two timed passes).
+    Each operation takes the fastest kernel measured for it on CPU: linear layers through weights packed for
+    oneDNN (as the engine's), one query's attention in fp32 as matmul-softmax-matmul, everything else with SDPA."""
     import time
     import torch
     import torch.nn.functional as F
