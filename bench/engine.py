@@ -1,6 +1,7 @@
 """Engine throughput: one model, one workload, every engine side by side in one run.
 
     python -m bench.engine [--json PATH] [--requests N] [--dtype bfloat16|float32] [--threads N] [--rows A,B]
+                           [--repeat N]
     python -m bench.engine --device cuda     (bench/gpu.sh: a random Phi-3-mini in bf16 on one GPU)
 
 Model: a Phi-3 with the real vocabulary (32064), hidden 512, 8 layers, 8 heads, random weights (sized so a
@@ -11,21 +12,25 @@ prompt lengths (16-512 tokens) and output lengths (16-256, ignore_eos, greedy), 
   native_alternating  the same engine with prefill-only and decode-only steps taking turns
   limit               the native run's own schedule replayed as bare tensor operations on preallocated tensors,
                       same threads and dtype: per step and layer the linear layers (qkv, o, gate_up, down) at the
-                      step's token count, attention (SDPA) of each sequence's queries over exactly the keys they
-                      need, and the lm_head on the sampled rows; no norms, rotary, Python bookkeeping, scheduling
-                      or sampling. `vs limit` = a row's tokens/s over this row's.
+                      step's token count (weights packed for oneDNN), each sequence's attention over exactly the
+                      keys it needs (its own, per layer; fp32 decode as matmul-softmax-matmul, else SDPA), and the
+                      lm_head on the sampled rows; no norms, rotary, Python bookkeeping, scheduling or sampling.
+                      The faster of two passes. `vs limit` = a row's tokens/s over this row's; its split (linear,
+                      attention, lm_head) is printed below the table.
   hf_static_batch     transformers generate, static left-padded batches of --hf-batch requests
   vllm_builtin_phi3   vLLM (CPU build) with its own Phi-3 class            (when vLLM is installed)
   vllm_phi3_batch     vLLM with this project's registered Phi-3 class     (when vLLM is installed)
-  native_bf16, vllm_builtin_phi3_bf16
-                      the same two in bfloat16 (an fp32 run adds them only where the CPU multiplies bf16 natively:
-                      AVX-512 BF16 or AMX)
+  native_bf16, limit_bf16, vllm_builtin_phi3_bf16
+                      the same three in bfloat16 (an fp32 run adds them only where the CPU multiplies bf16
+                      natively: AVX-512 BF16 or AMX); the bf16 rows' `vs limit` is against limit_bf16
 On CUDA (--device cuda) the rows are
   native_batch1       one request decoding alone (batch-1 decode)
   roofline_batch1     its memory-bandwidth bound: the weights' bytes read once per token at the bandwidth of a
                       device-to-device copy measured in the same run (native_batch1's `vs limit` is against it)
   native              the continuous batch of --requests (default 64) requests
-Each row runs in its own process; peak RSS covers that process tree. Threads: the CPUs this process may use.
+Each row runs in its own process; peak RSS covers that process tree, `cores` is the CPU seconds its process tree
+spent in the timed run over the run's wall seconds (vLLM steps in a helper process of its own). Threads: the CPUs
+this process may use.
 """
 from __future__ import annotations
 
@@ -36,12 +41,13 @@ import random
 import sys
 import tempfile
 
-from .common import Timer, have, measure_child, report, run_row
+from .common import Timer, have, measure_child, report, run_rows_repeated
 
 ROWS = ["native", "native_alternating", "limit", "hf_static_batch", "vllm_builtin_phi3", "vllm_phi3_batch"]
-BF16_ROWS = ["native_bf16", "vllm_builtin_phi3_bf16"]
+BF16_ROWS = ["native_bf16", "limit_bf16", "vllm_builtin_phi3_bf16"]
 CUDA_ROWS = ["native_batch1", "roofline_batch1", "native"]
-LIMIT_OF = {"native_batch1": "roofline_batch1"}  # a row's `vs limit` reference; every other row's is `limit`
+# a row's `vs limit` reference: the bf16 rows' is limit_bf16 (the same schedule: it depends on lengths alone)
+LIMIT_OF = {"native_batch1": "roofline_batch1", "native_bf16": "limit_bf16", "vllm_builtin_phi3_bf16": "limit_bf16"}
 GPU_PRESET = "phi3_mini_4k_instruct_en"
 BATCH1 = (128, 256)  # the batch-1 decode rows: prompt tokens, new tokens
 
@@ -97,7 +103,8 @@ def native_run(args, schedule: str = "mixed", timed: bool = True) -> dict:
     with Timer() as t:
         outs = engine.generate(reqs)
     out = {"seconds": t.seconds, "output_tokens": sum(len(o.token_ids) for o in outs),
-           "steps": engine.num_steps - steps0, "preemptions": engine.scheduler.num_preemptions,
+           "cores": round(t.cpu_seconds / t.seconds, 2), "steps": engine.num_steps - steps0,
+           "preemptions": engine.scheduler.num_preemptions,
            "kv_pool": engine.describe_pool(), "schedule": engine.recorder}
     if timed:
         out["breakdown_s"] = {k: round(v, 4) for k, v in engine.timers.seconds.items()}
@@ -123,15 +130,18 @@ def row_limit(args) -> dict:
     else:
         steps = native_run(args, timed=False)["schedule"]
     torch.set_num_threads(args["threads"])
-    seconds = replay(bench_config(), steps, getattr(torch, args["dtype"]))
-    return {"seconds": seconds, "output_tokens": sum(s for _, s in steps), "steps": len(steps)}
+    seconds, spent = replay(bench_config(), steps, getattr(torch, args["dtype"]))
+    cores = spent.pop("cores")
+    return {"seconds": seconds, "output_tokens": sum(s for _, s in steps), "steps": len(steps),
+            "cores": round(cores, 2), "breakdown_s": {k: round(v, 4) for k, v in spent.items()}}
 
 
-def replay(c, steps: list, dtype) -> float:
-    """Seconds for `steps` ([(per sequence (query tokens, context length)), rows sampled], as Engine.recorder
-    writes them) as bare tensor operations on preallocated random tensors, after one untimed pass over the first
-    steps. Each operation takes the fastest kernel measured for it on CPU: linear layers through weights packed for
-    oneDNN (as the engine's), one query's attention as matmul-softmax-matmul, longer ones with SDPA."""
+def replay(c, steps: list, dtype) -> tuple[float, dict]:
+    """(seconds, seconds per kind of operation and "cores": CPU over wall seconds) for `steps` ([(per sequence
+    (query tokens, context length)), rows sampled], as Engine.recorder writes them) as bare tensor operations on
+    preallocated random tensors, after one untimed pass over the first steps (the faster of two timed passes).
+    Each operation takes the fastest kernel measured for it on CPU: linear layers through weights packed for
+    oneDNN (as the engine's), one query's attention in fp32 as matmul-softmax-matmul, everything else with SDPA."""
     import time
     import torch
     import torch.nn.functional as F
@@ -155,39 +165,58 @@ def replay(c, steps: list, dtype) -> float:
     T = max(sum(k for _, k in seqs) for seqs, _ in steps)
     x, attn_in, act = rand(N, C), rand(N, H * D), rand(N, I)
     queries = rand(H, N, D)
+    one_query = [queries[:, row].view(Hkv, G, D) for row in range(N)]  # a decoding token's query, as a view
     # every layer and sequence reads keys and values of its own (one cache-hot buffer would flatter the limit)
     kv = [(torch.full((Hkv, T, D), 0.01, dtype=dtype), torch.full((Hkv, T, D), 0.01, dtype=dtype))
           for _ in layers]
+    kv = [(k, k.mT, v) for k, v in kv]  # keys transposed once, as views
     # a chunk that continues a cached prefix needs the bottom-right causal mask: built before the clock starts
     masks = {(q, k): torch.ones(q, k, dtype=torch.bool).tril(k - q)
              for seqs, _ in steps for q, k in seqs if 1 < q < k}
 
+    clock = time.perf_counter
+    spent = {"linear": 0.0, "attention": 0.0, "lm_head": 0.0}
+
     def run(steps):
         for seqs, sampled in steps:
             n = sum(q for q, _ in seqs)
-            for (w_qkv, w_o, w_gu, w_d), (k_buf, v_buf) in zip(layers, kv):
+            for (w_qkv, w_o, w_gu, w_d), (k_buf, k_buf_t, v_buf) in zip(layers, kv):
+                t0 = clock()
                 w_qkv(x[:n])
+                t1 = clock()
                 row = first = 0
                 for q, k in seqs:
-                    keys, values = k_buf[:, first:first + k], v_buf[:, first:first + k]
-                    if q == 1:
-                        probs = torch.bmm(queries[:, row].view(Hkv, G, D), keys.transpose(1, 2)).softmax(-1)
+                    values = v_buf[:, first:first + k]
+                    if q == 1 and dtype == torch.float32:
+                        probs = torch.bmm(one_query[row], k_buf_t[:, :, first:first + k]).softmax(-1)
                         torch.bmm(probs, values)
                     else:
-                        F.scaled_dot_product_attention(queries[:, row:row + q], keys, values,
+                        F.scaled_dot_product_attention(queries[:, row:row + q], k_buf[:, first:first + k], values,
                                                        attn_mask=masks.get((q, k)), is_causal=q == k,
                                                        enable_gqa=G > 1)
                     row, first = row + q, first + k
+                t2 = clock()
                 w_o(attn_in[:n])
                 w_gu(x[:n])
                 w_d(act[:n])
+                t3 = clock()
+                spent["linear"] += t1 - t0 + t3 - t2
+                spent["attention"] += t2 - t1
+            t0 = clock()
             lm_head(x[:sampled])
+            spent["lm_head"] += clock() - t0
 
+    best = None
     with torch.inference_mode():
         run(steps[:8])
-        t0 = time.perf_counter()
-        run(steps)
-        return time.perf_counter() - t0
+        for _ in range(2):  # a limit: the faster of two passes
+            spent.update(dict.fromkeys(spent, 0.0))
+            cpu0, t0 = time.process_time(), clock()
+            run(steps)
+            took = clock() - t0
+            if best is None or took < best[0]:
+                best = took, {**spent, "cores": (time.process_time() - cpu0) / took}
+    return best
 
 
 def row_roofline(args) -> dict:
@@ -202,11 +231,12 @@ def row_roofline(args) -> dict:
     dst = torch.empty_like(buf)
     dst.copy_(buf)
     torch.cuda.synchronize()
+    copies = 100  # about 50 ms at 4.8 TB/s: long enough to time
     with Timer() as t:
-        for _ in range(20):
+        for _ in range(copies):
             dst.copy_(buf)
         torch.cuda.synchronize()
-    bandwidth = 2 * 20 * buf.numel() / t.seconds  # bytes read + written
+    bandwidth = 2 * copies * buf.numel() / t.seconds  # bytes read + written
     tokens = BATCH1[1]
     return {"seconds": tokens * weight_bytes / bandwidth, "output_tokens": tokens, "requests": 1,
             "bandwidth_gbs": round(bandwidth / 1e9, 1), "weight_gb": round(weight_bytes / 1e9, 2)}
@@ -231,7 +261,7 @@ def row_hf(args) -> dict:
                 model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                                do_sample=False, pad_token_id=pad, eos_token_id=None)
             produced += sum(n for _, n in chunk)  # useful tokens: each request's own output length
-    return {"seconds": t.seconds, "output_tokens": produced}
+    return {"seconds": t.seconds, "output_tokens": produced, "cores": round(t.cpu_seconds / t.seconds, 2)}
 
 
 def row_vllm(args, ours: bool) -> dict:
@@ -250,7 +280,8 @@ def row_vllm(args, ours: bool) -> dict:
     llm.generate(prompts[:2], params[:2], use_tqdm=False)
     with Timer() as t:
         outs = llm.generate(prompts, params, use_tqdm=False)
-    return {"seconds": t.seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
+    return {"seconds": t.seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+            "cores": round(t.cpu_seconds / t.seconds, 2)}
 
 
 def child(row: str, args: dict, out: str) -> None:
@@ -267,14 +298,14 @@ def child(row: str, args: dict, out: str) -> None:
 
 
 def print_breakdown(row: dict) -> None:
-    """Where the native run's time went, per step, from its engine timers."""
+    """Where a run's time went, per step: the native run's engine timers, the limit's kinds of operation."""
     b, steps = row.get("breakdown_s"), row.get("steps")
     if not b or not steps:
         return
     total = row["seconds"]
     names = {"schedule": "scheduling", "build": "building inputs", "forward": "model forward (no attention)",
-             "attention": "attention", "lm_head": "lm_head", "sample": "sampling", "postprocess": "bookkeeping",
-             "stop_checks": "stop checks", "detokenize": "detokenization"}
+             "linear": "linear layers", "attention": "attention", "lm_head": "lm_head", "sample": "sampling",
+             "postprocess": "bookkeeping", "stop_checks": "stop checks", "detokenize": "detokenization"}
     print(f"\n{row['name']}: {steps} steps, {1000 * total / steps:.2f} ms per step")
     for k, v in b.items():
         print(f"  {names.get(k, k):<30} {1000 * v / steps:8.3f} ms/step  {100 * v / total:5.1f}%")
@@ -294,6 +325,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--batched-tokens", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--repeat", type=int, default=1, help="run every row this many times, interleaved (A, B, C, "
+                    "A, B, C...), and report each row's median run")
     ap.add_argument("--child"), ap.add_argument("--child-args"), ap.add_argument("--child-out")
     a = ap.parse_args(argv)
     if a.child:
@@ -309,25 +342,22 @@ def main(argv=None) -> None:
     fd, schedule_path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     os.unlink(schedule_path)  # the native row writes it
-    args = {"ckpt": None if cuda else checkpoint(a.dtype), "dtype": a.dtype, "device": a.device, "work": work, "hf_batch": a.hf_batch,
-            "max_num_seqs": a.max_num_seqs, "batched_tokens": a.batched_tokens, "threads": a.threads,
-            "schedule_path": schedule_path}
+    args = {"ckpt": None if cuda else checkpoint(a.dtype), "dtype": a.dtype, "device": a.device, "work": work,
+            "hf_batch": a.hf_batch, "max_num_seqs": a.max_num_seqs, "batched_tokens": a.batched_tokens,
+            "threads": a.threads, "schedule_path": schedule_path}
     if any(n.endswith("_bf16") for n in names):
         args["bf16_ckpt"] = checkpoint("bfloat16")
-    rows = []
+    names = [n for n in names if not (n.startswith("vllm") and not have("vllm"))]
     try:
-        for row in names:
-            if row.startswith("vllm") and not have("vllm"):
-                continue
-            rows.append(run_row("bench.engine", row, args))
-            print(f"  {row}: {rows[-1].get('output_tokens_per_s', rows[-1].get('error'))} tok/s", file=sys.stderr)
+        rows = run_rows_repeated("bench.engine", names, args, a.repeat, on_row=lambda r: print(
+            f"  {r['name']}: {r.get('output_tokens_per_s', r.get('error'))} tok/s", file=sys.stderr))
     finally:
         if os.path.exists(schedule_path):
             os.unlink(schedule_path)
     rate = {r["name"]: r.get("output_tokens_per_s") for r in rows}
     for r in rows:
         ref = rate.get(LIMIT_OF.get(r["name"], "limit"))
-        if ref and rate[r["name"]] and r["name"] not in ("limit", *LIMIT_OF.values()):
+        if ref and rate[r["name"]] and r["name"] not in ("limit", *LIMIT_OF.values()):  # limits and rooflines
             r["vs_limit"] = round(rate[r["name"]] / ref, 3)
     model = (f"{GPU_PRESET} architecture (3.8B)" if cuda else "phi3 512x8 (head_dim 64), vocab 32064") + \
         ", random weights"
@@ -339,9 +369,10 @@ def main(argv=None) -> None:
     report(f"bench.engine: {a.requests} requests, {wl['output_tokens']} output tokens, {a.dtype}, {a.device}", rows,
            [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
             ("requests_per_s", "req/s", "{:.2f}"), ("seconds", "s", "{:.1f}"),
-            ("peak_rss_mb", "peak MB", "{:.0f}"), ("vs_limit", "vs limit", "{:.2f}x")], wl, a.json)
+            ("peak_rss_mb", "peak MB", "{:.0f}"), ("cores", "cores", "{:.2f}"),
+            ("vs_limit", "vs limit", "{:.2f}x")], wl, a.json)
     for r in rows:
-        if r["name"] in ("native", "native_batch1"):
+        if r["name"] in ("native", "limit", "native_bf16", "limit_bf16", "native_batch1"):
             print_breakdown(r)
 
 

@@ -82,7 +82,8 @@ def cpu_actors(config: JobConfig, cpus: float, memory: float | None) -> tuple[in
 
 
 def engine_memory(config: JobConfig) -> int:
-    """Bytes one native engine of this job holds on CPU: weights in the job's dtype plus its KV pool."""
+    """Bytes one native engine of this job holds on CPU: weights in the job's dtype, the packed copies it keeps of
+    them (EngineConfig.packed_weights), and its whole KV pool (pages are taken as written: an upper bound)."""
     from phi3_model.engine.config import engine_bytes
     from phi3_model.presets import resolve
     from workers.backend_options import parse_options

@@ -205,6 +205,24 @@ def test_chunked_prefill_with_a_small_token_budget_gives_identical_outputs(tiny)
     assert engine.num_steps >= sum(LENGTHS) // 7
 
 
+def test_the_step_recorder_and_timers_see_the_schedule_worked_out_by_hand(tiny):
+    """Budget 8 tokens per step, prompts of 6 and 5 tokens, 3 new tokens each: step 1 prefills the first prompt and
+    2 tokens of the second, step 2 decodes the first and finishes the second's prompt, then both decode."""
+    from phi3_model.engine.timers import PHASES, StepTimers
+    engine = Engine(tiny["model"], block_size=8, num_blocks=64, max_num_batched_tokens=8, enable_prefix_caching=False)
+    assert engine.timers is None and engine.recorder is None  # off unless asked for
+    engine.recorder, engine.timers = [], StepTimers()
+    batch = [tiny["batch"][0][:6], tiny["batch"][1][:5]]
+    outs = engine.generate([Request(p, greedy(3)) for p in batch])
+    assert [len(o.token_ids) for o in outs] == [3, 3]
+    # (query tokens, context length after the step) per scheduled sequence, rows sampled
+    assert engine.recorder == [([(6, 6), (2, 2)], 1), ([(1, 7), (3, 5)], 2), ([(1, 8), (1, 6)], 2),
+                               ([(1, 7)], 1)]
+    seconds = engine.timers.seconds
+    assert set(seconds) == set(PHASES) and all(v >= 0 for v in seconds.values())
+    assert seconds["forward"] > 0 and seconds["attention"] > 0 and seconds["lm_head"] > 0
+
+
 def test_alternating_prefill_and_decode_steps_give_identical_outputs(tiny):
     engine = Engine(tiny["model"], block_size=8, num_blocks=256, max_num_batched_tokens=24, max_num_seqs=4,
                     schedule="alternating")

@@ -188,27 +188,27 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def test_bf16_greedy_agrees_with_hf_bf16_better_than_hf_bf16_with_hf_fp32(tiny_model_dir):
-    """bf16 rounds differently in every implementation (GEMM blocking, fused attention), so a near-tie can flip a
-    greedy token and everything after it. The agreement shown: every request's first 4 tokens equal HF's in bf16,
-    at least 14 of the 18 requests equal it for all 24 tokens, and the engine follows HF bf16 for at least as many
-    tokens in all as HF's own fp32 does."""
+def test_bf16_greedy_follows_hf_in_bf16_or_fp32_longer_than_they_agree_with_each_other(tiny_model_dir):
+    """bf16 rounds differently in every implementation (GEMM blocking, attention accumulating in fp32 or in bf16),
+    so a near-tie can flip a greedy token and everything after it: HF's own bf16 leaves its fp32 tokens after 3 of
+    them on one request here. The agreement shown: the engine in bf16 follows HF's bf16 or fp32 tokens (whichever
+    it agrees with longer) for at least half of every request's 24 tokens, for all of them on at least 14 of the
+    18 requests, and for more tokens in all than HF's bf16 and fp32 agree with each other."""
     def hf_in(dtype):
         hf = transformers.Phi3ForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype,
                                                           attn_implementation="eager").eval()
         hf.generation_config.eos_token_id = None
         return hf
     batch, n = prompts(LENGTHS, seed=1), 24
-    hf16 = hf_in(torch.bfloat16)
-    want = [hf_cached(hf16, p, n) for p in batch]
+    bf16 = [hf_cached(hf_in(torch.bfloat16), p, n) for p in batch]
     fp32 = [hf_cached(hf_in(torch.float32), p, n) for p in batch]
     engine = Engine(load_checkpoint(tiny_model_dir, dtype="bfloat16"), block_size=8, num_blocks=256)
     assert engine.model.dtype == torch.bfloat16
     got = run(engine, batch, n)
-    ours = [first_difference(g, w) for g, w in zip(got, want)]
-    theirs = [first_difference(f, w) for f, w in zip(fp32, want)]
-    assert min(ours) >= 4, ours
+    ours = [max(first_difference(g, a), first_difference(g, b)) for g, a, b in zip(got, bf16, fp32)]
+    theirs = [first_difference(a, b) for a, b in zip(bf16, fp32)]
+    assert min(ours) >= n // 2, ours
     assert sum(k == n for k in ours) >= 14, ours
-    assert sum(ours) >= sum(theirs), (ours, theirs)
-    assert sum(theirs) < n * len(batch)  # bf16 does change HF's own tokens: the comparison is not vacuous
+    assert sum(ours) > sum(theirs), (ours, theirs)
+    assert min(theirs) < n // 2  # bf16 does change HF's own tokens: the comparison is not vacuous
     assert engine.num_steps == n

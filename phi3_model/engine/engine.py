@@ -79,7 +79,7 @@ class Engine:
 
     @property
     def timers(self) -> StepTimers | None:
-        """Per-phase step timers (engine.timers), None (the default) when off."""
+        """The step timers (timers.py) when someone measures this engine, else None (the default)."""
         return None if self._timers is OFF else self._timers
 
     @timers.setter
