@@ -440,7 +440,9 @@ def test_liveness_probe_follows_the_workers_health_hash(redis_server, queue_pref
 # ScaleTriggers/AuthenticationRef, triggerauthentication_types.go AuthTargetRef) and the redis-streams trigger's
 # metadata keys (pkg/scalers/redis_streams_scaler.go redisStreamsMetadata, redis_scaler.go redisConnectionInfo: the
 # `keda:"name=..."` tags; a key read from resolvedEnv may also be given as <key>FromEnv). Trigger metadata is a
-# map[string]string: every value a string. PodMonitor: prometheus-operator's monitoring.coreos.com/v1 PodMonitorSpec.
+# map[string]string: every value a string. PodMonitor: prometheus-operator's monitoring.coreos.com/v1
+# (pkg/apis/monitoring/v1/podmonitor_types.go PodMonitorSpec and PodMetricsEndpoint, the json tags; a subset: the
+# fields an operator of these workers would set).
 I32, STR, OBJ, LIST = int, str, dict, list
 KEDA_SPEC = {"scaleTargetRef": {"name": STR, "apiVersion": STR, "kind": STR, "envSourceContainerName": STR},
              "pollingInterval": I32, "initialCooldownPeriod": I32, "cooldownPeriod": I32, "idleReplicaCount": I32,
@@ -461,7 +463,7 @@ REDIS_AUTH_PARAMS = {"address", "addresses", "host", "hosts", "port", "ports", "
                      "ca"}
 POD_MONITOR_SPEC = {"selector": {"matchLabels": OBJ, "matchExpressions": LIST}, "podMetricsEndpoints": LIST,
                     "namespaceSelector": OBJ, "jobLabel": STR, "podTargetLabels": LIST, "sampleLimit": int}
-POD_METRICS_ENDPOINT = {"port": STR, "portNumber": int, "path": STR, "scheme": STR, "interval": STR,
+POD_METRICS_ENDPOINT = {"port": STR, "path": STR, "scheme": STR, "interval": STR,
                         "scrapeTimeout": STR, "honorLabels": bool, "relabelings": LIST, "metricRelabelings": LIST}
 
 
