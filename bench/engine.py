@@ -141,7 +141,8 @@ def replay(c, steps: list, dtype) -> tuple[float, dict]:
     (query tokens, context length)), rows sampled], as Engine.recorder writes them) as bare tensor operations on
     preallocated random tensors, after one untimed pass over the first steps (the faster of two timed passes).
     Each operation takes the fastest kernel measured for it on CPU: linear layers through weights packed for
-    oneDNN (as the engine's), one query's attention in fp32 as matmul-softmax-matmul, everything else with SDPA."""
+    oneDNN (as the engine's), one query's attention in fp32 as matmul-softmax-matmul (in bf16 over fp32 copies of
+    its keys and values, as the engine), everything else with SDPA."""
     import time
     import torch
     import torch.nn.functional as F
@@ -190,6 +191,10 @@ def replay(c, steps: list, dtype) -> tuple[float, dict]:
                     if q == 1 and dtype == torch.float32:
                         probs = torch.bmm(one_query[row], k_buf_t[:, :, first:first + k]).softmax(-1)
                         torch.bmm(probs, values)
+                    elif q == 1:  # as the engine: keys and values read into fp32 copies, then the same fp32 math
+                        keys = k_buf[:, first:first + k].float().transpose(1, 2)
+                        probs = torch.bmm(one_query[row].float(), keys).softmax(-1)
+                        torch.bmm(probs, values.float())
                     else:
                         F.scaled_dot_product_attention(queries[:, row:row + q], k_buf[:, first:first + k], values,
                                                        attn_mask=masks.get((q, k)), is_causal=q == k,

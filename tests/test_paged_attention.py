@@ -26,7 +26,8 @@ def test_contiguous_start_only_for_consecutive_blocks():
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_in_place_and_gathered_decode_equal_sdpa_over_the_exact_keys(window, dtype):
-    """bf16 (the in-place path runs SDPA there) against fp32 SDPA over the same bf16 values, to bf16 precision."""
+    """bf16 (the in-place path computes in fp32 over the pool's bf16 values) against fp32 SDPA over the same bf16
+    values, to bf16 precision."""
     torch.manual_seed(0)
     cache = KVCache(1, 16, BS, HKV, D, dtype, "cpu")
     tables = {"contiguous": [2, 3, 4], "scattered": [9, 1, 7]}

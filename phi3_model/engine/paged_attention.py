@@ -139,23 +139,27 @@ class PagedContext:
         G = H // Hkv
         window = self.sliding_window
         rows = [r for r, _, _ in self.in_place]
-        # fp32: matmul, softmax, matmul is the fastest on CPU; in bf16 torch's batched matmul is several times slower
-        # than SDPA's fused kernel there (bench model, one sequence: 150 vs 70 us at 100 keys, 440 vs 280 at 500)
-        fused = q.dtype != torch.float32
-        qs = (q[rows] if fused else q[rows] * D ** -0.5).view(len(rows), Hkv, G, D)
+        # matmul, softmax, matmul in fp32 is the fastest on CPU. Other dtypes (bf16) read each sequence's keys and
+        # values into fp32 copies first: torch's bf16 batched matmul is several times slower there, and SDPA over
+        # these strided pool views slows down several-fold once it runs on 2+ threads (bench model, one sequence,
+        # 300 keys, one thread: SDPA 157 us, bf16 bmm 167 us, fp32 bmm 48 us). The keys are the pool's bf16 values,
+        # exactly; scores, softmax and the weighted sum are fp32, as HF's fp32 attention, and the result is bf16.
+        wide = q.dtype != torch.float32
+        qs = (q[rows].float() if wide else q[rows]) * D ** -0.5
+        qs = qs.view(len(rows), Hkv, G, D)
         res = torch.empty_like(qs)
         keys_t = kc.transpose(1, 2)  # [Hkv, D, slots]: one view per layer, sliced per sequence
         # five torch calls per sequence and layer (the loop's cost at small contexts is their dispatch)
         for q_i, res_i, (_, first, n) in zip(qs.unbind(0), res.unbind(0), self.in_place):
             if window is not None and n > window:
                 first, n = first + n - window, window
-            values = vc[:, first:first + n]  # [Hkv, n, D], a view
-            if fused:
-                res_i.copy_(F.scaled_dot_product_attention(q_i, kc[:, first:first + n], values))
-                continue
-            scores = torch.bmm(q_i, keys_t[:, :, first:first + n])  # [Hkv, G, n]
+            if wide:  # contiguous fp32 copies, read in the pool's order; the keys transposed as a view
+                keys, values = kc[:, first:first + n].float().transpose(1, 2), vc[:, first:first + n].float()
+            else:
+                keys, values = keys_t[:, :, first:first + n], vc[:, first:first + n]  # [Hkv, D, n], [Hkv, n, D] views
+            scores = torch.bmm(q_i, keys)  # [Hkv, G, n]
             torch.bmm(scores.softmax(-1), values, out=res_i)
-        out[rows] = res.view(len(rows), H, D)
+        out[rows] = res.view(len(rows), H, D).to(q.dtype)
 
     def decode_group(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, g: DecodeGroup) -> torch.Tensor:
         """q [B, H, D] -> [B, H, D] over the group's blocks."""
