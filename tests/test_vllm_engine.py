@@ -168,6 +168,66 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(vllm_loop,
     assert alone.token_ids != reference[4]  # it did sample
 
 
+def test_stats_count_what_the_requests_returned(vllm_loop, vllm_backend, prompts):
+    """The engine's figures (workers/vllm_stats.py, fed by vLLM's stat logger interface) against counts taken from
+    the prompts and the Completions: N greedy requests of different lengths, all admitted at once, none preempted.
+    The session's engine served other tests before: figures are compared as differences."""
+    from tests.fixtures.redis_server import wait_for
+    from tests.fixtures.seam import GUARD_S
+    before = vllm_backend.stats()
+    chosen, news = prompts[:5], [3, 4, 5, 6, 7]
+    outs = vllm_loop.gather([vllm_backend.generate(p, SamplingParams(temperature=0.0, ignore_eos=True,
+                                                                     max_new_tokens=k)) for p, k in zip(chosen, news)])
+    returned = sum(len(o.token_ids) for o in outs)
+    assert [len(o.token_ids) for o in outs] == news
+
+    def delta(s, key):
+        return s[key] - before[key] if not isinstance(s[key], dict) else sum(s[key]["counts"]) - sum(
+            before[key]["counts"])
+    # vLLM hands a step's figures to its loggers right after the step's outputs (hang guard only)
+    s = wait_for(lambda: (s := vllm_backend.stats()) and delta(s, "tpot_s") == len(chosen) and s, GUARD_S,
+                 "the last step's figures")
+    assert delta(s, "generation_tokens") == returned
+    assert delta(s, "prompt_tokens") == sum(map(len, chosen))
+    assert delta(s, "requests_finished") == len(chosen) and delta(s, "ttft_s") == len(chosen)
+    # without chunked prefill (CPU) and preemption, a request is in one step per token it got (prefill, decodes)
+    assert s["batch_size"]["sum"] - before["batch_size"]["sum"] == returned and delta(s, "preemptions") == 0
+    assert s["requests_running"] == s["requests_waiting"] == s["kv_blocks_used"] == 0
+    # the 1 GiB pool: fp32 K and V of 2 layers x 2 kv heads x 32 dims per token; vLLM keeps one null block
+    per_block = 2 * 2 * 2 * 32 * 4 * vllm_backend.engine.vllm_config.cache_config.block_size
+    assert s["kv_blocks_total"] == 2**30 // per_block - 1
+    assert set(s) == {"prompt_tokens", "generation_tokens", "requests_finished", "preemptions",
+                      "prefix_cache_queried", "prefix_cache_hits", "requests_running", "requests_waiting",
+                      "kv_blocks_used", "kv_blocks_total", "batch_size", "ttft_s", "tpot_s"}  # no step or compile time
+
+
+def test_a_workers_metrics_page_shows_the_vllm_engines_figures(vllm_backend):
+    """What a queue worker with the vLLM backend serves on /metrics (its collector over this engine; no second
+    engine is started): the phi3_batch_engine_* families vLLM reports, labelled backend="vllm", and no `vllm:`
+    metric in prometheus_client's default registry (vLLM's own Prometheus logger never ran)."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from phi3_model.engine.stats import Histogram
+    from workers.metrics import ENGINE_METRICS, P, WRITE_S, WorkerCollector
+    from workers.queue.health import Counters
+    worker = SimpleNamespace(counters=Counters(), active=set(), solo=deque(), backlog={"lag": None, "pending": None},
+                             write_s=Histogram(WRITE_S), backend=vllm_backend)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(WorkerCollector(worker))
+    stats = vllm_backend.stats()
+    engine = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())
+              if f.name.startswith(P + "engine_")}
+    assert set(engine) == {P + ENGINE_METRICS[k][1] for k in stats}
+    assert all(s.labels.get("backend") == "vllm" for f in engine.values() for s in f.samples)
+    [tokens] = engine[P + "engine_generation_tokens"].samples
+    assert tokens.value == stats["generation_tokens"]
+    assert not [m.name for m in REGISTRY.collect() if m.name.startswith("vllm:")]
+
+
 @pytest.mark.slow
 def test_an_engine_whose_step_never_returns_is_declared_stalled(vllm_loop, vllm_model_dir, seam):
     """vLLM's engine core hangs in a step (the seam blocks our model's compute_logits forever): the backend's

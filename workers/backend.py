@@ -67,8 +67,8 @@ class EngineBackend(abc.ABC):
         return None
 
     def stats(self) -> dict | None:
-        """The engine's figures as phi3_model/engine/stats.py's EngineStats.snapshot gives them, for metrics; None
-        where the backend has none (vLLM exports its own)."""
+        """The engine's figures as phi3_model/engine/stats.py's EngineStats.snapshot gives them, for metrics, less
+        the keys its engine does not report (workers/vllm_stats.py); None where the backend has none."""
         return None
 
     def remove_files(self) -> None:

@@ -13,68 +13,93 @@ from dataclasses import dataclass
 log = logging.getLogger("phi3.queue")
 P = "phi3_batch_"
 
-# Counters field -> (metric name without prefix and _total, help)
-QUEUE_COUNTERS = {
-    "processed": ("queue_processed", "results newly written (status ok or error)"),
-    "errors": ("queue_errors", "results with status=error (the engine refused the request; not retried)"),
-    "failed": ("queue_failed", "engine calls that raised (the request is retried, then dead-lettered)"),
-    "dead": ("queue_dead_lettered", "dead letters written (malformed, too many deliveries, lost)"),
-    "reclaimed": ("queue_reclaimed", "entries taken over from idle consumers"),
-    "skipped": ("queue_skipped", "redelivered entries whose result already existed (acked without running)"),
-    "duplicates": ("queue_duplicates", "results computed again although one existed (the first is kept)"),
-    "stolen": ("queue_stolen", "held entries another worker reclaimed"),
-    "reconnects": ("queue_redis_reconnects", "Redis calls retried after a connection error"),
-}
-# EngineStats snapshot key -> (metric name, help); counters get _total
-ENGINE_COUNTERS = {
-    "prompt_tokens": ("engine_prompt_tokens", "prompt tokens of requests that got their first token"),
-    "generation_tokens": ("engine_generation_tokens", "tokens generated"),
-    "requests_finished": ("engine_requests_finished", "requests finished"),
-    "preemptions": ("engine_preemptions", "sequences preempted (KV pool full; recomputed later)"),
-    "prefix_cache_queried": ("engine_prefix_cache_queried_tokens", "tokens of admitted sequences looked up in "
-                             "the prefix cache"),
-    "prefix_cache_hits": ("engine_prefix_cache_hit_tokens", "of those, tokens served by the prefix cache"),
-}
-ENGINE_GAUGES = {
-    "requests_running": ("engine_requests_running", "sequences in the running batch"),
-    "requests_waiting": ("engine_requests_waiting", "sequences waiting for admission"),
-    "kv_blocks_used": ("engine_kv_blocks_used", "KV cache blocks in use"),
-    "kv_blocks_total": ("engine_kv_blocks_total", "KV cache blocks in the pool"),
-}
-ENGINE_HISTOGRAMS = {
-    "step_s": ("engine_step_seconds", "time of one engine step (schedule, forward, sample)"),
-    "batch_size": ("engine_batch_size", "sequences per engine step"),
-    "ttft_s": ("engine_time_to_first_token_seconds", "request arrival in the engine to its first token"),
-    "tpot_s": ("engine_time_per_output_token_seconds", "per request of 2+ tokens: (finish - first token) / "
-               "(tokens - 1)"),
-    "grammar_compile_s": ("engine_grammar_compile_seconds", "structured-output grammar compiles (cache misses)"),
-}
-QUEUE_GAUGES = {
-    "in_flight": ("queue_in_flight", "entries the worker holds (running or awaiting ack)"),
-    "lag": ("queue_stream_lag", "entries of the requests stream not yet delivered to the consumer group, as last "
-            "seen by the worker (every --health-interval)"),
-    "pending": ("queue_pending", "entries delivered to the group and not yet acked (all consumers), as last seen"),
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+# One table per source: key -> (kind, metric name without prefix (counters get _total), help).
+# The worker's: health.Counters fields, the backlog gauges, the write-time histogram.
+QUEUE_METRICS = {
+    "processed": (COUNTER, "queue_processed",
+        "results newly written (status ok or error)"),
+    "errors": (COUNTER, "queue_errors",
+        "results with status=error (the engine refused the request; not retried)"),
+    "failed": (COUNTER, "queue_failed",
+        "engine calls that raised (the request is retried, then dead-lettered)"),
+    "dead": (COUNTER, "queue_dead_lettered",
+        "dead letters written (malformed, too many deliveries, lost)"),
+    "reclaimed": (COUNTER, "queue_reclaimed",
+        "entries taken over from idle consumers"),
+    "skipped": (COUNTER, "queue_skipped",
+        "redelivered entries whose result already existed (acked without running)"),
+    "duplicates": (COUNTER, "queue_duplicates",
+        "results computed again although one existed (the first is kept)"),
+    "stolen": (COUNTER, "queue_stolen",
+        "held entries another worker reclaimed"),
+    "reconnects": (COUNTER, "queue_redis_reconnects",
+        "Redis calls retried after a connection error"),
+    "in_flight": (GAUGE, "queue_in_flight",
+        "entries the worker holds (running or awaiting ack)"),
+    "lag": (GAUGE, "queue_stream_lag",
+        "entries of the requests stream not yet delivered to the consumer group, as last seen (--health-interval)"),
+    "pending": (GAUGE, "queue_pending",
+        "entries delivered to the group and not yet acked (all consumers), as last seen"),
+    "write_s": (HISTOGRAM, "queue_result_write_seconds",
+        "one batch of finished outcomes written to Redis and acked"),
 }
 WRITE_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-QUEUE_HISTOGRAMS = {
-    "write_s": ("queue_result_write_seconds", "one batch of finished outcomes written to Redis and acked"),
+# The engine's: keys of the snapshot backend.stats() gives (phi3_model/engine/stats.py); a backend leaves out
+# what its engine does not report (workers/vllm_stats.py).
+ENGINE_METRICS = {
+    "prompt_tokens": (COUNTER, "engine_prompt_tokens",
+        "prompt tokens of requests that got their first token"),
+    "generation_tokens": (COUNTER, "engine_generation_tokens",
+        "tokens generated"),
+    "requests_finished": (COUNTER, "engine_requests_finished",
+        "requests finished"),
+    "preemptions": (COUNTER, "engine_preemptions",
+        "sequences preempted (KV pool full; recomputed later)"),
+    "prefix_cache_queried": (COUNTER, "engine_prefix_cache_queried_tokens",
+        "tokens of admitted sequences looked up in the prefix cache"),
+    "prefix_cache_hits": (COUNTER, "engine_prefix_cache_hit_tokens",
+        "of those, tokens served by the prefix cache"),
+    "requests_running": (GAUGE, "engine_requests_running",
+        "sequences in the running batch"),
+    "requests_waiting": (GAUGE, "engine_requests_waiting",
+        "sequences waiting for admission"),
+    "kv_blocks_used": (GAUGE, "engine_kv_blocks_used",
+        "KV cache blocks in use"),
+    "kv_blocks_total": (GAUGE, "engine_kv_blocks_total",
+        "KV cache blocks in the pool"),
+    "step_s": (HISTOGRAM, "engine_step_seconds",
+        "time of one engine step (schedule, forward, sample)"),
+    "batch_size": (HISTOGRAM, "engine_batch_size",
+        "sequences per engine step"),
+    "ttft_s": (HISTOGRAM, "engine_time_to_first_token_seconds",
+        "request arrival in the engine to its first token"),
+    "tpot_s": (HISTOGRAM, "engine_time_per_output_token_seconds",
+        "per request of 2+ tokens: (finish - first token) / (tokens - 1)"),
+    "grammar_compile_s": (HISTOGRAM, "engine_grammar_compile_seconds",
+        "structured-output grammar compiles (cache misses)"),
 }
 
 
 def metric_names() -> set[str]:
     """Every metric name as Prometheus shows it (counters with _total; histograms as the base name)."""
-    names = {P + n + "_total" for n, _ in [*QUEUE_COUNTERS.values(), *ENGINE_COUNTERS.values()]}
-    return names | {P + n for n, _ in [*ENGINE_GAUGES.values(), *ENGINE_HISTOGRAMS.values(), *QUEUE_GAUGES.values(),
-                                       *QUEUE_HISTOGRAMS.values()]}
+    return {P + name + ("_total" if kind == COUNTER else "")
+            for kind, name, _ in [*QUEUE_METRICS.values(), *ENGINE_METRICS.values()]}
 
 
-def _histogram(family_cls, name: str, help: str, snap: dict, labels: dict):
-    buckets, total = [], 0
-    for bound, count in zip([*snap["bounds"], float("inf")], snap["counts"]):
-        total += count
-        buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
-    family = family_cls(P + name, help, labels=list(labels))
-    family.add_metric(list(labels.values()), buckets, snap["sum"])
+def _family(kind: str, name: str, help: str, value, labels: dict):
+    """One metric family of one sample: value is a number, or for a histogram a Histogram.snapshot() dict."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+    if kind == HISTOGRAM:
+        buckets, total = [], 0
+        for bound, count in zip([*value["bounds"], float("inf")], value["counts"]):
+            total += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
+        family = HistogramMetricFamily(P + name, help, labels=list(labels))
+        family.add_metric(list(labels.values()), buckets, value["sum"])
+        return family
+    family = (CounterMetricFamily if kind == COUNTER else GaugeMetricFamily)(P + name, help, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
     return family
 
 
@@ -86,30 +111,19 @@ class WorkerCollector:
         self.w = worker
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
         w = self.w
-        for key, (name, help) in QUEUE_COUNTERS.items():
-            yield CounterMetricFamily(P + name, help, value=getattr(w.counters, key))
-        values = {"in_flight": len(w.active) + len(w.solo), **w.backlog}
-        for key, (name, help) in QUEUE_GAUGES.items():
-            if values.get(key) is not None:
-                yield GaugeMetricFamily(P + name, help, value=values[key])
-        for key, (name, help) in QUEUE_HISTOGRAMS.items():
-            yield _histogram(HistogramMetricFamily, name, help, w.write_s.snapshot(), {})
+        values = {key: getattr(w.counters, key) for key, (kind, _, _) in QUEUE_METRICS.items() if kind == COUNTER}
+        values.update(w.backlog, in_flight=len(w.active) + len(w.solo), write_s=w.write_s.snapshot())
+        for key, (kind, name, help) in QUEUE_METRICS.items():
+            if values.get(key) is not None:  # the backlog is None until first read
+                yield _family(kind, name, help, values[key], {})
         stats = w.backend.stats() if hasattr(w.backend, "stats") else None
         if stats is None:
             return
         labels = {"backend": getattr(getattr(w.backend, "config", None), "name", "native")}
-        for key, (name, help) in ENGINE_COUNTERS.items():
-            family = CounterMetricFamily(P + name, help, labels=list(labels))
-            family.add_metric(list(labels.values()), stats[key])
-            yield family
-        for key, (name, help) in ENGINE_GAUGES.items():
-            family = GaugeMetricFamily(P + name, help, labels=list(labels))
-            family.add_metric(list(labels.values()), stats[key])
-            yield family
-        for key, (name, help) in ENGINE_HISTOGRAMS.items():
-            yield _histogram(HistogramMetricFamily, name, help, stats[key], labels)
+        for key, (kind, name, help) in ENGINE_METRICS.items():
+            if key in stats:  # a backend leaves out what its engine does not report (workers/vllm_stats.py)
+                yield _family(kind, name, help, stats[key], labels)
 
 
 class MetricsPortError(RuntimeError):

@@ -34,6 +34,8 @@ Tokens in, `Completion` out, exactly as the native backend:
   model's end ids, see there), so the only end token is config.eos_token_id, as in the native engine.
 - Greedy tokens are the same in both backends; sampled ones come from each engine's own generator (a seeded request
   is reproducible within a backend, not across backends).
+- Metrics: vLLM's stats are on, fed only to this project's stat logger (workers/vllm_stats.py), which keeps them in
+  the native engine's snapshot shape for `stats()`; vLLM logs no stats lines and registers no `vllm:` metrics.
 - On CPU the engine runs without chunked prefill (max_num_batched_tokens at least max_model_len): vLLM 0.32's CPU
   runner rewinds a seeded request's generator when its prefill is split over steps, which CPU generators do not
   support ("CPU Generator does not use offset"), and the engine core dies.
@@ -73,6 +75,7 @@ from phi3_model.vllm.registry import ARCH, TOKENIZER_MODE, hf_overrides, registe
 from .backend import BackendConfig, EngineBackend
 from .backend_options import VLLMOptions
 from .vllm_files import NEUTRAL_GENERATION_CONFIG, files_in, make_run_directory, remove_run_directory
+from .vllm_stats import VLLMStats
 
 log = logging.getLogger(__name__)
 CPU_BATCHED_TOKENS = 2048  # vLLM's default max_num_batched_tokens
@@ -164,6 +167,7 @@ class VLLMBackend(EngineBackend):
         self._calls: set[asyncio.Task] = set()  # generate() calls in flight (what the watchdog fails)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.watchdog = Watchdog(config.stall_timeout_s, lambda: len(self._calls), self._stalled)
+        self.figures = VLLMStats()  # the engine's figures for metrics, fed by vLLM's stat logger interface
 
     async def start(self) -> None:
         async with self._lock:
@@ -213,11 +217,12 @@ class VLLMBackend(EngineBackend):
             tensor_parallel_size=o.tensor_parallel_size,
             enforce_eager=o.enforce_eager if o.enforce_eager is not None else device.type == "cpu",
             enable_prefix_caching=o.enable_prefix_caching, block_size=o.block_size, seed=o.seed,
-            disable_log_stats=True)
+            disable_log_stats=True, enable_logging_iteration_details=True)  # stats for our logger only: vllm_stats
+        loggers = [self.figures.logger_class()]
         self._files = make_run_directory()
         try:
             with files_in(self._files):
-                box = [AsyncLLM.from_engine_args(args)]  # never a local: see _in_own_thread
+                box = [AsyncLLM.from_engine_args(args, stat_loggers=loggers)]  # never a local: see _in_own_thread
         except BaseException:
             remove_run_directory(self._files)
             raise
@@ -290,6 +295,7 @@ class VLLMBackend(EngineBackend):
         finally:
             self._calls.discard(task)
         early = [i for i, s in enumerate(stoppers) if not s.finished]  # vLLM ended them for reasons of its own
+        self.figures.stats.requests_finished += 1  # here, not from vLLM: see vllm_stats
         error = (f"vLLM ended the request early (finish_reason {ended.get(early[0])!r})" if early else None)
         return completion([s.to_sample() for s in stoppers], len(prompt), request_id, error, prompt_logprobs)
 
@@ -300,6 +306,11 @@ class VLLMBackend(EngineBackend):
 
     def failure(self) -> BaseException | None:
         return self.error
+
+    def stats(self) -> dict | None:
+        """The engine's figures (workers/vllm_stats.py: what vLLM reports, in EngineStats' shape), None before it
+        starts."""
+        return self.figures.snapshot() if self.engine is not None else None
 
     def remove_files(self) -> None:
         remove_run_directory(self._files)

@@ -48,14 +48,18 @@ class EngineStats:
         self.tpot_s = Histogram(TPOT_S)  # per request: (finish - first token) / (tokens - 1), requests of >= 2 tokens
         self.grammar_compile_s = Histogram(COMPILE_S)
 
+    def figures(self) -> dict:
+        """The figures kept here (counters and histograms), as snapshot() gives them; the vLLM backend
+        (workers/vllm_stats.py) adds its engine's own to these."""
+        return {"prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
+                "requests_finished": self.requests_finished, "step_s": self.step_s.snapshot(),
+                "batch_size": self.batch_size.snapshot(), "ttft_s": self.ttft_s.snapshot(),
+                "tpot_s": self.tpot_s.snapshot(), "grammar_compile_s": self.grammar_compile_s.snapshot()}
+
     def snapshot(self, engine) -> dict:
         """Every figure at once; `engine` (the Engine) gives the gauges and the scheduler's counters."""
         s, blocks = engine.scheduler, engine.blocks
-        return {"prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
-                "requests_finished": self.requests_finished, "preemptions": s.num_preemptions,
-                "prefix_cache_queried": s.num_queried_tokens, "prefix_cache_hits": s.num_cached_tokens,
-                "requests_running": len(s.running), "requests_waiting": len(s.waiting),
-                "kv_blocks_used": blocks.num_blocks - blocks.num_free, "kv_blocks_total": blocks.num_blocks,
-                "step_s": self.step_s.snapshot(), "batch_size": self.batch_size.snapshot(),
-                "ttft_s": self.ttft_s.snapshot(), "tpot_s": self.tpot_s.snapshot(),
-                "grammar_compile_s": self.grammar_compile_s.snapshot()}
+        return {**self.figures(), "preemptions": s.num_preemptions, "prefix_cache_queried": s.num_queried_tokens,
+                "prefix_cache_hits": s.num_cached_tokens, "requests_running": len(s.running),
+                "requests_waiting": len(s.waiting), "kv_blocks_used": blocks.num_blocks - blocks.num_free,
+                "kv_blocks_total": blocks.num_blocks}
