@@ -141,12 +141,13 @@ def replay(c, steps: list, dtype) -> tuple[float, dict]:
     (query tokens, context length)), rows sampled], as Engine.recorder writes them) as bare tensor operations on
     preallocated random tensors, after one untimed pass over the first steps (the faster of two timed passes).
     Each operation takes the fastest kernel measured for it on CPU: linear layers through weights packed for
-    oneDNN (as the engine's), one query's attention in fp32 as matmul-softmax-matmul (in bf16 over fp32 copies of
-    its keys and values, as the engine), everything else with SDPA."""
+    oneDNN (as the engine's), one query's attention in fp32 as matmul-softmax-matmul over the fp32 pool (as the
+    engine, whatever the model's dtype: paged_attention.kv_dtype), everything else with SDPA in the model's dtype."""
     import time
     import torch
     import torch.nn.functional as F
     from phi3_model.engine.packed_linear import PackedLinear
+    from phi3_model.engine.paged_attention import kv_dtype
     H, Hkv, D, C, I = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.intermediate_size
     G = H // Hkv
     g = torch.Generator().manual_seed(0)
@@ -166,11 +167,16 @@ def replay(c, steps: list, dtype) -> tuple[float, dict]:
     T = max(sum(k for _, k in seqs) for seqs, _ in steps)
     x, attn_in, act = rand(N, C), rand(N, H * D), rand(N, I)
     queries = rand(H, N, D)
-    one_query = [queries[:, row].view(Hkv, G, D) for row in range(N)]  # a decoding token's query, as a view
-    # every layer and sequence reads keys and values of its own (one cache-hot buffer would flatter the limit)
-    kv = [(torch.full((Hkv, T, D), 0.01, dtype=dtype), torch.full((Hkv, T, D), 0.01, dtype=dtype))
-          for _ in layers]
+    # a decoding token's query as a view, in fp32 as the engine's decode attention takes it (paged_attention.kv_dtype)
+    queries32 = queries.float()
+    one_query = [queries32[:, row].view(Hkv, G, D) for row in range(N)]
+    # every layer and sequence reads keys and values of its own (one cache-hot buffer would flatter the limit); the
+    # pool's dtype on CPU is fp32 whatever the model's (kv_dtype); a prefill with nothing cached reads its fresh keys
+    # in the model's dtype, as the engine
+    pool = kv_dtype(dtype, "cpu")
+    kv = [(torch.full((Hkv, T, D), 0.01, dtype=pool), torch.full((Hkv, T, D), 0.01, dtype=pool)) for _ in layers]
     kv = [(k, k.mT, v) for k, v in kv]  # keys transposed once, as views
+    fresh_k, fresh_v = rand(Hkv, N, D), rand(Hkv, N, D)
     # a chunk that continues a cached prefix needs the bottom-right causal mask: built before the clock starts
     masks = {(q, k): torch.ones(q, k, dtype=torch.bool).tril(k - q)
              for seqs, _ in steps for q, k in seqs if 1 < q < k}
@@ -187,17 +193,15 @@ def replay(c, steps: list, dtype) -> tuple[float, dict]:
                 t1 = clock()
                 row = first = 0
                 for q, k in seqs:
-                    values = v_buf[:, first:first + k]
-                    if q == 1 and dtype == torch.float32:
+                    if q == 1:  # the engine's decode: fp32 matmul, softmax, matmul over views of the pool
                         probs = torch.bmm(one_query[row], k_buf_t[:, :, first:first + k]).softmax(-1)
-                        torch.bmm(probs, values)
-                    elif q == 1:  # as the engine: keys and values read into fp32 copies, then the same fp32 math
-                        keys = k_buf[:, first:first + k].float().transpose(1, 2)
-                        probs = torch.bmm(one_query[row].float(), keys).softmax(-1)
-                        torch.bmm(probs, values.float())
-                    else:
-                        F.scaled_dot_product_attention(queries[:, row:row + q], k_buf[:, first:first + k], values,
-                                                       attn_mask=masks.get((q, k)), is_causal=q == k,
+                        torch.bmm(probs, v_buf[:, first:first + k])
+                    elif q == k:  # a prefill with nothing cached: its fresh keys, causal
+                        F.scaled_dot_product_attention(queries[:, row:row + q], fresh_k[:, :q], fresh_v[:, :q],
+                                                       is_causal=True, enable_gqa=G > 1)
+                    else:  # a chunk after cached keys: read from the pool in the model's dtype, as the engine
+                        F.scaled_dot_product_attention(queries[:, row:row + q], k_buf[:, first:first + k].to(dtype),
+                                                       v_buf[:, first:first + k].to(dtype), attn_mask=masks[(q, k)],
                                                        enable_gqa=G > 1)
                     row, first = row + q, first + k
                 t2 = clock()

@@ -42,12 +42,16 @@ class EngineConfig(BaseModel):
         return min(self.max_num_seqs * -(-max_model_len // self.block_size) * per_block, 2 * 2**30)
 
 
+CPU_KV_ELEMENT = 4  # bytes per KV value on CPU: the pool is fp32 whatever the model's dtype (paged_attention.kv_dtype)
+
+
 def engine_bytes(model_config, config: EngineConfig, element_size: int) -> int:
-    """Host memory one native engine on CPU holds for weights and KV cache (the actor's own overhead aside)."""
+    """Host memory one native engine on CPU holds for weights (element_size bytes each) and KV cache (the actor's
+    own overhead aside)."""
     max_len = min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
     c = model_config
     lm_head = c.vocab_size * c.hidden_size * element_size
     layers = c.num_parameters() * element_size - lm_head * (1 if c.tie_word_embeddings else 2)  # norms: a rounding
     packed = lm_head + (layers if config.packs_layers(layers) else 0)  # the engine's packed copies (CPU)
     return (c.num_parameters() * element_size + packed
-            + config.cpu_kv_bytes(model_config, max_len, element_size))
+            + config.cpu_kv_bytes(model_config, max_len, CPU_KV_ELEMENT))

@@ -10,7 +10,7 @@ import torch
 from ..model import Phi3ForCausalLM
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .paged_attention import KVCache
+from .paged_attention import KVCache, kv_dtype
 from .runner import ModelRunner
 from .grammar import Grammars
 from .rules import Rules
@@ -42,13 +42,14 @@ class Engine:
         self.tokenizer = tokenizer
         mc = model.config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        cache_dtype = kv_dtype(model.dtype, model.device)
         per_block = KVCache.bytes_per_block(mc.num_hidden_layers, config.block_size, mc.num_key_value_heads,
-                                            mc.head_dim, model.dtype)
+                                            mc.head_dim, cache_dtype)
         self.cache_element_size = per_block // (2 * mc.num_hidden_layers * config.block_size
                                                 * mc.num_key_value_heads * mc.head_dim)
         num_blocks = config.num_blocks or max(1, self._default_kv_bytes(per_block) // per_block)
         self.cache = KVCache(mc.num_hidden_layers, num_blocks, config.block_size, mc.num_key_value_heads,
-                             mc.head_dim, model.dtype, model.device)
+                             mc.head_dim, cache_dtype, model.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         long_after = mc.original_max_position_embeddings if mc.rope_scaling is not None else None
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, long_after,

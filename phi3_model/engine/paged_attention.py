@@ -39,6 +39,16 @@ def lazy_zeros(shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
 
 
+def kv_dtype(model_dtype: torch.dtype, device) -> torch.dtype:
+    """The KV pool's dtype: the model's, except on CPU, where it is fp32 whatever the model's. A bf16 model's keys and
+    values are stored exactly (every bf16 value is an fp32 value) and decode attention reads them in place with the
+    fp32 kernels: torch's bf16 batched matmul is several times slower on CPU, SDPA over strided pool views slows
+    down several-fold on 2+ threads, and converting each sequence's keys every step costs as much as the attention
+    (bench.engine native_bf16: 60 tok/s with SDPA, 282 with per-step fp32 copies). The pool takes twice the memory
+    of a bf16 one; prefills attend in the model's dtype (cached keys read back from the pool are cast to it)."""
+    return torch.float32 if torch.device(device).type == "cpu" else model_dtype
+
+
 class KVCache:
     """k, v: [layers, Hkv, num_blocks, block_size, D], zeros until written (pages taken as they are written)."""
 
@@ -108,8 +118,8 @@ class PagedContext:
         bs, nblocks = self.cache.block_size, self.cache.num_blocks
         kc = self.cache.k[layer].view(Hkv, nblocks * bs, D)
         vc = self.cache.v[layer].view(Hkv, nblocks * bs, D)
-        kc[:, self.slot_mapping] = k.transpose(0, 1)
-        vc[:, self.slot_mapping] = v.transpose(0, 1)
+        kc[:, self.slot_mapping] = k.transpose(0, 1).to(kc.dtype)  # .to: no copy when the dtypes agree
+        vc[:, self.slot_mapping] = v.transpose(0, 1).to(vc.dtype)
         out = torch.empty_like(q)
         if self.in_place:
             self.decode_in_place(q, kc, vc, out)
@@ -121,7 +131,7 @@ class PagedContext:
                 kp, vp = k[p.token_slice].transpose(0, 1), v[p.token_slice].transpose(0, 1)  # [Hkv, q, D]
                 k_pos = p.q_pos
             else:
-                kp, vp = kc[:, p.slots], vc[:, p.slots]  # [Hkv, k, D]
+                kp, vp = kc[:, p.slots].to(q.dtype), vc[:, p.slots].to(q.dtype)  # [Hkv, k, D]
                 k_pos = p.k_pos
             if self.sliding_window is None and p.slots is None:
                 o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=H != Hkv)
@@ -139,21 +149,18 @@ class PagedContext:
         G = H // Hkv
         window = self.sliding_window
         rows = [r for r, _, _ in self.in_place]
-        # matmul, softmax, matmul in fp32 is the fastest on CPU. Other dtypes (bf16) read each sequence's keys and
-        # values into fp32 copies first: torch's bf16 batched matmul is several times slower there, and SDPA over
-        # these strided pool views slows down several-fold once it runs on 2+ threads (bench model, one sequence,
-        # 300 keys, one thread: SDPA 157 us, bf16 bmm 167 us, fp32 bmm 48 us). The keys are the pool's bf16 values,
-        # exactly; scores, softmax and the weighted sum are fp32, as HF's fp32 attention, and the result is bf16.
-        wide = q.dtype != torch.float32
-        qs = (q[rows].float() if wide else q[rows]) * D ** -0.5
-        qs = qs.view(len(rows), Hkv, G, D)
+        # matmul, softmax, matmul in fp32 is the fastest on CPU (see kv_dtype): queries in another dtype are cast
+        # to fp32, and a pool in another dtype (none by default; bench.attention may build one) is read into fp32
+        # copies per sequence. The result is in the queries' dtype.
+        copy = kc.dtype != torch.float32
+        qs = (q[rows].float() * D ** -0.5).view(len(rows), Hkv, G, D)
         res = torch.empty_like(qs)
         keys_t = kc.transpose(1, 2)  # [Hkv, D, slots]: one view per layer, sliced per sequence
         # five torch calls per sequence and layer (the loop's cost at small contexts is their dispatch)
         for q_i, res_i, (_, first, n) in zip(qs.unbind(0), res.unbind(0), self.in_place):
             if window is not None and n > window:
                 first, n = first + n - window, window
-            if wide:  # contiguous fp32 copies, read in the pool's order; the keys transposed as a view
+            if copy:  # contiguous fp32 copies, read in the pool's order; the keys transposed as a view
                 keys, values = kc[:, first:first + n].float().transpose(1, 2), vc[:, first:first + n].float()
             else:
                 keys, values = keys_t[:, :, first:first + n], vc[:, first:first + n]  # [Hkv, D, n], [Hkv, n, D] views
@@ -175,9 +182,9 @@ class PagedContext:
         torch.index_select(src_v, 1, g.blocks, out=vbuf.view(Hkv, B * g.num_blocks, bs * D))
         keys = kbuf.view(Hkv * B, T, D)
         values = vbuf.view(Hkv * B, T, D)
-        qh = q.view(B, Hkv, G, D).transpose(0, 1).reshape(Hkv * B, G, D)
+        qh = q.view(B, Hkv, G, D).transpose(0, 1).reshape(Hkv * B, G, D).to(keys.dtype)
         scores = torch.bmm(qh, keys.transpose(1, 2)).float() * D ** -0.5  # [Hkv*B, G, T]
         scores.view(Hkv, B, G, T).masked_fill_(g.masked[None, :, None, :], float("-inf"))
-        probs = scores.softmax(-1).to(q.dtype)
+        probs = scores.softmax(-1).to(values.dtype)
         o = torch.bmm(probs, values)  # [Hkv*B, G, D]
-        return o.view(Hkv, B, G, D).transpose(0, 1).reshape(B, H, D)
+        return o.view(Hkv, B, G, D).transpose(0, 1).reshape(B, H, D).to(q.dtype)
