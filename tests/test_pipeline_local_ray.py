@@ -181,3 +181,26 @@ def test_a_vllm_job_leaves_its_temp_directory_as_it_was(vllm_model_dir, tmp_path
     finally:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+NICENESS = r"""
+import os, ray
+from pipeline.ray_session import ray_session
+with ray_session(None, local=True, num_cpus=1, include_dashboard=False, logging_level="ERROR"):
+    @ray.remote(num_cpus=0.5)
+    def niceness():
+        return os.nice(0)
+    print("driver", os.nice(0), "worker", ray.get(niceness.remote(), timeout=600))
+"""
+
+
+def test_a_local_rays_workers_run_at_the_jobs_own_priority(ray_tmp):
+    """Ray's default worker niceness is 15: beside any busy process at normal priority the engine actors would get
+    the CPU last. A Ray the job starts itself runs them at the job's priority (the driver's, 0 here)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_worker_niceness", "RAY_ADDRESS")}
+    env.update(PYTHONPATH=ROOT, RAY_TMPDIR=ray_tmp)
+    out = subprocess.run([sys.executable, "-c", NICENESS], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=GUARD_S * 4)
+    assert out.returncode == 0, out.stderr[-2000:]
+    [line] = [ln for ln in out.stdout.splitlines() if ln.startswith("driver")]
+    assert line == f"driver {os.nice(0)} worker {os.nice(0)}", line
