@@ -78,6 +78,10 @@ def test_malformed_messages_are_dead_lettered_once_and_acked(redis_server, redis
         "two inputs": {"r": json.dumps({"id": "b3", "prompt": "x", "prompt_token_ids": [1]})},
         "no r field": {"request": json.dumps({"id": "b4", "prompt": "x"})},
         "bad sampling": {"r": json.dumps({"id": "b5", "prompt": "x", "max_new_tokens": 0})},
+        # the worker checks request fields once per distinct set: a refused set is refused again, not cached
+        "bad field again": {"r": json.dumps({"id": "b6", "prompt": "x", "temperature": "hot"})},
+        "bad list field": {"r": json.dumps({"id": "b7", "prompt": "x", "stop": ["ok", ""]})},
+        "bad list again": {"r": json.dumps({"id": "b8", "prompt": "x", "stop": ["ok", ""]})},
     }
     entries = {name: r.xadd(stream, fields).decode() for name, fields in bad.items()}
     good = r.xadd(stream, {"r": json.dumps({"id": "good", "prompt": "The quick brown fox", "max_new_tokens": 3})})
@@ -91,10 +95,13 @@ def test_malformed_messages_are_dead_lettered_once_and_acked(redis_server, redis
     assert "exactly one of prompt, messages, prompt_token_ids" in why["two inputs"]
     assert "expected 'r'" in why["no r field"]
     assert "max_new_tokens" in why["bad sampling"]
+    assert why["bad field again"] == why["bad field"].replace("'b1'", "'b6'")
+    assert "request 'b7': invalid request values: stop=['ok', '']: stop must be non-empty strings" in why[
+        "bad list field"] and why["bad list again"] == why["bad list field"].replace("'b7'", "'b8'")
     assert all(letters[e]["deliveries"] == 1 for e in entries.values())  # never retried
     assert counters.dead == len(bad) and counters.processed == 1 and good
     no_id = {entries["not json"]: "not json", entries["no id"]: "no id", entries["no r field"]: "no r field"}
-    audit(r, queue_prefix, ["good", "b1", "b2", "b3", "b5", *no_id.values()], entries=no_id)
+    audit(r, queue_prefix, ["good", "b1", "b2", "b3", "b5", "b6", "b7", "b8", *no_id.values()], entries=no_id)
 
     async def dead_result():  # a waiting client learns a dead-lettered id's fate
         async with QueueClient(redis_url, queue_prefix) as client:

@@ -14,7 +14,7 @@ from phi3_model.engine.sampling_params import SamplingParams
 
 from workers.rows import RowSpec
 
-from .schema import QueueRequest, request_prompt_ids, sampling_params
+from .schema import FIELDS_CHECKED_LATER, QueueRequest, request_prompt_ids, sampling_params
 
 RAW_LIMIT = 65536  # bytes of a request kept in its dead letter
 
@@ -97,13 +97,18 @@ class Admission:
             if raw is None:
                 raise ValueError(f"stream entry has fields {sorted(k.decode() for k in fields)}; expected 'r' "
                                  "holding the request JSON")
-            req = QueueRequest.model_validate_json(raw)
-            params = self.params.get(req.sampling_key(), lambda: sampling_params(req, self.spec))
+            req = QueueRequest.model_validate_json(raw, context=FIELDS_CHECKED_LATER)
+            params = self.params.get(req.sampling_key(), lambda: self._params(req))
             ids = request_prompt_ids(req, self.tokenizer, self.spec)
         except Exception as e:  # noqa: BLE001 - whatever is wrong with it, a malformed request is never retried
             return ("dead", entry_id, dead_letter(entry_id, raw, f"malformed request: {explain(e)}", n, self.worker,
                                                   _guess_id(raw)))
         return Admitted(entry_id, raw, req, ids, params, n)
+
+    def _params(self, req: QueueRequest) -> SamplingParams:
+        """Checked and built once per distinct set of request fields (a refused set is never cached)."""
+        req.check_request_fields()
+        return sampling_params(req, self.spec)
 
     async def admit(self, entries, counts: dict[bytes, int]) -> tuple[list[Admitted], list[tuple]]:
         """-> (requests to run, finished outcomes for the acker). counts: delivery counts (absent: the first)."""

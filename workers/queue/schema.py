@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, create_model, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, ValidationInfo, create_model,
+                      model_validator)
 
 from phi3_model.engine.sampling_params import Completion, SamplingParams
 from workers import rows
@@ -46,22 +47,38 @@ class _Request(BaseModel):
                          f"(got {', '.join(given) or 'none'})")
 
     @model_validator(mode="after")
-    def _request_fields(self):
-        """Each field as SamplingParams takes it; checks across fields wait for the worker's defaults."""
+    def _request_fields(self, info: ValidationInfo):
+        """Each field as SamplingParams takes it; checks across fields wait for the worker's defaults. A worker
+        validates with FIELDS_CHECKED_LATER and checks once per distinct set of request fields instead."""
+        if not (info.context and info.context.get(_LATER)):
+            self.check_request_fields()
+        return self
+
+    def check_request_fields(self) -> None:
+        """Raises ValueError naming each request field SamplingParams refuses, with its value and the rule."""
         try:
             SamplingParams.model_validate(self.request_values())
         except ValidationError as e:
             if errors := [err for err in e.errors() if err["loc"]]:
                 raise ValueError(f"request {self.id!r}: {rows.describe_errors(errors)}") from None
-        return self
 
     def request_values(self) -> dict[str, Any]:
         """The request fields this request sets (the others take the worker's defaults)."""
-        return {k: v for k in REQUEST_FIELDS if (v := getattr(self, k)) is not None}
+        return {k: v for k in REQUEST_FIELDS.intersection(self.model_fields_set) if (v := getattr(self, k)) is not None}
 
-    def sampling_key(self) -> str:
-        """The request fields as canonical text (requests with equal keys share one SamplingParams)."""
-        return self.model_dump_json(include=REQUEST_FIELDS, exclude_none=True)
+    def sampling_key(self) -> frozenset | str:
+        """The request fields as a canonical key (requests with equal keys share one SamplingParams): the set of
+        (name, type, value) when every value is hashable (plain scalars: the common case, cheap), else canonical
+        JSON text."""
+        values = self.request_values()
+        try:
+            return frozenset(zip(values.keys(), map(type, values.values()), values.values()))
+        except TypeError:  # a list or an object among the values
+            return self.model_dump_json(include=set(values))
+
+
+_LATER = "request_fields_checked_later"
+FIELDS_CHECKED_LATER = {_LATER: True}  # validation context: the caller runs check_request_fields itself
 
 
 QueueRequest = create_model(
