@@ -196,13 +196,14 @@ def replay(c, steps: list, dtype) -> tuple[float, dict]:
                     if q == 1:  # the engine's decode: fp32 matmul, softmax, matmul over views of the pool
                         probs = torch.bmm(one_query[row], k_buf_t[:, :, first:first + k]).softmax(-1)
                         torch.bmm(probs, v_buf[:, first:first + k])
-                    elif q == k:  # a prefill with nothing cached: its fresh keys, causal
-                        F.scaled_dot_product_attention(queries[:, row:row + q], fresh_k[:, :q], fresh_v[:, :q],
-                                                       is_causal=True, enable_gqa=G > 1)
+                    elif q == k:  # a prefill with nothing cached: its fresh keys, causal (4-D: the flash kernel)
+                        F.scaled_dot_product_attention(queries[None, :, row:row + q], fresh_k[None, :, :q],
+                                                       fresh_v[None, :, :q], is_causal=True, enable_gqa=G > 1)
                     else:  # a chunk after cached keys: read from the pool in the model's dtype, as the engine
-                        F.scaled_dot_product_attention(queries[:, row:row + q], k_buf[:, first:first + k].to(dtype),
-                                                       v_buf[:, first:first + k].to(dtype), attn_mask=masks[(q, k)],
-                                                       enable_gqa=G > 1)
+                        F.scaled_dot_product_attention(queries[None, :, row:row + q],
+                                                       k_buf[None, :, first:first + k].to(dtype),
+                                                       v_buf[None, :, first:first + k].to(dtype),
+                                                       attn_mask=masks[(q, k)], enable_gqa=G > 1)
                     row, first = row + q, first + k
                 t2 = clock()
                 w_o(attn_in[:n])
