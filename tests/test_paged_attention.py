@@ -88,3 +88,43 @@ def test_packed_lm_head_equals_the_linear_and_follows_in_place_weight_updates(mo
         lin.weight.mul_(-2.0)  # what an optimizer step does: same storage, new values
     with torch.inference_mode():  # a stale packed copy would give the old product, -1/2 of this one
         torch.testing.assert_close(packed(x.float()).double(), x @ lin.weight.double().T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefills_equal_plain_causal_attention_and_take_torchs_flash_kernel(dtype):
+    """A fresh prompt (nothing cached) and a chunk continuing 6 cached keys, against attention written out by hand
+    (softmax(q k^T / sqrt(D)) v over exactly the keys each query may see, in fp64); and both through torch's CPU
+    flash kernel: SDPA falls back to its math path (1.5x-3x slower) when given 3-D inputs."""
+    from torch.profiler import profile
+
+    from phi3_model.engine.paged_attention import PrefillItem
+    torch.manual_seed(0)
+    cache = KVCache(1, 16, BS, HKV, D, torch.float32, "cpu")
+    kc, vc = cache.k[0].view(HKV, -1, D), cache.v[0].view(HKV, -1, D)
+    cached_k, cached_v = torch.randn(6, HKV, D).to(dtype), torch.randn(6, HKV, D).to(dtype)
+    kc[:, 8:14], vc[:, 8:14] = cached_k.transpose(0, 1).float(), cached_v.transpose(0, 1).float()  # blocks 2, 3
+    n_fresh, n_chunk = 5, 4
+    q = torch.randn(n_fresh + n_chunk, H, D).to(dtype)
+    k, v = torch.randn(n_fresh + n_chunk, HKV, D).to(dtype), torch.randn(n_fresh + n_chunk, HKV, D).to(dtype)
+    fresh_slots, chunk_slots = torch.arange(40, 40 + n_fresh), torch.arange(14, 14 + n_chunk)  # chunk: after 8..13
+    items = [PrefillItem(slice(0, n_fresh), torch.arange(n_fresh), None, None),
+             PrefillItem(slice(n_fresh, n_fresh + n_chunk), torch.arange(6, 6 + n_chunk), torch.arange(8, 18),
+                         torch.arange(10))]
+    ctx = PagedContext(cache, torch.cat([fresh_slots, chunk_slots]), [], items, None, None)
+    with profile() as prof:
+        out = ctx.attend(0, q, k, v)
+    kernels = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels
+    assert not any("math" in name for name in kernels), kernels
+
+    def by_hand(qs, ks, vs, q_pos):  # [q, H, D], [k, Hkv, D]; key j visible to query at position p iff j <= p
+        qs, ks, vs = qs.double(), ks.double().repeat_interleave(H // HKV, 1), vs.double().repeat_interleave(H // HKV, 1)
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) / D ** 0.5
+        scores.masked_fill_(torch.arange(len(ks))[None, None, :] > q_pos[None, :, None], float("-inf"))
+        return torch.einsum("hqk,khd->qhd", scores.softmax(-1), vs)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out[:n_fresh].double(), by_hand(q[:n_fresh], k[:n_fresh], v[:n_fresh],
+                                                              torch.arange(n_fresh)), **tol)
+    chunk_k, chunk_v = torch.cat([cached_k, k[n_fresh:]]), torch.cat([cached_v, v[n_fresh:]])
+    torch.testing.assert_close(out[n_fresh:].double(), by_hand(q[n_fresh:], chunk_k, chunk_v, torch.arange(6, 10)),
+                               **tol)
