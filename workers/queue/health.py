@@ -2,18 +2,10 @@
 worker keeps refreshing it (a monitor treats a missing hash, or an old `seen_at`, as a dead worker)."""
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import socket
 import time
 from dataclasses import asdict, dataclass
-
-from redis.exceptions import ResponseError
-
-from .errors import TRANSIENT
-
-log = logging.getLogger("phi3.queue")
 
 
 @dataclass(slots=True)
@@ -60,31 +52,3 @@ async def backlog(r, names) -> dict[str, int | None]:
     if lag is None:
         lag = max(0, await r.xlen(names.requests) - g["pending"])
     return {"lag": lag, "pending": g["pending"]}
-
-
-async def beat_loop(w) -> None:
-    """Keeps the entries the QueueWorker `w` holds from being reclaimed (XCLAIM JUSTID of its own ids)."""
-    while True:
-        await asyncio.sleep(w.cfg.heartbeat)
-        held = list(w.active) + [j.entry_id for j in w.solo]
-        if not held:
-            continue
-        gone = await w._redis(lambda: w.ops.heartbeat(held))
-        if gone:
-            w.counters.stolen += len(gone)
-            log.warning("%d held entries were reclaimed by another worker; their results may be computed "
-                        "twice (raise --claim-idle above the longest request)", len(gone))
-
-
-async def health_loop(w) -> None:
-    """Publishes the QueueWorker `w`'s health hash; notices a dead engine even with nothing in flight."""
-    while True:
-        if (failure := w.backend.failure()) is not None:
-            w._die(failure)
-        try:
-            await w.health.publish(w.state, len(w.active) + len(w.solo), w.reason)
-            if w.metrics is not None:
-                w.backlog = await backlog(w.r, w.names)
-        except TRANSIENT + (ResponseError,):
-            pass
-        await asyncio.sleep(w.cfg.health_interval_s)

@@ -64,7 +64,7 @@ class _Request(BaseModel):
 
     def request_values(self) -> dict[str, Any]:
         """The request fields this request sets (the others take the worker's defaults)."""
-        return {k: v for k in REQUEST_FIELDS.intersection(self.model_fields_set) if (v := getattr(self, k)) is not None}
+        return {k: v for k in self.model_fields_set if k in REQUEST_FIELDS and (v := getattr(self, k)) is not None}
 
     def sampling_key(self) -> frozenset | str:
         """The request fields as a canonical key (requests with equal keys share one SamplingParams): the set of
@@ -114,10 +114,8 @@ def result_record(request_id: str, status: Literal["ok", "error", "dead"], compl
     error when the engine refused it), a request refused before the engine (error), a dead letter (dead). `meta`:
     worker, deliveries, timestamps, metadata."""
     if completion is not None and completion.finish_reason != "error" and not completion.error:
-        samples = [{"completion": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason,
-                    "stop_reason": s.stop_reason, "completion_tokens": len(s.token_ids),
-                    "cumulative_logprob": s.cumulative_logprob, "logprobs": rows.logprob_records(s.logprobs)}
-                   for s in completion.all_samples]
+        samples = [_sample_record(s) for s in completion.samples] if completion.samples else [
+            _sample_record(completion)]  # n = 1: the completion's own fields are its one sample's
         body = {"id": request_id, "status": "ok", **samples[0], "prompt_tokens": completion.prompt_tokens or
                 prompt_tokens, "error": None, "prompt_logprobs": rows.logprob_records(completion.prompt_logprobs),
                 "samples": samples}
@@ -130,6 +128,14 @@ def result_record(request_id: str, status: Literal["ok", "error", "dead"], compl
                 "logprobs": None, "prompt_logprobs": None, "samples": None}
     body.update(meta)
     return body
+
+
+def _sample_record(s) -> dict:
+    """A Sample's fields (or a Completion's, which are its first sample's) as a result record's sample."""
+    return {"completion": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason,
+            "stop_reason": s.stop_reason, "completion_tokens": len(s.token_ids),
+            "cumulative_logprob": s.cumulative_logprob,
+            "logprobs": None if s.logprobs is None else rows.logprob_records(s.logprobs)}
 
 
 class TopLogprob(BaseModel):

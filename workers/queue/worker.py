@@ -16,6 +16,8 @@ import time
 from collections import deque
 from functools import partial
 
+from redis.exceptions import ResponseError
+
 from phi3_model import seam
 from phi3_model.engine.sampling_params import EngineDied, EngineStalled, RequestError
 from phi3_model.engine.stats import Histogram
@@ -25,9 +27,9 @@ from workers.rows import RowError, check_room
 from .admit import Admission, Admitted, ParamsCache, dead_letter, lost_letter
 from .config import WorkerConfig
 from .connection import Names, connect, redact
-from .errors import RedisUnreachable, RedisUnusable
+from .errors import TRANSIENT, RedisUnreachable, RedisUnusable
 from .finish import Settlement, dump
-from .health import Counters, Health, beat_loop, health_loop
+from .health import Counters, Health, backlog
 from .ops import Ops, entry_time
 from .reconnect import sleep_unless, with_retry
 from .schema import result_record, row_spec
@@ -70,6 +72,7 @@ class QueueWorker:
         self.write_s = Histogram(WRITE_S)  # seconds per batch of outcomes written and acked (metrics)
         self.backlog: dict[str, int | None] = {"lag": None, "pending": None}  # as last seen, with metrics on
         self.metrics = None  # workers.metrics.MetricsServer while serving --metrics-port
+        self._hooks = seam.root() is not None  # the test seam (off unless its variable is set when a worker starts)
 
     # ---- public -------------------------------------------------------------------------------------------------
     async def run(self, install_signals: bool = False) -> Counters:
@@ -80,8 +83,7 @@ class QueueWorker:
         if self.cfg.metrics_port is not None:
             from workers.metrics import serve
             self.metrics = serve(self, self.cfg.metrics_address, self.cfg.metrics_port)
-        background = [asyncio.create_task(self._guard(f)) for f in (self._acker, partial(beat_loop, self),
-                                                                     partial(health_loop, self))]
+        background = [asyncio.create_task(self._guard(f)) for f in (self._acker, self.beat_loop, self.health_loop)]
         try:
             if await self._redis(self.ops.ensure_group):
                 self.counters.groups_created += 1
@@ -227,7 +229,8 @@ class QueueWorker:
         req, started = job.request, time.time()
         try:
             try:
-                await seam.before_request(req.id)
+                if self._hooks:
+                    await seam.before_request(req.id)
                 check_room(len(job.prompt_ids), self.backend.max_model_len)
                 c = await self.backend.generate(job.prompt_ids, job.params, request_id=req.id)
                 body = result_record(req.id, "ok", c, len(job.prompt_ids))
@@ -298,6 +301,32 @@ class QueueWorker:
             self.reason = "stalled" if isinstance(error, EngineStalled) else why.removeprefix("its ")
         self._changed.set()
 
+    async def beat_loop(self) -> None:
+        """Keeps the entries this worker holds from being reclaimed (XCLAIM JUSTID of its own ids)."""
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat)
+            held = list(self.active) + [j.entry_id for j in self.solo]
+            if not held:
+                continue
+            gone = await self._redis(lambda: self.ops.heartbeat(held))
+            if gone:
+                self.counters.stolen += len(gone)
+                log.warning("%d held entries were reclaimed by another worker; their results may be computed "
+                            "twice (raise --claim-idle above the longest request)", len(gone))
+
+    async def health_loop(self) -> None:
+        """Publishes this worker's health hash; notices a dead engine even with nothing in flight."""
+        while True:
+            if (failure := self.backend.failure()) is not None:
+                self._die(failure)
+            try:
+                await self.health.publish(self.state, len(self.active) + len(self.solo), self.reason)
+                if self.metrics is not None:
+                    self.backlog = await backlog(self.r, self.names)
+            except TRANSIENT + (ResponseError,):
+                pass
+            await asyncio.sleep(self.cfg.health_interval_s)
+
     async def _guard(self, loop) -> None:
         """A dead acker would leave held entries unacked forever: its failure stops the worker (which exits
         non-zero; what it held is reclaimed)."""
@@ -308,7 +337,7 @@ class QueueWorker:
         except RedisUnusable as e:
             self._die(e)
         except BaseException as e:  # noqa: BLE001
-            name = getattr(loop, "func", loop).__name__  # beat_loop and health_loop come as partials
+            name = loop.__name__
             log.exception("worker %s: %s failed", self.cfg.name, name)
             self._die(e, f"its {name} loop failed")
 
