@@ -13,6 +13,8 @@ child process, in a queue-worker process and in Ray actors:
 - `hooks.json`: {request id: hook} for queue workers' engine calls: `raise` (the call fails), `exit` (the
   process dies in the call), `exit_after_write` (dies after writing the batch holding it, before acking),
   `hold:NAME` (the call waits until the file `release.NAME` exists).
+A queue worker reads the variable once, when it is built (the hook check is on its per-request path); everything
+else reads it at each call.
 Waiting is polling at 5 ms: a verdict never depends on how fast the machine is, only on what the test released.
 """
 from __future__ import annotations

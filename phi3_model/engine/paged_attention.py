@@ -135,11 +135,10 @@ class PagedContext:
                 k_pos = p.k_pos
             # with a batch dimension of 1: torch's CPU flash kernel takes only 4-D inputs; 3-D ones fall back to the
             # math path (1.5x-3x slower for 128-512 queries, fp32 and bf16)
-            if self.sliding_window is None and p.slots is None:
-                o = F.scaled_dot_product_attention(qp[None], kp[None], vp[None], is_causal=True, enable_gqa=H != Hkv)
-            else:
-                mask = causal_mask(p.q_pos, k_pos, self.sliding_window)
-                o = F.scaled_dot_product_attention(qp[None], kp[None], vp[None], attn_mask=mask, enable_gqa=H != Hkv)
+            causal = self.sliding_window is None and p.slots is None
+            mask = None if causal else causal_mask(p.q_pos, k_pos, self.sliding_window)
+            o = F.scaled_dot_product_attention(qp[None], kp[None], vp[None], attn_mask=mask, is_causal=causal,
+                                               enable_gqa=H != Hkv)
             out[p.token_slice] = o[0].transpose(0, 1)
         return out
 
