@@ -6,11 +6,11 @@ and the queue's own ceiling with a backend that answers at once.
 Model: a tiny Phi-3 (vocab 32064, hidden 64, 2 layers, GQA 4/2 heads, random weights, no tokenizer: requests carry
 token ids). Workload: prompts of 8-64 tokens, 8-48 new tokens each (greedy, no stop tokens), fixed seed. Rows:
   engine_direct     NativeBackend.generate for every request at once (asyncio.gather), the engine's own threads
-  queue_1_worker    one `phi3-batch queue worker` process (same engine and threads, stepping in a thread of
-                    the worker: the CLI's default): from the first enqueue (all requests in bulk, worker already
+  queue_1_worker    one `phi3-batch queue worker` process as the CLI runs it by default (the engine steps in a
+                    child process of the worker): from the first enqueue (all requests in bulk, worker already
                     running) to the last result written
-  queue_1_worker_process  the same with `--option process=true`: the engine steps in a child process of the
-                    worker (IPC per step instead of a shared GIL)
+  queue_1_worker_thread  the same with `--option process=false`: the engine steps in a thread of the worker
+                    (one GIL shared with the worker's event loop, no IPC)
   queue_1_worker_metrics  queue_1_worker with `--metrics-port` on (Prometheus /metrics, scraped once at the end:
                     its processed counter is reported as `scraped_processed`); `vs_metrics_off` compares it with
                     queue_1_worker of the same run
@@ -42,7 +42,7 @@ import time
 
 from .common import Timer, measure_child, report, run_rows_repeated
 
-ROWS = ["engine_direct", "queue_1_worker", "queue_1_worker_metrics", "queue_1_worker_process", "queue_2_workers",
+ROWS = ["engine_direct", "queue_1_worker", "queue_1_worker_metrics", "queue_1_worker_thread", "queue_2_workers",
         "queue_ceiling"]
 
 
@@ -124,12 +124,12 @@ def row_direct(a) -> dict:
             "placement": where["placement"], "threads": where["threads"], "threads_why": where["threads_why"]}
 
 
-def row_workers(a, n_workers: int, process: bool = False, metrics: bool = False) -> dict:
+def row_workers(a, n_workers: int, process: bool | None = None, metrics: bool = False) -> dict:
     """Worker processes started first (each reports state=running in its health hash once its engine is up);
     timed from the first enqueue to the last result written."""
     import redis
     from workers.queue import QueueClient
-    prefix = f"bench{n_workers}{'p' if process else 't'}{'m' if metrics else ''}{a['rep']}"
+    prefix = f"bench{n_workers}{'t' if process is False else 'd'}{'m' if metrics else ''}{a['rep']}"
     ports = [free_port() for _ in range(n_workers)] if metrics else []
     r = redis.Redis.from_url(a["url"])
     threads = max(1, (a["threads"] or len(os.sched_getaffinity(0))) // n_workers)
@@ -141,7 +141,8 @@ def row_workers(a, n_workers: int, process: bool = False, metrics: bool = False)
         return ["--option", f"cpus=[{usable[(usable.index(a['engine_cpu']) - i) % len(usable)]}]"]
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline.queue_cli", "worker", "--model", a["ckpt"],
                                "--dtype", "float32", "--device", "cpu", "--option", f"threads={threads}",
-                               "--option", f"process={str(process).lower()}", *pin(i),
+                               *(["--option", f"process={str(process).lower()}"] if process is not None else []),
+                               *pin(i),
                                "--name", f"w{i}", "--url", a["url"], "--prefix", prefix, "--max-in-flight", "256",
                                "--health-interval", "1",
                                *(["--metrics-port", str(ports[i]), "--metrics-address", "127.0.0.1"]
@@ -157,9 +158,10 @@ def row_workers(a, n_workers: int, process: bool = False, metrics: bool = False)
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError("a worker process exited before it was ready")
             time.sleep(0.05)
-        with Timer() as t:
-            ids = asyncio.run(submit(requests(a["work"], "r")))
-            wait_results(r, f"{prefix}:results", len(ids))
+        reqs = requests(a["work"], "r")
+        started = time.time()
+        ids = asyncio.run(submit(reqs))
+        seconds = wait_results(r, f"{prefix}:results", len(ids)) - started
         values = r.mget([f"{prefix}:result:{i}" for i in ids])
         tokens = sum(json.loads(v)["completion_tokens"] for v in values)
         per_worker = {}
@@ -172,9 +174,9 @@ def row_workers(a, n_workers: int, process: bool = False, metrics: bool = False)
             p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait(60)
-    return {"seconds": t.seconds, "output_tokens": tokens, "requests": len(ids), "per_worker": per_worker,
+    return {"seconds": seconds, "output_tokens": tokens, "requests": len(ids), "per_worker": per_worker,
             **({"scraped_processed": scraped} if metrics else {}),
-            "placement": "process" if process else "thread", "threads": threads,
+            "placement": "thread" if process is False else "process", "threads": threads,
             "threads_why": f"{'--threads' if a['threads'] else 'usable CPUs'} / {n_workers} worker(s)"}
 
 
@@ -195,14 +197,16 @@ def scrape_processed(port: int) -> int:
                     if s.name == "phi3_batch_queue_processed_total"))
 
 
-def wait_results(r, stream: str, n: int) -> None:
-    """Block on the results stream (XREAD BLOCK) until it announced n results: the bench's own waiting must not
-    wake every few milliseconds and take CPU from the rows it measures."""
-    seen, last = 0, "0-0"
-    while seen < n:
-        for _, entries in r.xread({stream: last}, count=10_000, block=1000) or []:
-            seen += len(entries)
-            last = entries[-1][0]
+def wait_results(r, stream: str, n: int) -> float:
+    """Wait until the results stream announced n results; -> the Unix time of the last announcement, read from its
+    entry id (Redis stamps ids with this machine's clock, in milliseconds). The bench's own waiting must not take
+    CPU from the rows it measures: reading each announcement as it came (XREAD BLOCK) cost about 0.2 CPU-s per
+    2000 requests, taken from the worker's two cores; a length check every 50 ms costs next to nothing, and its
+    delay does not enter the time, which ends at the last announcement."""
+    from workers.queue.ops import entry_time
+    while r.xlen(stream) < n:
+        time.sleep(0.05)
+    return entry_time(r.xrevrange(stream, count=1)[0][0])
 
 
 def row_ceiling(a) -> dict:
@@ -235,7 +239,7 @@ def row_ceiling(a) -> dict:
 def child(row: str, args: dict, out: str) -> None:
     args["work"] = workload(args["requests"])  # regenerated (seeded): a command line cannot carry it
     fn = {"engine_direct": row_direct, "queue_1_worker": lambda a: row_workers(a, 1),
-          "queue_1_worker_process": lambda a: row_workers(a, 1, process=True),
+          "queue_1_worker_thread": lambda a: row_workers(a, 1, process=False),
           "queue_1_worker_metrics": lambda a: row_workers(a, 1, metrics=True),
           "queue_2_workers": lambda a: row_workers(a, 2), "queue_ceiling": row_ceiling}[row]
     if row == "queue_ceiling":
