@@ -100,3 +100,14 @@ def test_a_cpu_job_gets_one_actor_per_cpu_while_the_engines_fit_in_memory(tmp_pa
         assert s.cpus == pytest.approx(32 / want, abs=1e-3) and "as many as fit in memory" in s.why
     assert shape(job(tmp_path, tiny_model_dir, backend="vllm"), 100, {"CPU": 8.0}).actors == 1
     assert shape(job(tmp_path, tiny_model_dir, gpus_per_actor=1), 100, {"CPU": 8.0, "GPU": 2.0}).actors == 2
+
+
+def test_queue_workers_step_the_native_engine_in_a_child_process_and_the_parquet_job_in_a_thread(tiny_model_dir):
+    """The placements measured faster for each caller (workers/queue/backends.py): a queue worker's event loop works
+    per request beside the engine, the Parquet actor hands it whole batches. An explicit `process` always wins."""
+    from workers.backend import BackendConfig, create_backend
+    from workers.queue.backends import make_backend, queue_placement
+    assert make_backend(BackendConfig(model=tiny_model_dir)).process is True
+    assert make_backend(BackendConfig(model=tiny_model_dir, options={"process": False})).process is False
+    assert create_backend(BackendConfig(model=tiny_model_dir)).process is False
+    assert queue_placement(BackendConfig(name="vllm", model=tiny_model_dir)).options == {}  # its own process already

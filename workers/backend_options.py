@@ -25,7 +25,8 @@ class NativeOptions(EngineConfig):
     threads: int | None = Field(None, ge=1, description="torch CPU threads of the engine (default: the CPUs its "
                                 "process may use, capped by OMP_NUM_THREADS)")
     process: bool = Field(False, description="true: the engine steps in a child process (EngineProcess; IPC per "
-                          "step); false: in a thread of the caller (the faster, measured in bench.queue)")
+                          "step; queue workers' default, workers/queue/backends.py); false: in a thread of the "
+                          "caller (the Parquet job's default)")
     cpus: list[int] | None = Field(None, description="the CPU ids the engine runs on (its thread, or its process "
                                    "with process=true), e.g. [3]")
 

@@ -35,6 +35,11 @@ class Transport(Protocol):
     def deliver(self, outcomes: list[Outcome], steps: int, longest_step_s: float) -> None:
         """Called after every step (progress, even with nothing finished) and for requests refused on arrival."""
 
+    def woken(self) -> None:
+        """Called when requests arrived at an idle engine, before the step that runs them (which may be long: a
+        large prefill): a transport whose caller reads the engine's figures from a copy refreshes it. Not progress
+        (the stall watchdog counts steps only)."""
+
 
 def run_loop(engine: Engine, transport: Transport) -> None:
     groups: dict[int, object] = {}  # rid -> the request in the engine (engine.sequence.Group)
@@ -61,6 +66,8 @@ def run_loop(engine: Engine, transport: Transport) -> None:
             elif (group := groups.pop(rid, None)) is not None:  # abort
                 del rids[id(group)]
                 engine.abort(group)
+        if block and engine.has_work():
+            transport.woken()
         if engine.has_work():
             seam.before_step(transport.has_message, engine.num_steps)
             t = time.perf_counter()
