@@ -40,8 +40,8 @@ def _options():
         dtype=b("dtype", "--dtype"),
         device=b("device", "--device"),
         option=typer.Option([], "--option", help="backend option KEY=VALUE, repeatable (value parsed as JSON when "
-                            "it is); e.g. process=false steps the native engine in a thread of the worker instead of a child "
-                            "process (default: none)"),
+                            "it is); e.g. process=false steps the native engine in a thread of the worker instead of "
+                            "a child process (default: none)"),
         name=w("name", "--name", default=None, help="consumer name, stable per worker (default: $PHI3_WORKER_NAME "
                "or the host name)"),
         read_count=w("read_count", "--read-count"),
