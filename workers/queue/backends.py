@@ -5,8 +5,8 @@ Placement: a queue worker steps the native engine in a child process unless its 
 worker's event loop does Python work for every request as it finishes (result records, Redis writes and reads);
 beside an engine stepping in a thread of the same process it shares the engine's GIL, and the engine waits for it:
 on two CPUs the engine thread waited 0.5-0.9 s per 9 s run for the GIL (its steps' wall time minus their CPU time;
-0.1 s with only futures to settle), and in bench.queue the child-process worker was faster in 7 of 9 runs (medians
-of three, default arguments). The same reason makes vLLM v1 run its engine core in a process apart from its
+0.1 s with only futures to settle), and in bench.queue the child-process worker was faster in 7 of 10 runs (medians
+of three, default arguments; the README's benchmark section). The same reason makes vLLM v1 run its engine core in a process apart from its
 server's event loop. The Parquet actor keeps the thread (workers.backend): it hands its engine whole batches and
 settles one future per batch.
 """
