@@ -6,9 +6,9 @@ worker's event loop does Python work for every request as it finishes (result re
 beside an engine stepping in a thread of the same process it shares the engine's GIL, and the engine waits for it:
 on two CPUs the engine thread waited 0.5-0.9 s per 9 s run for the GIL (its steps' wall time minus their CPU time;
 0.1 s with only futures to settle), and in bench.queue the child-process worker was faster in 7 of 10 runs (medians
-of three, default arguments; the README's benchmark section). The same reason makes vLLM v1 run its engine core in a process apart from its
-server's event loop. The Parquet actor keeps the thread (workers.backend): it hands its engine whole batches and
-settles one future per batch.
+of three, default arguments; the README's benchmark section). The same reason makes vLLM v1 run its engine core in
+a process apart from its server's event loop. The Parquet actor keeps the thread (workers.backend): it hands its
+engine whole batches and settles one future per batch.
 """
 from __future__ import annotations
 

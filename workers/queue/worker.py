@@ -97,7 +97,7 @@ class QueueWorker:
         except RedisUnreachable:
             if not self.stopping:
                 raise
-            held = len(self.active) + len(self.solo)
+            held = len(self.held())
             if held:
                 raise RedisUnreachable(
                     f"stopped while Redis at {redact(self.cfg.url)} was unreachable: {held} held entries stay "
@@ -145,6 +145,10 @@ class QueueWorker:
         refilling a quarter of the window at a time cut the engine's step time by a fifth (bench.queue)."""
         return max(1, min(self.cfg.read_count, self.cfg.max_in_flight // 4))
 
+    def held(self) -> list[bytes]:
+        """The entry ids this worker holds: running, finished and awaiting the acker, or waiting to run alone."""
+        return [*self.active, *(j.entry_id for j in self.solo)]
+
     @property
     def room(self) -> int:
         return self.cfg.max_in_flight - len(self.active) - len(self.solo)
@@ -158,9 +162,8 @@ class QueueWorker:
             if own:
                 call = partial(self.ops.claim_own, start, self.room, self.cfg.max_deliveries, last_chance)
             else:
-                held = [*self.active, *(j.entry_id for j in self.solo)]
                 call = partial(self.ops.reclaim, int(self.cfg.claim_idle_s * 1000), start, self.room,
-                               self.cfg.max_deliveries, last_chance, held)
+                               self.cfg.max_deliveries, last_chance, self.held())
             start, entries, counts, lost = await self._redis(call)
             for entry_id in lost:
                 self.active.add(entry_id)
@@ -305,7 +308,7 @@ class QueueWorker:
         """Keeps the entries this worker holds from being reclaimed (XCLAIM JUSTID of its own ids)."""
         while True:
             await asyncio.sleep(self.cfg.heartbeat)
-            held = list(self.active) + [j.entry_id for j in self.solo]
+            held = self.held()
             if not held:
                 continue
             gone = await self._redis(lambda: self.ops.heartbeat(held))
@@ -320,7 +323,7 @@ class QueueWorker:
             if (failure := self.backend.failure()) is not None:
                 self._die(failure)
             try:
-                await self.health.publish(self.state, len(self.active) + len(self.solo), self.reason)
+                await self.health.publish(self.state, len(self.held()), self.reason)
                 if self.metrics is not None:
                     self.backlog = await backlog(self.r, self.names)
             except TRANSIENT + (ResponseError,):
