@@ -30,14 +30,16 @@ class ParamsCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: tuple, build) -> SamplingParams:
+    def get(self, key) -> SamplingParams | None:
         params = self._items.get(key)
-        if params is None:
-            params = self._items[key] = build()
-            if len(self._items) > self.size:
-                self._items.popitem(last=False)
-        else:
+        if params is not None:
             self._items.move_to_end(key)
+        return params
+
+    def put(self, key, params: SamplingParams) -> SamplingParams:
+        self._items[key] = params
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
         return params
 
 
@@ -98,7 +100,8 @@ class Admission:
                 raise ValueError(f"stream entry has fields {sorted(k.decode() for k in fields)}; expected 'r' "
                                  "holding the request JSON")
             req = QueueRequest.model_validate_json(raw, context=FIELDS_CHECKED_LATER)
-            params = self.params.get(req.sampling_key(), lambda: self._params(req))
+            key = req.sampling_key()
+            params = self.params.get(key) or self.params.put(key, self._params(req))
             ids = request_prompt_ids(req, self.tokenizer, self.spec)
         except Exception as e:  # noqa: BLE001 - whatever is wrong with it, a malformed request is never retried
             return ("dead", entry_id, dead_letter(entry_id, raw, f"malformed request: {explain(e)}", n, self.worker,

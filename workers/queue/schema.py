@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, ValidationEr
 from phi3_model.engine.sampling_params import Completion, SamplingParams
 from workers import rows
 
-REQUEST_FIELDS = set(rows.OVERRIDES)
+REQUEST_FIELDS = frozenset(rows.OVERRIDES)
 
 
 class Message(BaseModel):
@@ -39,17 +39,14 @@ class _Request(BaseModel):
     metadata: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _one_input(self):
-        if (self.prompt is None) + (self.messages is None) + (self.prompt_token_ids is None) == 2:
-            return self
-        given = [k for k in ("prompt", "messages", "prompt_token_ids") if getattr(self, k) is not None]
-        raise ValueError(f"request {self.id!r}: give exactly one of prompt, messages, prompt_token_ids "
-                         f"(got {', '.join(given) or 'none'})")
-
-    @model_validator(mode="after")
-    def _request_fields(self, info: ValidationInfo):
-        """Each field as SamplingParams takes it; checks across fields wait for the worker's defaults. A worker
-        validates with FIELDS_CHECKED_LATER and checks once per distinct set of request fields instead."""
+    def _check(self, info: ValidationInfo):
+        """Exactly one input; each request field as SamplingParams takes it (checks across fields wait for the
+        worker's defaults). A worker validates with FIELDS_CHECKED_LATER and checks the request fields once per
+        distinct set instead. One validator: each is a Python call on every request's path."""
+        if (self.prompt is None) + (self.messages is None) + (self.prompt_token_ids is None) != 2:
+            given = [k for k in ("prompt", "messages", "prompt_token_ids") if getattr(self, k) is not None]
+            raise ValueError(f"request {self.id!r}: give exactly one of prompt, messages, prompt_token_ids "
+                             f"(got {', '.join(given) or 'none'})")
         if not (info.context and info.context.get(_LATER)):
             self.check_request_fields()
         return self
@@ -64,17 +61,19 @@ class _Request(BaseModel):
 
     def request_values(self) -> dict[str, Any]:
         """The request fields this request sets (the others take the worker's defaults)."""
-        return {k: v for k in self.model_fields_set if k in REQUEST_FIELDS and (v := getattr(self, k)) is not None}
+        values = self.__dict__
+        return {k: v for k in self.__pydantic_fields_set__ & REQUEST_FIELDS if (v := values[k]) is not None}
 
     def sampling_key(self) -> frozenset | str:
         """The request fields as a canonical key (requests with equal keys share one SamplingParams): the set of
-        (name, type, value) when every value is hashable (plain scalars: the common case, cheap), else canonical
-        JSON text."""
-        values = self.request_values()
+        (name, type, value) when every value is hashable (plain scalars: the common case), else canonical JSON
+        text. Read straight from the instance: this runs for every request a worker admits."""
+        values = self.__dict__
         try:
-            return frozenset(zip(values.keys(), map(type, values.values()), values.values()))
+            return frozenset([(k, type(v), v) for k in self.__pydantic_fields_set__ & REQUEST_FIELDS
+                              if (v := values[k]) is not None])
         except TypeError:  # a list or an object among the values
-            return self.model_dump_json(include=set(values))
+            return self.model_dump_json(include=set(self.request_values()))
 
 
 _LATER = "request_fields_checked_later"
@@ -116,11 +115,10 @@ def result_record(request_id: str, status: Literal["ok", "error", "dead"], compl
     are the one sample, and storing it twice made every result half again as large and the worker's ceiling 11-27%
     lower (three alternated pairs); QueueResult puts it back on read."""
     if completion is not None and completion.finish_reason != "error" and not completion.error:
-        samples = [_sample_record(s) for s in completion.samples] if completion.samples else [
-            _sample_record(completion)]  # n = 1: the completion's own fields are its one sample's
-        body = {"id": request_id, "status": "ok", **samples[0], "prompt_tokens": completion.prompt_tokens or
-                prompt_tokens, "error": None, "prompt_logprobs": rows.logprob_records(completion.prompt_logprobs),
-                "samples": samples if len(samples) > 1 else None}
+        c = completion  # its own fields are sample 0's
+        body = {"id": request_id, "status": "ok", **_sample_record(c), "prompt_tokens": c.prompt_tokens or
+                prompt_tokens, "error": None, "prompt_logprobs": rows.logprob_records(c.prompt_logprobs),
+                "samples": [_sample_record(s) for s in c.samples] if len(c.samples) > 1 else None}
     else:
         if completion is not None:
             status, error = "error", completion.error or error or "engine error"
