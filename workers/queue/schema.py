@@ -67,13 +67,12 @@ class _Request(BaseModel):
     def sampling_key(self) -> frozenset | str:
         """The request fields as a canonical key (requests with equal keys share one SamplingParams): the set of
         (name, type, value) when every value is hashable (plain scalars: the common case), else canonical JSON
-        text. Read straight from the instance: this runs for every request a worker admits."""
-        values = self.__dict__
+        text."""
+        values = self.request_values()
         try:
-            return frozenset([(k, type(v), v) for k in self.__pydantic_fields_set__ & REQUEST_FIELDS
-                              if (v := values[k]) is not None])
+            return frozenset((k, type(v), v) for k, v in values.items())
         except TypeError:  # a list or an object among the values
-            return self.model_dump_json(include=set(self.request_values()))
+            return self.model_dump_json(include=set(values))
 
 
 _LATER = "request_fields_checked_later"

@@ -97,7 +97,7 @@ class QueueWorker:
         except RedisUnreachable:
             if not self.stopping:
                 raise
-            held = len(self.held())
+            held = self.held_count
             if held:
                 raise RedisUnreachable(
                     f"stopped while Redis at {redact(self.cfg.url)} was unreachable: {held} held entries stay "
@@ -150,8 +150,12 @@ class QueueWorker:
         return [*self.active, *(j.entry_id for j in self.solo)]
 
     @property
+    def held_count(self) -> int:
+        return len(self.active) + len(self.solo)
+
+    @property
     def room(self) -> int:
-        return self.cfg.max_in_flight - len(self.active) - len(self.solo)
+        return self.cfg.max_in_flight - self.held_count
 
     async def _claim(self, own: bool) -> None:
         """Take over pending entries: this consumer's own from before a restart (own, any idle time), or other
@@ -323,7 +327,7 @@ class QueueWorker:
             if (failure := self.backend.failure()) is not None:
                 self._die(failure)
             try:
-                await self.health.publish(self.state, len(self.held()), self.reason)
+                await self.health.publish(self.state, self.held_count, self.reason)
                 if self.metrics is not None:
                     self.backlog = await backlog(self.r, self.names)
             except TRANSIENT + (ResponseError,):
