@@ -234,6 +234,34 @@ def test_invalid_row_values_name_the_field_and_the_value():
             sampling(row, RowSpec())
 
 
+def test_rows_with_equal_cells_share_one_request_built_as_if_each_row_were_alone():
+    """A spec builds each distinct set of override cells once: the reference is SamplingParams built from the job's
+    defaults and the row's cells directly, row by row (values equal under == but of different types, lists and
+    objects included); a bad row still fails alone, and the cache stays bounded."""
+    from phi3_model.engine import SamplingParams
+    from workers.rows import RowError, RowSpec, sampling
+    defaults = dict(temperature=0.5, max_new_tokens=20)
+    spec = RowSpec(defaults=SamplingParams(**defaults))
+    rows = [{"max_new_tokens": 8}, {"max_new_tokens": 8.0}, {"max_new_tokens": 8}, {"ignore_eos": True},
+            {"ignore_eos": 1}, {"stop_token_ids": 1}, {"stop_token_ids": [1, 2]}, {"stop_token_ids": [1, 2.0]},
+            {"stop": ["##"]}, {"stop": ["#"]}, {"stop": "##"}, {"logit_bias": {"5": 2.5}}, {"logit_bias": {"5": 3}},
+            {"seed": 7, "temperature": 0.9}, {"seed": 7}, {"top_p": 0.0}, {"max_new_tokens": 8}]
+    for row in rows:
+        try:
+            want = SamplingParams(**{**defaults, **row})
+        except ValueError as e:
+            with pytest.raises(RowError, match=re.escape(next(iter(row)))):  # names the field, as uncached
+                sampling(row, spec)
+            continue
+        assert sampling(row, spec) == want, row
+    assert sampling({"max_new_tokens": 8}, spec) is sampling({"max_new_tokens": 8}, spec)  # built once
+    assert len(spec.params) == len(rows) - 4   # two repeats and two refused rows (top_p 0, a float token id)
+    small = RowSpec(params=type(spec.params)(size=4))
+    for seed in range(10):
+        assert sampling({"seed": seed}, small).seed == seed
+    assert len(small.params) == 4
+
+
 # ---- actors -----------------------------------------------------------------------------------------------------
 
 def test_actor_count_and_size_follow_the_cluster():

@@ -9,6 +9,8 @@ Results have fixed columns (RESULT_SCHEMA): the top-level ones are sample 0's, `
 from __future__ import annotations
 
 import asyncio
+import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +54,45 @@ class RowError(ValueError):
     pass
 
 
+class ParamsCache:
+    """Request values -> SamplingParams, the `size` most recently used kept: rows and queue requests share a few
+    sets of values (validating one costs about as much as the rest of a row's preparation), but a stream of
+    distinct seeds would otherwise grow the cache for the process's whole life."""
+
+    def __init__(self, size: int = 1024):
+        self.size = size
+        self._items: OrderedDict[frozenset | str, SamplingParams] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key) -> SamplingParams | None:
+        params = self._items.get(key) if key is not None else None
+        if params is not None:
+            self._items.move_to_end(key)
+        return params
+
+    def put(self, key, params: SamplingParams) -> SamplingParams:
+        if key is not None:
+            self._items[key] = params
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return params
+
+
+def values_key(values: dict[str, Any]) -> frozenset | str | None:
+    """Request values as a cache key (equal keys build equal SamplingParams): the set of (name, type, value) when
+    every value is hashable (plain scalars: the common case), else canonical JSON text; None (not cached) when a
+    value is neither."""
+    try:
+        return frozenset((k, type(v), v) for k, v in values.items())
+    except TypeError:  # a list or an object among the values
+        try:
+            return json.dumps(values, sort_keys=True)
+        except (TypeError, ValueError):
+            return None
+
+
 @dataclass(frozen=True)
 class RowSpec:
     """How rows become requests: where the prompt is, the text rule, and the job's request defaults (a column
@@ -62,6 +103,7 @@ class RowSpec:
     strip_prompt: bool = True
     defaults: SamplingParams = field(default_factory=SamplingParams)
     either: bool = False    # a row holds messages or, where they are null, a prompt (OpenAI batch lines)
+    params: ParamsCache = field(default_factory=ParamsCache, compare=False, repr=False)  # sampling()'s, per spec
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -92,10 +134,17 @@ def prompt_ids(row: dict, spec: RowSpec, tokenizer) -> list[int]:
 
 
 def sampling(row: dict, spec: RowSpec) -> SamplingParams:
-    """The row's request: the job's defaults with the row's non-null vocabulary cells on top."""
+    """The row's request: the job's defaults with the row's non-null vocabulary cells on top, built once per
+    distinct set of cells (spec.params)."""
     given = {k: row[k] for k in OVERRIDES if row.get(k) is not None}
     if not given:
         return spec.defaults
+    key = values_key(given)
+    return spec.params.get(key) or spec.params.put(key, with_defaults(given, spec))
+
+
+def with_defaults(given: dict[str, Any], spec: RowSpec) -> SamplingParams:
+    """SamplingParams of the job's defaults with `given` on top (uncached). Raises RowError naming a bad value."""
     return request_params({**spec.defaults.model_dump(exclude_defaults=True), **given})
 
 
@@ -182,6 +231,14 @@ def prepare(row: dict, spec: RowSpec, tokenizer, max_model_len: int) -> tuple[li
         return ids, sampling(row, spec)
     except RowError as e:
         return ids, str(e)
+
+
+def warm_arrow() -> None:
+    """pyarrow imports pandas the first time it converts Python values (0.7 s of CPU on a 2-core AMD EPYC), and
+    count_rows imports pyarrow.compute: an engine's host does both while its engine loads, not on its first shard,
+    where the engine would wait for them (issue 15)."""
+    import pyarrow.compute  # noqa: F401
+    pa.array([0])
 
 
 GROUP_ROWS = 64  # rows handed to the engine together: the actor's loop wakes once per group, not once per row

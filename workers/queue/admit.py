@@ -5,42 +5,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
 from phi3_model.engine.sampling_params import SamplingParams
 
-from workers.rows import RowSpec
+from workers.rows import RowSpec, with_defaults
 
-from .schema import FIELDS_CHECKED_LATER, QueueRequest, request_prompt_ids, sampling_params
+from .schema import FIELDS_CHECKED_LATER, QueueRequest, request_prompt_ids
 
 RAW_LIMIT = 65536  # bytes of a request kept in its dead letter
-
-
-class ParamsCache:
-    """Sampling fields -> SamplingParams, the `size` most recently used kept: requests share a few sets of
-    fields, but a stream of distinct seeds would otherwise grow the cache for the worker's whole life."""
-
-    def __init__(self, size: int = 1024):
-        self.size = size
-        self._items: OrderedDict[tuple, SamplingParams] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key) -> SamplingParams | None:
-        params = self._items.get(key)
-        if params is not None:
-            self._items.move_to_end(key)
-        return params
-
-    def put(self, key, params: SamplingParams) -> SamplingParams:
-        self._items[key] = params
-        if len(self._items) > self.size:
-            self._items.popitem(last=False)
-        return params
 
 
 @dataclass(slots=True)
@@ -85,12 +60,12 @@ def _guess_id(raw: bytes | None) -> str | None:
 
 
 class Admission:
-    def __init__(self, tokenizer, spec: RowSpec, ops, call, counters, worker: str, max_deliveries: int,
-                 cache: ParamsCache | None = None):
-        """ops: the worker's Redis operations; call(fn): awaits fn() through Redis outages (the worker's retry)."""
+    def __init__(self, tokenizer, spec: RowSpec, ops, call, counters, worker: str, max_deliveries: int):
+        """ops: the worker's Redis operations; call(fn): awaits fn() through Redis outages (the worker's retry).
+        Requests' SamplingParams are cached in spec.params, as the Parquet job's rows are."""
         self.tokenizer, self.spec, self.ops, self.call, self.counters = tokenizer, spec, ops, call, counters
         self.worker, self.max_deliveries = worker, max_deliveries
-        self.params = cache or ParamsCache()
+        self.params = spec.params
 
     def parse(self, entry_id: bytes, fields: dict, n: int) -> Admitted | tuple:
         """The entry as a request to run, or its dead letter outcome (malformed: never retried)."""
@@ -111,7 +86,7 @@ class Admission:
     def _params(self, req: QueueRequest) -> SamplingParams:
         """Checked and built once per distinct set of request fields (a refused set is never cached)."""
         req.check_request_fields()
-        return sampling_params(req, self.spec)
+        return with_defaults(req.request_values(), self.spec)
 
     async def admit(self, entries, counts: dict[bytes, int]) -> tuple[list[Admitted], list[tuple]]:
         """-> (requests to run, finished outcomes for the acker). counts: delivery counts (absent: the first)."""

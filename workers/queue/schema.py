@@ -64,15 +64,9 @@ class _Request(BaseModel):
         values = self.__dict__
         return {k: v for k in self.__pydantic_fields_set__ & REQUEST_FIELDS if (v := values[k]) is not None}
 
-    def sampling_key(self) -> frozenset | str:
-        """The request fields as a canonical key (requests with equal keys share one SamplingParams): the set of
-        (name, type, value) when every value is hashable (plain scalars: the common case), else canonical JSON
-        text."""
-        values = self.request_values()
-        try:
-            return frozenset((k, type(v), v) for k, v in values.items())
-        except TypeError:  # a list or an object among the values
-            return self.model_dump_json(include=set(values))
+    def sampling_key(self) -> frozenset | str | None:
+        """The request fields as a cache key (rows.values_key: requests with equal keys share one SamplingParams)."""
+        return rows.values_key(self.request_values())
 
 
 _LATER = "request_fields_checked_later"

@@ -24,7 +24,7 @@ from phi3_model.engine.stats import Histogram
 from workers.metrics import WRITE_S
 from workers.rows import RowError, check_room
 
-from .admit import Admission, Admitted, ParamsCache, dead_letter, lost_letter
+from .admit import Admission, Admitted, dead_letter, lost_letter
 from .config import WorkerConfig
 from .connection import Names, connect, redact
 from .errors import TRANSIENT, RedisUnreachable, RedisUnusable
@@ -60,9 +60,9 @@ class QueueWorker:
         self._stop = asyncio.Event()  # set once with `stopping`: ends backoff pauses early
         self.state = "starting"
         self._changed = asyncio.Event()
-        self.params = ParamsCache()  # request fields -> SamplingParams (built once per distinct set, bounded)
         self.admission = Admission(getattr(backend, "tokenizer", None), row_spec(config.defaults), self.ops,
-                                   self._redis, self.counters, config.name, config.max_deliveries, self.params)
+                                   self._redis, self.counters, config.name, config.max_deliveries)
+        self.params = self.admission.params  # request fields -> SamplingParams (built once per distinct set, bounded)
         self.settlement = Settlement(self.ops, self._redis, self.counters, config.result_ttl_s,
                                      config.results_maxlen)
         self._tasks: set[asyncio.Task] = set()
