@@ -14,7 +14,7 @@ from phi3_model.engine.sampling_params import EngineDied
 
 from .backend import BackendConfig, create_backend, exit_for_restart
 from .job_metrics import RayMetrics, count_rows
-from .rows import InFlight, RowSpec, run_table
+from .rows import InFlight, RowSpec, run_table, warm_arrow
 
 
 class EngineActor:
@@ -37,6 +37,7 @@ class EngineActor:
     async def _start(self):
         backend = create_backend(self.config)
         await backend.start()
+        warm_arrow()
         self.limit = InFlight(self.batch_size)
         self.backend = backend
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 from phi3_model.engine.sampling_params import EngineDied
 
 from .backend import BackendConfig, create_backend, exit_for_restart
-from .rows import RESULT_SCHEMA, InFlight, RowSpec, request_params, run_table
+from .rows import RESULT_SCHEMA, InFlight, RowSpec, request_params, run_table, warm_arrow
 
 
 class Generate:
@@ -34,6 +34,7 @@ class Generate:
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="phi3-ray-data", daemon=True).start()
         self._call(self.backend.start())
+        warm_arrow()
         self.limit = self._call(self._limit(in_flight))
 
     @staticmethod
