@@ -109,6 +109,8 @@ class QueueWorker:
             log.warning("stopped while Redis at %s was unreachable; this worker held no entries",
                         redact(self.cfg.url))
         finally:  # no engine call outlives the worker (its loop may close next)
+            if self._linger is not None:
+                self._linger.cancel()
             tasks = background + list(self._tasks)
             for t in tasks:
                 t.cancel()
