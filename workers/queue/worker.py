@@ -300,7 +300,7 @@ class QueueWorker:
         if self._done_added.is_set():
             return
         done, refill = len(self.done), self.refill
-        running = len(self.active) + len(self.solo) - done
+        running = self.held_count - done
         if (item[0] != "result" or self.stopping or running == 0 or done >= refill
                 or (not self._drained and running <= self.cfg.max_in_flight - refill)):
             self._done_added.set()
