@@ -78,10 +78,13 @@ def test_requests_asking_for_structured_output_logprobs_and_samples(redis_server
     assert_logprobs(hf, ids, entries, 2)
     assert abs(scored.cumulative_logprob - sum(e["logprob"] for e in entries)) < 1e-6
     assert scored.prompt_logprobs[0] is None and [e.token_id for e in scored.prompt_logprobs[1:]] == ids[1:]
-    # stored once: an n = 1 result's JSON has no samples (its top-level fields are the sample); n > 1 stores all
+    # stored once: an n = 1 result's JSON has no samples (its top-level fields are the sample); n > 1 stores all;
+    # log-probability fields are stored only when asked (the reader gives them back as null)
     stored = {rid: json.loads(redis_server.client().get(f"{queue_prefix}:result:{rid}"))
               for rid in ("scored", "s0", "sampled", "labels")}
-    assert stored["scored"]["samples"] is stored["s0"]["samples"] is None
+    assert "samples" not in stored["scored"] and "samples" not in stored["s0"]
+    lp = {"logprobs", "cumulative_logprob", "prompt_logprobs"}
+    assert lp <= stored["scored"].keys() and not lp & stored["s0"].keys()
     assert [len(stored[rid]["samples"]) for rid in ("sampled", "labels")] == [3, 2]
     assert [e.model_dump() for e in scored.samples[0].logprobs] == entries  # rebuilt on read, logprobs included
     assert scored.samples[0].cumulative_logprob == scored.cumulative_logprob

@@ -65,8 +65,14 @@ class _Request(BaseModel):
         return {k: v for k in self.__pydantic_fields_set__ & REQUEST_FIELDS if (v := values[k]) is not None}
 
     def sampling_key(self) -> frozenset | str | None:
-        """The request fields as a cache key (rows.values_key: requests with equal keys share one SamplingParams)."""
-        return rows.values_key(self.request_values())
+        """The request fields as a cache key (rows.values_key: requests with equal keys share one SamplingParams),
+        built in one pass for the common case of plain scalar values (it runs for every request)."""
+        values = self.__dict__
+        try:
+            return frozenset([(k, type(v), v) for k in self.__pydantic_fields_set__ & REQUEST_FIELDS
+                              if (v := values[k]) is not None])
+        except TypeError:  # a list or an object among the values
+            return rows.values_key(self.request_values())
 
 
 _LATER = "request_fields_checked_later"
@@ -104,31 +110,40 @@ def result_record(request_id: str, status: Literal["ok", "error", "dead"], compl
                   prompt_tokens: int = 0, error: str | None = None, **meta) -> dict:
     """The result JSON of one request (QueueResult's fields), built here only: a completion that ran (status ok, or
     error when the engine refused it), a request refused before the engine (error), a dead letter (dead). `meta`:
-    worker, deliveries, timestamps, metadata. `samples` is stored for n > 1 only: with n = 1 the top-level fields
-    are the one sample, and storing it twice made every result half again as large and the worker's ceiling 11-27%
-    lower (three alternated pairs); QueueResult puts it back on read."""
+    worker, deliveries, timestamps, metadata.
+
+    Stored only when they hold something (QueueResult gives them back as null, `samples` as the one sample):
+    `samples` for n > 1, with n = 1 the top-level fields being the one sample, and `logprobs`, `cumulative_logprob`,
+    `prompt_logprobs` when the request asked for them. A worker's ceiling is bound by the bytes it writes: `samples`
+    stored twice made every result half again as large and the ceiling 11-27% lower (three alternated pairs)."""
     if completion is not None and completion.finish_reason != "error" and not completion.error:
         c = completion  # its own fields are sample 0's
         body = {"id": request_id, "status": "ok", **_sample_record(c), "prompt_tokens": c.prompt_tokens or
-                prompt_tokens, "error": None, "prompt_logprobs": rows.logprob_records(c.prompt_logprobs),
-                "samples": [_sample_record(s) for s in c.samples] if len(c.samples) > 1 else None}
+                prompt_tokens, "error": None}
+        if c.prompt_logprobs is not None:
+            body["prompt_logprobs"] = rows.logprob_records(c.prompt_logprobs)
+        if len(c.samples) > 1:
+            body["samples"] = [_sample_record(s) for s in c.samples]
     else:
         if completion is not None:
             status, error = "error", completion.error or error or "engine error"
         body = {"id": request_id, "status": status, "completion": None, "token_ids": [],
                 "finish_reason": "error" if status == "error" else None, "stop_reason": None,
-                "prompt_tokens": prompt_tokens, "completion_tokens": 0, "error": error, "cumulative_logprob": None,
-                "logprobs": None, "prompt_logprobs": None, "samples": None}
+                "prompt_tokens": prompt_tokens, "completion_tokens": 0, "error": error}
     body.update(meta)
     return body
 
 
 def _sample_record(s) -> dict:
-    """A Sample's fields (or a Completion's, which are its first sample's) as a result record's sample."""
-    return {"completion": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason,
-            "stop_reason": s.stop_reason, "completion_tokens": len(s.token_ids),
-            "cumulative_logprob": s.cumulative_logprob,
-            "logprobs": None if s.logprobs is None else rows.logprob_records(s.logprobs)}
+    """A Sample's fields (or a Completion's, which are its first sample's) as a result record's sample; the
+    log-probability fields only when they were asked for."""
+    record = {"completion": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason,
+              "stop_reason": s.stop_reason, "completion_tokens": len(s.token_ids)}
+    if s.cumulative_logprob is not None:
+        record["cumulative_logprob"] = s.cumulative_logprob
+    if s.logprobs is not None:
+        record["logprobs"] = rows.logprob_records(s.logprobs)
+    return record
 
 
 class TopLogprob(BaseModel):
