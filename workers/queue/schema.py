@@ -116,29 +116,34 @@ def result_record(request_id: str, status: Literal["ok", "error", "dead"], compl
     `samples` for n > 1, with n = 1 the top-level fields being the one sample, and `logprobs`, `cumulative_logprob`,
     `prompt_logprobs` when the request asked for them. A worker's ceiling is bound by the bytes it writes: `samples`
     stored twice made every result half again as large and the ceiling 11-27% lower (three alternated pairs)."""
-    if completion is not None and completion.finish_reason != "error" and not completion.error:
-        c = completion  # its own fields are sample 0's
-        body = {"id": request_id, "status": "ok", **_sample_record(c), "prompt_tokens": c.prompt_tokens or
-                prompt_tokens, "error": None}
-        if c.prompt_logprobs is not None:
-            body["prompt_logprobs"] = rows.logprob_records(c.prompt_logprobs)
+    c = completion
+    if c is not None and c.finish_reason != "error" and not c.error:  # its own fields are sample 0's
+        body = {"id": request_id, "status": "ok", "completion": c.text, "token_ids": list(c.token_ids),
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "completion_tokens": len(c.token_ids),
+                "prompt_tokens": c.prompt_tokens or prompt_tokens, "error": None, **meta}
+        if c.cumulative_logprob is not None or c.logprobs is not None or c.prompt_logprobs is not None:
+            body.update(_logprob_fields(c))
+            if c.prompt_logprobs is not None:
+                body["prompt_logprobs"] = rows.logprob_records(c.prompt_logprobs)
         if len(c.samples) > 1:
             body["samples"] = [_sample_record(s) for s in c.samples]
-    else:
-        if completion is not None:
-            status, error = "error", completion.error or error or "engine error"
-        body = {"id": request_id, "status": status, "completion": None, "token_ids": [],
-                "finish_reason": "error" if status == "error" else None, "stop_reason": None,
-                "prompt_tokens": prompt_tokens, "completion_tokens": 0, "error": error}
-    body.update(meta)
-    return body
+        return body
+    if c is not None:
+        status, error = "error", c.error or error or "engine error"
+    return {"id": request_id, "status": status, "completion": None, "token_ids": [],
+            "finish_reason": "error" if status == "error" else None, "stop_reason": None,
+            "prompt_tokens": prompt_tokens, "completion_tokens": 0, "error": error, **meta}
 
 
 def _sample_record(s) -> dict:
     """A Sample's fields (or a Completion's, which are its first sample's) as a result record's sample; the
     log-probability fields only when they were asked for."""
-    record = {"completion": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason,
-              "stop_reason": s.stop_reason, "completion_tokens": len(s.token_ids)}
+    return {"completion": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason,
+            "stop_reason": s.stop_reason, "completion_tokens": len(s.token_ids), **_logprob_fields(s)}
+
+
+def _logprob_fields(s) -> dict:
+    record = {}
     if s.cumulative_logprob is not None:
         record["cumulative_logprob"] = s.cumulative_logprob
     if s.logprobs is not None:

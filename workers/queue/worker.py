@@ -245,12 +245,13 @@ class QueueWorker:
                 if self._hooks:
                     await seam.before_request(req.id)
                 check_room(len(job.prompt_ids), self.backend.max_model_len)
-                c = await self.backend.generate(job.prompt_ids, job.params, request_id=req.id)
-                body = result_record(req.id, "ok", c, len(job.prompt_ids))
+                c, error = await self.backend.generate(job.prompt_ids, job.params, request_id=req.id), None
             except (RequestError, RowError) as e:
-                body = result_record(req.id, "error", None, len(job.prompt_ids), str(e))
-            body.update(worker=self.cfg.name, deliveries=job.deliveries, enqueued_at=entry_time(job.entry_id),
-                        started_at=started, finished_at=time.time(), metadata=req.metadata)
+                c, error = None, str(e)
+            body = result_record(req.id, "ok" if error is None else "error", c, len(job.prompt_ids), error,
+                                 worker=self.cfg.name, deliveries=job.deliveries,
+                                 enqueued_at=entry_time(job.entry_id), started_at=started, finished_at=time.time(),
+                                 metadata=req.metadata)
             self._finish(("result", job.entry_id, (req.id, dump(body), body["status"])))
         except EngineDied as e:  # not this request's fault: it stays pending, for another worker to reclaim
             self._die(e)
