@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 
 import pytest
@@ -15,20 +14,11 @@ import pytest
 import pipeline
 from tests.pipeline_helpers import (FILES, PROMPTS, job, lm, manifest_events, read_outputs,  # noqa: F401
                                     reference_generate, write_prompts)
+from tests.fixtures.redis_server import wait_for
 from tests.fixtures.seam import GUARD_S
 
 NEW = 24
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def wait_for(predicate, timeout: float = GUARD_S, every: float = 0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not reached")
 
 
 def events_or_empty(out: str) -> list[dict]:
@@ -49,7 +39,7 @@ def kill_once_shards_are_done(command: list[str], out: str, seam, steps: int, sh
     driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         seam.held()
-        wait_for(lambda: len(done_keys(events_or_empty(out))) >= shards)
+        wait_for(lambda: len(done_keys(events_or_empty(out))) >= shards, GUARD_S, f"{shards} shard(s) done")
         driver.send_signal(signal.SIGKILL)
     finally:
         driver.wait(timeout=60)
