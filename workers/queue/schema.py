@@ -118,13 +118,10 @@ def result_record(request_id: str, status: Literal["ok", "error", "dead"], compl
     stored twice made every result half again as large and the ceiling 11-27% lower (three alternated pairs)."""
     c = completion
     if c is not None and c.finish_reason != "error" and not c.error:  # its own fields are sample 0's
-        body = {"id": request_id, "status": "ok", "completion": c.text, "token_ids": list(c.token_ids),
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "completion_tokens": len(c.token_ids),
-                "prompt_tokens": c.prompt_tokens or prompt_tokens, "error": None, **meta}
-        if c.cumulative_logprob is not None or c.logprobs is not None or c.prompt_logprobs is not None:
-            body.update(_logprob_fields(c))
-            if c.prompt_logprobs is not None:
-                body["prompt_logprobs"] = rows.logprob_records(c.prompt_logprobs)
+        body = {"id": request_id, "status": "ok", **_sample_record(c), "prompt_tokens": c.prompt_tokens or
+                prompt_tokens, "error": None, **meta}
+        if c.prompt_logprobs is not None:
+            body["prompt_logprobs"] = rows.logprob_records(c.prompt_logprobs)
         if len(c.samples) > 1:
             body["samples"] = [_sample_record(s) for s in c.samples]
         return body
@@ -138,12 +135,8 @@ def result_record(request_id: str, status: Literal["ok", "error", "dead"], compl
 def _sample_record(s) -> dict:
     """A Sample's fields (or a Completion's, which are its first sample's) as a result record's sample; the
     log-probability fields only when they were asked for."""
-    return {"completion": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason,
-            "stop_reason": s.stop_reason, "completion_tokens": len(s.token_ids), **_logprob_fields(s)}
-
-
-def _logprob_fields(s) -> dict:
-    record = {}
+    record = {"completion": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason,
+              "stop_reason": s.stop_reason, "completion_tokens": len(s.token_ids)}
     if s.cumulative_logprob is not None:
         record["cumulative_logprob"] = s.cumulative_logprob
     if s.logprobs is not None:
