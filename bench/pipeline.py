@@ -228,7 +228,8 @@ def main(argv=None) -> None:
                     "actor (default: what the engine decides from the CPUs it may use)")
     ap.add_argument("--threads-per-actor", type=int, default=None, help="torch threads per actor in "
                     "pipeline_max_actors (default: the CPUs split evenly between the actors, as Ray assigns them)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each row (interleaved); the median is reported")
+    ap.add_argument("--repeat", type=int, default=5, help="runs of each row (interleaved); the median is reported "
+                    "(five: one row's runs differ by up to 30%% on a 2-core machine, the targets are 5%% apart)")
     ap.add_argument("--backends", default="native,vllm", help="native and/or vllm (vllm skipped when not "
                                                               "installed; empty: only the memory rows)")
     ap.add_argument("--memory-rows", type=int, default=0, help="add the driver memory rows (e.g. 1000000)")

@@ -23,7 +23,9 @@ each worker's engine (`--option cpus=[N]`), so that both engines get a core to t
 queue's cost, not where the OS happened to place the engine. One redis-server
 (append-only, fsync every second) serves all rows, emptied and its append-only file compacted before each row (a
 rewrite of what earlier rows left would otherwise compete for the cores); it is not counted in peak RSS. Rows run
---repeat times (default 3), interleaved; each reports its median run, with every run's rate in the JSON's `runs`.
+--repeat times (default 5), interleaved; each reports its median run, with every run's rate in the JSON's `runs`.
+Five, not three: on a 2-core machine one row's runs differ by up to 30%, and the placement targets are 5% apart (medians
+of three put queue_1_worker at 0.94x-1.06x engine_direct over one machine's runs; medians of seven, 0.99x).
 """
 from __future__ import annotations
 
@@ -274,7 +276,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the engine (two workers: half each); "
                     "default: what the engine decides from the CPUs it may use")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each row (interleaved); the median is reported")
+    ap.add_argument("--repeat", type=int, default=5, help="runs of each row (interleaved); the median is reported")
     ap.add_argument("--engine-cpu", type=cpu_id, default="auto", help="CPU id for a one-thread engine: the direct "
                     "row's engine thread and the workers' engine processes (worker i on the i-th CPU before it); "
                     "'auto' (default): the last CPU with --threads 1, else none; 'none': the OS places them")
