@@ -124,16 +124,27 @@ def test_ray_job_submit_to_a_head_started_with_ray_start(tiny_model_dir, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_vllm_backend_in_an_actor_equals_generate(ray_local, vllm_model_dir, tmp_path):
-    """The same job on the vLLM backend: completions equal Phi3CausalLM.generate (native engine, greedy) on the
-    same checkpoint, whose greedy tokens the vLLM tests check against HF transformers."""
+def test_a_vllm_job_equals_generate_and_leaves_its_temp_directory_as_it_was(vllm_model_dir, tmp_path):
+    """`phi3-batch run --backend vllm` (its own local Ray, the engine in an actor): completions equal
+    Phi3CausalLM.generate (native engine, greedy) on the same checkpoint, whose greedy tokens the vLLM tests check
+    against HF transformers, for plain rows, one row per structured-output kind (per-row request fields) and a row
+    asking for logprobs.
+
+    One job checks both (a vLLM job costs tens of seconds): vLLM's engines are closed before their actors end (its
+    file store rendezvous vllm_dist_*, its engine core), its sockets go to a directory of the engine's own, removed
+    with it, and the backend writes no generation config, so TMPDIR, set for the command and so for the local Ray it
+    starts and its actors, is as it was afterwards (Ray's own files go to RAY_TMPDIR). It starts with what any temp
+    directory holds once torch has run there: importing torch._dynamo (vLLM does) creates torch's per-user cache
+    directory torchinductor_<user>."""
     pytest.importorskip("vllm")
+    import getpass
+
     from phi3_model.causal_lm import Phi3CausalLM
+    from tests.pipeline_helpers import run_cli
     lm = Phi3CausalLM.from_preset(vllm_model_dir, dtype="float32", device="cpu")
     lm.compile(sampler="greedy")
     prompts = PROMPTS[:8]
     src = write_prompts(str(tmp_path / "in"), {"p.parquet": (prompts, 3)})
-    # a second file: one row per structured-output kind (per-row request fields), plus a row asking for logprobs
     kinds = constraints()
     structured = [dict(prompt=PROMPTS[i], max_new_tokens=NEW, **{k: json.dumps(v) if k == "json_schema" else
                                                                   list(v) if k == "choice" else v
@@ -142,13 +153,28 @@ def test_vllm_backend_in_an_actor_equals_generate(ray_local, vllm_model_dir, tmp
     names = list(dict.fromkeys(k for r in structured for k in r))
     pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in names} for r in structured]),
                    os.path.join(src, "s.parquet"))
-    summary = __import__("pipeline").run(job(
-        src, str(tmp_path / "out"), vllm_model_dir, backend="vllm", max_new_tokens=8, shard_rows=3,
-        engine_options=dict(max_model_len=512, max_num_seqs=16, kv_cache_space_gib=1)))
-    assert summary.ok and summary.actors[0]["backend"] == "vllm"
-    rows = pq.read_table(str(tmp_path / "out" / "p.parquet")).to_pylist()
+    tmp = tempfile.mkdtemp(prefix="tmp", dir="/tmp")
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    os.makedirs(os.path.join(tmp, f"torchinductor_{getpass.getuser()}"))
+    before = sorted(os.listdir(tmp))
+    out = tmp_path / "out"
+    try:
+        result = run_cli(["run", "-i", src, "-o", str(out), "--model", vllm_model_dir, "--backend", "vllm",
+                          "--dtype", "float32", "--device", "cpu", "--max-new-tokens", "8", "--shard-rows", "3",
+                          "--engine-option", "max_model_len=512", "--engine-option", "max_num_seqs=16",
+                          "--engine-option", "kv_cache_space_gib=1", "--progress", "off"],
+                         env={"TMPDIR": tmp, "RAY_TMPDIR": ray_tmp}, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert sorted(os.listdir(tmp)) == before
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    summary = json.load(open(out / "_summary.json"))
+    n = len(prompts) + len(structured)
+    assert summary["ok"] and summary["rows_ok"] == n and summary["actors"][0]["backend"] == "vllm", summary
+    rows = pq.read_table(str(out / "p.parquet")).to_pylist()
     assert [r["completion"] for r in rows] == reference_generate(lm, prompts, 8)
-    rows = pq.read_table(str(tmp_path / "out" / "s.parquet")).to_pylist()
+    rows = pq.read_table(str(out / "s.parquet")).to_pylist()
     for i, ((fields, check), row) in enumerate(zip(kinds, rows)):   # valid, and the native engine's greedy value
         check(row["completion"])
         ids = lm.tokenizer.encode(PROMPTS[i], add_bos=True)

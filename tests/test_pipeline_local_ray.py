@@ -154,35 +154,6 @@ def test_ctrl_c_while_queue_ray_starts_its_local_ray_leaves_no_process_of_it(tin
     assert_all_gone(watch)
 
 
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_a_vllm_job_leaves_its_temp_directory_as_it_was(vllm_model_dir, tmp_path, ray_tmp):
-    """vLLM's engines are closed before their actors end (its file store rendezvous vllm_dist_*, its engine core),
-    its sockets go to a directory of the engine's own, removed with it, and the backend writes no generation config:
-    TMPDIR, set for the command and so for the local Ray it starts and its actors, is as it was afterwards (Ray's
-    own files go to RAY_TMPDIR). It starts with what any temp directory holds once torch has run there: importing
-    torch._dynamo (vLLM does) creates torch's per-user cache directory torchinductor_<user>."""
-    pytest.importorskip("vllm")
-    import getpass
-
-    from tests.pipeline_helpers import run_cli
-    src = write_prompts(str(tmp_path / "in"))
-    tmp = tempfile.mkdtemp(prefix="tmp", dir="/tmp")
-    os.makedirs(os.path.join(tmp, f"torchinductor_{getpass.getuser()}"))
-    before = sorted(os.listdir(tmp))
-    try:
-        result = run_cli(["run", "-i", src, "-o", str(tmp_path / "out"), "--model", vllm_model_dir, "--backend",
-                          "vllm", "--dtype", "float32", "--device", "cpu", "--max-new-tokens", "4",
-                          "--engine-option", "kv_cache_space_gib=1", "--engine-option", "max_num_seqs=32",
-                          "--progress", "off"], env={"TMPDIR": tmp, "RAY_TMPDIR": ray_tmp}, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "rows     21 ok, 0 failed, of 21" in result.stdout
-        assert sorted(os.listdir(tmp)) == before
-    finally:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 NICENESS = r"""
 import os, ray
 from pipeline.ray_session import ray_session
