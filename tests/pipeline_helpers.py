@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections import defaultdict
 
 import json
@@ -106,6 +107,13 @@ def session_members(sid: int) -> list[int]:
                 and stat[0] != "Z":
             out.append(int(name))
     return out
+
+
+def default_sigint() -> None:
+    """preexec_fn for a process the test stops with SIGINT: Ctrl-C reaches a command in a terminal's foreground with
+    SIGINT's default action, but a test run started in the background of a non-interactive shell (`make test &`,
+    nohup) inherits SIGINT ignored, Python then leaves it ignored, and the SIGINT would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(args: list[str], env: dict | None = None, timeout: float = 300, cwd: str = ROOT):

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests.fixtures.seam import GUARD_S
-from tests.pipeline_helpers import ROOT, proc_stat, write_prompts
+from tests.pipeline_helpers import ROOT, default_sigint, proc_stat, write_prompts
 
 EXIT_S = 120.0   # guard only: the command ends this long after the signal at most
 
@@ -89,7 +89,7 @@ def interrupt_when(argv: list[str], marker: str, env: dict) -> tuple[subprocess.
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=_default_sigint)
+                            preexec_fn=default_sigint)
     watch = Watch(proc.pid)
     err: list[str] = []   # drained as it comes: a full stderr pipe would block the command, and it would not exit
     reader = threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True)
@@ -113,12 +113,6 @@ def interrupt_when(argv: list[str], marker: str, env: dict) -> tuple[subprocess.
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-def _default_sigint() -> None:
-    """Ctrl-C reaches a command in a terminal's foreground with SIGINT's default action. A test run started in the
-    background of a non-interactive shell inherits SIGINT ignored, and Python then leaves it ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_all_gone(watch: Watch) -> None:
