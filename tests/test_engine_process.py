@@ -19,6 +19,7 @@ from phi3_model.checkpoint import load_checkpoint
 from phi3_model.engine import (Engine, EngineConfig, EngineDied, EngineStalled, Request, RequestError,
                                SamplingParams)
 from phi3_model.engine.engine_process import EngineProcess, EngineSpec
+from tests.pipeline_helpers import default_sigint
 from tests.test_engine_parity import hf_generate_batch, hf_model
 
 pytestmark = pytest.mark.timeout(300)
@@ -186,8 +187,10 @@ async def main():
     time.sleep(600)
 asyncio.run(main())
 """
+    # SIGINT's default action in the parent, so that the child starts with it too (a suite run in the background
+    # inherits SIGINT ignored, and the child would then survive SIGINT whatever its own code did)
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": ROOT})
+                              env={**os.environ, "PYTHONPATH": ROOT}, preexec_fn=default_sigint)
     try:
         child, n = map(int, parent.stdout.readline().split())
         assert n == 3 and alive(child)  # served after SIGINT and SIGTERM
