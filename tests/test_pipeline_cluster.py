@@ -73,7 +73,7 @@ def dashboard_missing() -> str | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(dashboard_missing() is not None, reason=str(dashboard_missing()))
-def test_ray_job_submit_to_a_head_started_with_ray_start(tiny_model_dir, tmp_path):
+def test_ray_job_submit_to_a_head_started_with_ray_start(tiny_model_dir, tmp_path, ray_tmp):
     """`ray start --head` on free ports, `ray job submit -- phi3-batch run ...`, SUCCEEDED, outputs checked, head
     stopped. The head is stopped through its own `ray start --block` process (SIGINT makes it take its processes
     down) rather than `ray stop`, which kills every Ray on the machine, the session's included."""
@@ -83,12 +83,11 @@ def test_ray_job_submit_to_a_head_started_with_ray_start(tiny_model_dir, tmp_pat
              "node-manager-port", "object-manager-port", "runtime-env-agent-port", "metrics-export-port",
              "ray-client-server-port")
     ports = {name: free_port() for name in names}
-    temp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")     # short: Ray's socket paths must stay under 108 bytes
     ray = os.path.join(BIN, "ray")
     # SIGINT's default action in the head: a suite started in the background inherits it ignored, and the head was
     # then stopped only by the SIGKILL below, 60 s later (84 s for this test instead of 25)
     head = subprocess.Popen([ray, "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
-                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", temp,
+                             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", ray_tmp,
                              "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]],
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             preexec_fn=default_sigint)
@@ -119,7 +118,6 @@ def test_ray_job_submit_to_a_head_started_with_ray_start(tiny_model_dir, tmp_pat
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
     summary = json.load(open(os.path.join(out, "_summary.json")))
     assert summary["ok"] and summary["rows_ok"] == len(PROMPTS)
     assert [r["prompt"] for r in read_outputs(out)] == PROMPTS
@@ -127,7 +125,7 @@ def test_ray_job_submit_to_a_head_started_with_ray_start(tiny_model_dir, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_a_vllm_job_equals_generate_and_leaves_its_temp_directory_as_it_was(vllm_model_dir, tmp_path):
+def test_a_vllm_job_equals_generate_and_leaves_its_temp_directory_as_it_was(vllm_model_dir, tmp_path, ray_tmp):
     """`phi3-batch run --backend vllm` (its own local Ray, the engine in an actor): completions equal
     Phi3CausalLM.generate (native engine, greedy) on the same checkpoint, whose greedy tokens the vLLM tests check
     against HF transformers, for plain rows, one row per structured-output kind (per-row request fields) and a row
@@ -157,7 +155,6 @@ def test_a_vllm_job_equals_generate_and_leaves_its_temp_directory_as_it_was(vllm
     pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in names} for r in structured]),
                    os.path.join(src, "s.parquet"))
     tmp = tempfile.mkdtemp(prefix="tmp", dir="/tmp")
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     os.makedirs(os.path.join(tmp, f"torchinductor_{getpass.getuser()}"))
     before = sorted(os.listdir(tmp))
     out = tmp_path / "out"
@@ -171,7 +168,6 @@ def test_a_vllm_job_equals_generate_and_leaves_its_temp_directory_as_it_was(vllm
         assert sorted(os.listdir(tmp)) == before
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     summary = json.load(open(out / "_summary.json"))
     n = len(prompts) + len(structured)
     assert summary["ok"] and summary["rows_ok"] == n and summary["actors"][0]["backend"] == "vllm", summary

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -72,14 +71,6 @@ class Watch:
             if stat is not None and stat[19] == start and stat[0] != "Z":
                 out.append(f"{pid} {self.names[(pid, start)][:120]}")
         return out
-
-
-@pytest.fixture
-def ray_tmp():
-    d = tempfile.mkdtemp(prefix="rt", dir="/tmp")   # short: Ray's socket paths must fit 107 bytes
-    yield d
-    import shutil
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def interrupt_when(argv: list[str], marker: str, env: dict) -> tuple[subprocess.Popen, Watch, str]:

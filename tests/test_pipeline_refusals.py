@@ -19,16 +19,6 @@ NATIVE_OPTIONS = ("block_size", "num_blocks", "kv_cache_bytes", "max_num_seqs", 
                   "enable_prefix_caching", "schedule", "max_model_len", "threads", "process", "cpus")
 
 
-@pytest.fixture
-def ray_tmp(tmp_path_factory):
-    """A fresh RAY_TMPDIR for the command (short: Ray's socket paths must fit 107 bytes): empty unless Ray ran."""
-    import tempfile
-    d = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    yield d
-    import shutil
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def refused(args: list[str], ray_tmp: str, cwd: str, watched: list[str]) -> str:
     before = checksums(*watched)
     result = run_cli(["run", *args, "--progress", "off"], env={"RAY_TMPDIR": ray_tmp}, cwd=cwd, timeout=120)
