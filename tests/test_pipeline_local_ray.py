@@ -140,23 +140,53 @@ def test_ctrl_c_while_queue_ray_starts_its_local_ray_leaves_no_process_of_it(tin
 
 
 NICENESS = r"""
-import os, ray
+import asyncio, os, sys, threading, ray
 from pipeline.ray_session import ray_session
+
+def policy(pid, tid):  # the kernel's word: field 41 of the thread's stat
+    stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+    return {0: "OTHER", 3: "BATCH"}.get(int(stat[stat.rindex(")") + 2:].split()[38]), "?")
+
+print("driver before", policy(os.getpid(), threading.get_native_id()))
 with ray_session(None, local=True, num_cpus=1, include_dashboard=False, logging_level="ERROR"):
+    print("driver during", policy(os.getpid(), threading.get_native_id()))
+
     @ray.remote(num_cpus=0.5)
-    def niceness():
-        return os.nice(0)
-    print("driver", os.nice(0), "worker", ray.get(niceness.remote(), timeout=600))
+    def worker(model):
+        from phi3_model.engine import AsyncEngine, Engine
+        from phi3_model.engine.engine_process import EngineProcess, EngineSpec
+
+        async def engines():
+            thread = AsyncEngine(lambda: Engine.from_pretrained(model, dtype="float32", device="cpu"))
+            child = EngineProcess(EngineSpec(model, "float32", "cpu"))
+            await thread.start()
+            await child.start()
+            try:
+                return policy(os.getpid(), thread.thread_id), policy(child.pid, child.pid)
+            finally:
+                await thread.close()
+                await child.close()
+        return (os.nice(0), policy(os.getpid(), threading.get_native_id()), *asyncio.run(engines()))
+    nice, main, engine_thread, engine_child = ray.get(worker.remote(sys.argv[1]), timeout=600)
+    print("driver", os.nice(0), "worker", nice)
+    print("worker", main, "engine thread", engine_thread, "engine child", engine_child)
+print("driver after", policy(os.getpid(), threading.get_native_id()))
 """
 
 
-def test_a_local_rays_workers_run_at_the_jobs_own_priority(ray_tmp):
+def test_a_local_rays_workers_run_at_the_jobs_own_priority_and_engines_in_the_foreground(ray_tmp, tiny_model_dir):
     """Ray's default worker niceness is 15: beside any busy process at normal priority the engine actors would get
-    the CPU last. A Ray the job starts itself runs them at the job's priority (the driver's, 0 here)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_worker_niceness", "RAY_ADDRESS")}
+    the CPU last. A Ray the job starts itself runs them at the job's priority (the driver's, 0 here). And the
+    job's own processes run SCHED_BATCH while it runs (the driver's thread, so Ray's processes and the workers),
+    except the threads stepping an engine, in an actor's thread or its child process, which run SCHED_OTHER: on
+    2 cores, the bookkeeping's wake-ups preempted the engine's OpenMP threads mid-step (issue 15). The driver's
+    policy is its own again afterwards. Policies as the kernel reports them (/proc/PID/task/TID/stat)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_worker_niceness", "RAY_ADDRESS",
+                                                            "PHI3_ENGINE_FOREGROUND")}
     env.update(PYTHONPATH=ROOT, RAY_TMPDIR=ray_tmp)
-    out = subprocess.run([sys.executable, "-c", NICENESS], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=GUARD_S * 4)
+    out = subprocess.run([sys.executable, "-c", NICENESS, tiny_model_dir], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=GUARD_S * 4)
     assert out.returncode == 0, out.stderr[-2000:]
-    [line] = [ln for ln in out.stdout.splitlines() if ln.startswith("driver")]
-    assert line == f"driver {os.nice(0)} worker {os.nice(0)}", line
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("driver", "worker"))]
+    assert lines == ["driver before OTHER", "driver during BATCH", f"driver {os.nice(0)} worker {os.nice(0)}",
+                     "worker BATCH engine thread OTHER engine child OTHER", "driver after OTHER"], out.stdout

@@ -58,9 +58,11 @@ class NativeBackend(EngineBackend):
             self.tokenizer, self.max_model_len = self._async.engine.tokenizer, self._async.engine.max_model_len
         self.placement = {"placement": "process" if self.process else "thread", "threads": threads,
                           "threads_why": why, "pid": os.getpid(),
+                          "policy": None if self.process else self._async.policy,
                           "engine_pid": self._async.pid if self.process else os.getpid()}
         log.info("native engine: %d torch thread(s) (%s), stepping in %s", threads, why,
-                 f"child process {self._async.pid}" if self.process else f"a thread of process {os.getpid()}")
+                 f"child process {self._async.pid}" if self.process else
+                 f"a thread of process {os.getpid()} ({self._async.policy})")
 
     @property
     def engine_thread_id(self) -> int | None:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from .engine import Engine
 from .loop import Front, run_loop, settle_futures
-from .threads import release_openmp_team, use_threads
+from .threads import engine_foreground, release_openmp_team, use_threads
 
 _CLOSE = ("close", None, None)
 
@@ -67,6 +67,7 @@ class AsyncEngine(Front):
         self.cpus = cpus
         self._transport: _ThreadTransport | None = None
         self._thread: threading.Thread | None = None
+        self.policy: str | None = None  # the engine thread's scheduling policy, once started
 
     @property
     def tokenizer(self):
@@ -106,6 +107,7 @@ class AsyncEngine(Front):
     def _main(self, loop, ready) -> None:
         """The engine thread: its torch settings, the engine (built here when given a builder), then the loop."""
         try:
+            self.policy = engine_foreground()  # before its OpenMP team starts: the team inherits the policy
             if self.cpus:  # this thread only (Linux: 0 = the calling thread), before its OpenMP team starts
                 os.sched_setaffinity(0, self.cpus)
             if self.threads:

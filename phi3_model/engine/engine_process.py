@@ -33,6 +33,7 @@ from multiprocessing.connection import Connection
 from .engine import Engine, EngineConfig
 from .loop import Front, run_loop, settle_futures
 from .sampling_params import EngineDied, RequestError
+from .threads import engine_foreground
 
 log = logging.getLogger(__name__)
 TICK_S = 1.0  # longest silence of a stepping child
@@ -246,6 +247,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _build(spec: EngineSpec) -> Engine:
+    engine_foreground()  # before torch starts its threads, which inherit the policy
     if spec.cpus:  # before torch starts its threads, which inherit it
         os.sched_setaffinity(0, spec.cpus)
     if spec.threads:

@@ -63,3 +63,35 @@ def release_openmp_team() -> bool:
     if lib is None or not hasattr(lib, "omp_pause_resource_all"):
         return False
     return lib.omp_pause_resource_all(1) == 0
+
+
+# ---- scheduling policy: the engine in the foreground of a job that put everything else in SCHED_BATCH -----------
+
+FOREGROUND_ENV = "PHI3_ENGINE_FOREGROUND"  # set by whoever put the job's other processes in SCHED_BATCH
+
+
+def policy_name(policy: int) -> str:
+    names = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO", "SCHED_RR")
+             if hasattr(os, n)}
+    return names.get(policy, str(policy))
+
+
+def engine_foreground() -> str | None:
+    """On the thread about to step an engine, before it starts its OpenMP workers (they inherit its policy): back
+    to SCHED_OTHER when this process runs SCHED_BATCH because its job asked (FOREGROUND_ENV, set where a job's own
+    local Ray is started: pipeline/ray_session). Why (issue 15, measured on 2 cores with two torch threads): every
+    wake-up of another thread of the job (Ray's raylet, GCS, agents, the actor's own threads, the driver: some 900 a
+    second) preempted one of the engine's two OpenMP threads and stalled the other at the next barrier, so the
+    job's small extra work cost the engine twice its CPU time. A SCHED_BATCH thread does not preempt on wake-up; it
+    runs when a CPU is free or at the next tick. Returns the calling thread's policy name (None where the OS has no
+    policies)."""
+    if not hasattr(os, "sched_getscheduler"):
+        return None
+    now = os.sched_getscheduler(0)
+    if now == getattr(os, "SCHED_BATCH", None) and os.environ.get(FOREGROUND_ENV) == "1":
+        try:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            now = os.SCHED_OTHER
+        except OSError as e:  # not expected: a thread may always leave SCHED_BATCH for SCHED_OTHER
+            log.warning("engine thread stays in SCHED_BATCH: %s", e)
+    return policy_name(now)
