@@ -19,7 +19,9 @@ greedy, run to length (stop_token_ids none). Rows (stable names; each in its own
 Rates exclude model loading: the pipeline's time runs from its engines being ready to its last shard written
 (reading, tokenizing, generating, writing, assembling included). Ratios are to the same backend's engine_direct.
 Threads and placement are the engine's own defaults (engine/threads.py) unless --threads/--threads-per-actor say;
-each row reports what its engine used. Rows run --repeat times, interleaved; each reports its median run.
+each row reports what its engine used (and in the JSON the scheduling policy of the thread stepping it, where it
+steps in a thread: SCHED_OTHER, with the rest of the job's own local Ray SCHED_BATCH). Rows run --repeat times,
+interleaved; each reports its median run.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import sys
 import tempfile
 import threading
 
-from phi3_model.engine.threads import usable_cpus
+from phi3_model.engine.threads import policy_name, usable_cpus
 
 from .common import Timer, have, run_row, run_rows_repeated, write_child_result, write_json
 
@@ -116,7 +118,8 @@ def row_engine_direct(a: dict) -> dict:
                 for p, n in zip(prompts, news)]
         outs = engine.generate(reqs)
     return {"seconds": t.seconds, "output_tokens": sum(len(o.token_ids) for o in outs), "rows": len(outs),
-            "actors": 0, "placement": "main thread", "threads": torch.get_num_threads(), "threads_why": why}
+            "actors": 0, "placement": "main thread", "threads": torch.get_num_threads(), "threads_why": why,
+            "policy": policy_name(os.sched_getscheduler(0)) if hasattr(os, "sched_getscheduler") else None}
 
 
 def row_vllm_direct(a: dict) -> dict:
@@ -176,7 +179,7 @@ def row_pipeline(a: dict) -> dict:
     return {"seconds": s.generate_s, "wall_s": round(s.wall_s, 1), "output_tokens": s.run_completion_tokens,
             "rows": s.run_rows, "actors": len(s.actors), "driver_peak_rss_mb": round(peak[0] / 2**20, 1),
             "placement": engine.get("placement", a["backend"]), "threads": engine.get("threads"),
-            "threads_why": engine.get("threads_why")}
+            "threads_why": engine.get("threads_why"), "policy": engine.get("policy")}
 
 
 def child(row: str, args: dict, out: str) -> None:
