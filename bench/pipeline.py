@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 
-from phi3_model.engine.threads import policy_name, usable_cpus
+from phi3_model.engine.threads import engine_foreground, usable_cpus
 
 from .common import Timer, have, run_row, run_rows_repeated, write_child_result, write_json
 
@@ -119,7 +119,7 @@ def row_engine_direct(a: dict) -> dict:
         outs = engine.generate(reqs)
     return {"seconds": t.seconds, "output_tokens": sum(len(o.token_ids) for o in outs), "rows": len(outs),
             "actors": 0, "placement": "main thread", "threads": torch.get_num_threads(), "threads_why": why,
-            "policy": policy_name(os.sched_getscheduler(0)) if hasattr(os, "sched_getscheduler") else None}
+            "policy": engine_foreground()}  # no local Ray here: only reads this (stepping) thread's policy
 
 
 def row_vllm_direct(a: dict) -> dict:
