@@ -67,6 +67,33 @@ def test_engine_process_stats_cross_the_socket(tiny_model_dir):
     assert s["kv_blocks_total"] == 64 and count(s["step_s"]) >= NEW
 
 
+def test_engine_process_stats_count_requests_that_reach_a_busy_engine(tiny_model_dir, seam):
+    """A request that reaches the child while it steps (here: while a test hold keeps it between steps) counts in
+    the parent's copy of the figures before the engine's next step, not only once something finishes."""
+    long = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        eng = EngineProcess(EngineSpec(tiny_model_dir, "float32", "cpu", EngineConfig(block_size=8, num_blocks=64), 1))
+        await eng.start()
+        seam.hold()
+        tasks = []
+        try:
+            for n in (1, 2, 3):  # the second and third arrive at a busy engine, each waking it for one step
+                tasks.append(asyncio.ensure_future(eng.generate(PROMPTS[n - 1], long)))
+                await asyncio.to_thread(
+                    wait_for, lambda: (s := eng.stats()) and s["requests_waiting"] + s["requests_running"] == n,
+                    GUARD_S, f"the held engine's figures to count {n} requests")
+            # one step per late arrival, so nothing is near finishing (the file is rewritten at each hold)
+            wait_for(lambda: seam.held()[1] == 2, GUARD_S, "the engine held after two steps")
+            seam.release()
+            return await asyncio.gather(*tasks)
+        finally:
+            seam.release()
+            await eng.close()
+    outs = asyncio.run(main())
+    assert [len(o.token_ids) for o in outs] == [32] * 3
+
+
 # ---- a queue worker's /metrics ----------------------------------------------------------------------------------
 def scrape(url: str) -> dict[str, float]:
     """Sample name{labels} -> value, parsed by prometheus_client's own text parser."""

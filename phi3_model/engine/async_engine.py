@@ -45,7 +45,7 @@ class _ThreadTransport:
     def has_message(self) -> bool:
         return not self.inbox.empty()
 
-    def woken(self) -> None:  # the caller reads the engine's figures from the engine itself
+    def taken(self) -> None:  # the caller reads the engine's figures from the engine itself
         pass
 
     def deliver(self, outcomes, steps: int, longest_step_s: float) -> None:

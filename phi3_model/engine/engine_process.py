@@ -10,7 +10,7 @@ Protocol over one socket pair (pickled tuples):
   child -> parent  ("ready", max_model_len) or ("failed", error text), then ("done", [(rid, Completion | None,
                    (kind, message) | None)], longest step s, engine stats snapshot) for each step that finished
                    something, and at least once a second while stepping (the parent's progress watchdog);
-                   ("stats", snapshot) when requests reach an idle engine, before its first step on them
+                   ("stats", snapshot) when the loop took requests or aborts, before its next step
 The child ignores SIGINT/SIGTERM (the parent decides when it stops: a terminal's Ctrl-C reaches the whole process
 group, and a draining worker still needs its engine) and dies with the parent (PR_SET_PDEATHSIG, and EOF on the
 socket).
@@ -76,8 +76,8 @@ class EngineProcess(Front):
 
     def stats(self) -> dict | None:
         """The engine's figures (engine/stats.py) as of the child's last message: after every step that finished
-        a request, at least once a second while it steps, and when requests reach it idle. None before the
-        first."""
+        a request, at least once a second while it steps, and whenever it took requests or aborts. None before
+        the first."""
         return self._stats
 
     async def start(self) -> None:
@@ -176,7 +176,7 @@ class EngineProcess(Front):
             elif kind == "failed":
                 self._closing = True  # the child exits next; start() raises this
                 settle_futures(loop, [(ready, None, RuntimeError(f"engine process: {msg[1]}"))])
-            elif kind == "stats":  # requests reached the idle engine (not progress: no step ran)
+            elif kind == "stats":  # the engine took requests or aborts (not progress: no step ran)
                 self._stats = msg[1]
             elif kind == "done":
                 self._stats = msg[3]
@@ -220,7 +220,7 @@ class _SocketTransport:
     def has_message(self) -> bool:
         return self.conn.poll()
 
-    def woken(self) -> None:
+    def taken(self) -> None:
         self.conn.send(("stats", self.engine.stats.snapshot(self.engine)))
 
     def deliver(self, outcomes, steps: int, longest_step_s: float) -> None:

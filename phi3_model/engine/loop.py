@@ -35,10 +35,11 @@ class Transport(Protocol):
     def deliver(self, outcomes: list[Outcome], steps: int, longest_step_s: float) -> None:
         """Called after every step (progress, even with nothing finished) and for requests refused on arrival."""
 
-    def woken(self) -> None:
-        """Called when requests arrived at an idle engine, before the step that runs them (which may be long: a
-        large prefill): a transport whose caller reads the engine's figures from a copy refreshes it. Not progress
-        (the stall watchdog counts steps only)."""
+    def taken(self) -> None:
+        """Called when the loop took requests or aborts into the engine, before the step that runs them (which may
+        be long: a large prefill, or a test's hold): a transport whose caller reads the engine's figures from a copy
+        refreshes it, so waiting and running count what the engine holds. Not progress (the stall watchdog counts
+        steps only)."""
 
 
 def run_loop(engine: Engine, transport: Transport) -> None:
@@ -55,6 +56,7 @@ def run_loop(engine: Engine, transport: Transport) -> None:
         if msgs is None:
             break
         out: list[Outcome] = []
+        taken = False
         for kind, rid, req in msgs:
             if kind == "add":
                 try:
@@ -63,11 +65,13 @@ def run_loop(engine: Engine, transport: Transport) -> None:
                     out.append((rid, None, RequestError(str(e))))
                     continue
                 groups[rid], rids[id(group)] = group, rid
+                taken = True
             elif (group := groups.pop(rid, None)) is not None:  # abort
                 del rids[id(group)]
                 engine.abort(group)
-        if block and engine.has_work():
-            transport.woken()
+                taken = True
+        if taken:
+            transport.taken()
         if engine.has_work():
             seam.before_step(transport.has_message, engine.num_steps)
             t = time.perf_counter()
