@@ -152,13 +152,16 @@ def start_actors(config: JobConfig, shards: int, joined: bool) -> tuple[list, li
     from ray.exceptions import RayActorError, RayTaskError
 
     from workers.actor import spawn
+    from workers.rows import warm_arrow
     s = actor_shape(config, shards, wait_s=RESOURCE_WAIT_S if joined else 0.0)
     backend = dict(name=config.backend, model=config.model, dtype=config.dtype, device=config.device,
                    options=config.engine_options, stall_timeout_s=config.stall_timeout_s)
     actors = [spawn(backend, batch_size=config.batch_size, num_cpus=s.cpus, num_gpus=s.gpus,
                     max_restarts=MAX_RESTARTS) for _ in range(s.actors)]
     try:
-        infos = ray.get([a.info.remote() for a in actors])
+        pending = [a.info.remote() for a in actors]
+        warm_arrow()  # Ray's arrow serializer calls pyarrow.compute on the first shard: imported while engines load
+        infos = ray.get(pending)
     except (RayTaskError, RayActorError) as e:
         stop_actors(actors)
         cause = getattr(e, "cause", None) or e

@@ -233,7 +233,8 @@ def prepare(row: dict, spec: RowSpec, tokenizer, max_model_len: int) -> tuple[li
 def warm_arrow() -> None:
     """pyarrow imports pandas the first time it converts Python values (0.7 s of CPU on a 2-core AMD EPYC), and
     count_rows imports pyarrow.compute: an engine's host does both while its engine loads, not on its first shard,
-    where the engine would wait for them (issue 15)."""
+    where the engine would wait for them (issue 15). The Parquet job's driver too: Ray's arrow serializer calls
+    pyarrow.compute on a sliced shard's offsets, and the first shard's send took 0.3-0.4 s there."""
     import pyarrow.compute  # noqa: F401
     pa.array([0])
 
