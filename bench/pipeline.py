@@ -110,9 +110,7 @@ def row_engine_direct(a: dict) -> dict:
     engine = Engine.from_pretrained(a["model"], dtype="float32", device="cpu", **a["engine"])
     table = ds.dataset(a["input"]).to_table()
     prompts, news = table.column("prompt").to_pylist(), table.column("max_new_tokens").to_pylist()
-    tok = engine.tokenizer
-    engine.generate([Request(tok.encode(p, add_bos=True), SamplingParams(max_new_tokens=2, temperature=0))
-                     for p in prompts[:2]])  # warm-up
+    tok = engine.tokenizer  # the engine warmed itself up when it was built (Engine.warm_up), as an actor's does
     with Timer() as t:
         reqs = [Request(tok.encode(p, add_bos=True), SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
                 for p, n in zip(prompts, news)]

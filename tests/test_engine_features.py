@@ -223,6 +223,33 @@ def test_the_step_recorder_and_timers_see_the_schedule_worked_out_by_hand(tiny):
     assert seconds["forward"] > 0 and seconds["attention"] > 0 and seconds["lm_head"] > 0
 
 
+def test_the_engine_warms_up_on_its_largest_step_and_keeps_nothing_of_it(tiny, monkeypatch):
+    """Budget 64 tokens, 4 sequences: 4 dummy prompts of 16 tokens (3 blocks of 8 each with its 2 new tokens),
+    one prefill and one decode step; afterwards no step, figure or cached block remains, and outputs are those of
+    an engine built without it."""
+    import phi3_model.engine.engine as engine_module
+    cfg = dict(block_size=8, num_blocks=64, max_num_batched_tokens=64, max_num_seqs=4)
+    engine = Engine(tiny["model"], **cfg)
+    assert engine.warmed_up["sequences"] == 4 and engine.warmed_up["prompt_tokens"] == 64
+    assert engine.runner.lm_head._packed is not None or not engine.runner.lm_head.enabled  # the warm-up's forward
+    assert engine.num_steps == engine.num_computed_tokens == 0 and engine.blocks.num_free == 64
+    assert engine.blocks.by_hash == {} and engine.scheduler.num_cached_tokens == 0
+    s = engine.stats.snapshot(engine)
+    assert s["requests_finished"] == s["prompt_tokens"] == s["generation_tokens"] == 0
+    assert sum(s["step_s"]["counts"]) == 0
+    outs = engine.generate([Request(p, greedy()) for p in tiny["batch"]])
+    assert [o.token_ids for o in outs] == tiny["want"] and engine.scheduler.num_cached_tokens == 0
+    cold = Engine(tiny["model"], warmup=False, **cfg)
+    assert cold.warmed_up is None and cold.runner.lm_head._packed is None
+    # a pool of 2 blocks (16 tokens): one sequence of 14 tokens and its 2 new ones
+    small = Engine(tiny["model"], block_size=8, num_blocks=2, max_num_batched_tokens=64, max_num_seqs=4)
+    assert (small.warmed_up["sequences"], small.warmed_up["prompt_tokens"]) == (1, 14)
+    # the compute bound: 10 tokens' worth of FLOPs -> 4 sequences of 10 // 4 = 2 tokens
+    params = sum(p.numel() for p in tiny["model"].parameters())
+    monkeypatch.setattr(engine_module, "WARMUP_FLOPS", 2 * params * 10)
+    assert Engine(tiny["model"], **cfg).warmed_up["prompt_tokens"] == 8
+
+
 def test_alternating_prefill_and_decode_steps_give_identical_outputs(tiny):
     engine = Engine(tiny["model"], block_size=8, num_blocks=256, max_num_batched_tokens=24, max_num_seqs=4,
                     schedule="alternating")

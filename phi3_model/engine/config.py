@@ -27,6 +27,9 @@ class EngineConfig(BaseModel):
         "(faster, see engine/packed_linear.py): all (decoder layers and lm_head), lm_head, or auto (all when the "
         "decoder layers' weights take at most 1 GiB, else lm_head)")
 
+    warmup: bool = Field(True, description="run a few dummy steps when the engine is built (engine.warm_up), so "
+                         "the first requests do not pay one-time costs (weight packing, thread pool, memory growth)")
+
     def packs_layers(self, layer_weight_bytes: int) -> bool:
         return self.packed_weights == "all" or (self.packed_weights == "auto" and layer_weight_bytes <= 2**30)
 
