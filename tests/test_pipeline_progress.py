@@ -60,3 +60,44 @@ def test_rows_finished_inside_a_shard_in_flight_show_in_the_progress_line(ray_lo
     assert any("8/8 rows, 1/1 shards" in line for line in lines)
     rows = pq.read_table(str(tmp_path / "out" / "one.parquet")).to_pylist()
     assert [r["completion_tokens"] for r in rows] == lengths
+
+
+def test_finished_rows_free_their_room_in_the_engine_before_their_group_comes_back():
+    """workers.rows.InFlight: a group's rows come back together, but each stops counting against the actor's
+    in-flight rows as it finishes (the engine adds to the group's count), so a group held by one long row no longer
+    keeps the engine's queue empty. Hand-computed against capacity 6 and groups of 2."""
+    import asyncio
+
+    from workers.rows import InFlight
+
+    async def scenario():
+        progress = [0, 0]
+        limit = InFlight(6)
+        a, b, c = [await limit.take(2, progress) for _ in range(3)]
+        assert limit.free == 0
+        a[0] += 1   # as the engine counts finished requests (generate_many's `finished`), from a's and b's
+        b[0] += 1   # one short row each, and both of c's
+        c[0] += 2
+        assert progress[0] == 4 and limit.free == 6 - 1 - 1 - 0
+        await limit.give(c)
+        d = await limit.take(2, progress)   # counting whole groups, room for d only: 6 - 2 - 2
+        e = await limit.take(2, progress)   # and e must wait for a long row's group
+        assert limit.free == 0
+        f = asyncio.ensure_future(limit.take(2, progress))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not f.done()                 # full: nothing but a group coming back can make room
+        a[0] += 1   # a's long row
+        e[0] += 1
+        assert limit.free == 6 - 0 - 1 - 2 - 1
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not f.done()                 # rows finishing do not wake the caller; a group coming back does
+        await limit.give(a)
+        await asyncio.wait_for(f, GUARD_S)
+        assert limit.free == 6 - 1 - 2 - 1 - 2 and progress[0] == 6
+        for g in (b, d, e, f.result()):
+            await limit.give(g)
+        assert limit.free == 6
+
+    asyncio.run(scenario())
