@@ -29,6 +29,17 @@ def have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def measuring_thread() -> None:
+    """The calling thread (a sampler beside the measured row) runs SCHED_BATCH where Linux has it: it then never
+    preempts the row's engine when it wakes, it runs when a CPU is free or at the next tick. On 2 cores every
+    wake-up that preempts one of the engine's two OpenMP threads stalls the other at the next barrier (issue 15)."""
+    if hasattr(os, "SCHED_BATCH"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError:
+            pass
+
+
 class PeakRSS:
     """Samples the resident memory of a process tree (children included) every 0.1 s. The tree is looked up once a
     second: finding children scans every process on the machine (3% of a core at 10 a second, taken from the row
@@ -44,6 +55,7 @@ class PeakRSS:
         self._t.start()
 
     def _run(self):
+        measuring_thread()
         procs, n = [self.proc], 0
         while not self._stop.is_set():
             if n % self.TREE_EVERY == 0:

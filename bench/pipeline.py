@@ -36,7 +36,7 @@ import threading
 
 from phi3_model.engine.threads import engine_foreground, usable_cpus
 
-from .common import Timer, have, run_row, run_rows_repeated, write_child_result, write_json
+from .common import Timer, have, measuring_thread, run_row, run_rows_repeated, write_child_result, write_json
 
 WORDS = ("batch inference reads prompts from parquet files and writes completions back the quick brown fox jumps "
          "over lazy dog continuous batching keeps the engine busy while requests come and go phi small language "
@@ -149,6 +149,7 @@ def driver_rss_sampler() -> tuple[threading.Event, list[int]]:
     me, stop, peak = psutil.Process(), threading.Event(), [0]
 
     def sample():
+        measuring_thread()
         while not stop.is_set():
             peak[0] = max(peak[0], me.memory_info().rss)
             stop.wait(0.05)
