@@ -84,8 +84,8 @@ class Engine:
         params = sum(p.numel() for p in self.model.parameters())
         tokens = max(1, min(c.max_num_batched_tokens, int(WARMUP_FLOPS // (2 * params))))
         seqs = min(c.max_num_seqs, tokens)
-        length = max(1, min(tokens // seqs, self.max_model_len - 2))
-        length = min(length, self.pool_tokens - 2)  # a tiny pool: one shorter sequence
+        # room for the 2 new tokens in the context and in the pool (a tiny pool: one shorter sequence)
+        length = min(max(1, tokens // seqs), self.max_model_len - 2, self.pool_tokens - 2)
         if length < 1:
             return dict(sequences=0, prompt_tokens=0, seconds=0.0)
         seqs = max(1, min(seqs, self.blocks.num_blocks // self.blocks.blocks_needed(length + 2)))
