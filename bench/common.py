@@ -123,10 +123,24 @@ def run_rows_repeated(module: str, rows: list[str], args: dict, repeat: int, rat
             out.append(runs[row][-1])
             continue
         key = rate if done[0].get(rate) else "requests_per_s"
+        rounds = [None if r.get("error") else r.get(key) for r in runs[row]]
         done.sort(key=lambda r: r[key])
-        out.append({**done[(len(done) - 1) // 2], "runs": [r[key] for r in runs[row] if not r.get("error")],
+        out.append({**done[(len(done) - 1) // 2], "runs": [x for x in rounds if x is not None], "rounds": rounds,
                     "failed_runs": len(runs[row]) - len(done)})
     return out
+
+
+def paired_ratio(row: dict, base: dict) -> float | None:
+    """The median over rounds of row's rate / base's rate in the same round (run_rows_repeated's `rounds`; a round
+    where either failed is left out). Beside the ratio of the two medians: rounds run their rows minutes apart, so a
+    drift of the machine's speed between rounds (on a shared 2-core machine one row's runs differ by up to 30%)
+    cancels in each round's ratio instead of landing in whichever row's median it happened to hit."""
+    pairs = [a / b for a, b in zip(row.get("rounds") or [], base.get("rounds") or []) if a and b]
+    if not pairs:
+        return None
+    pairs.sort()
+    mid = len(pairs) // 2
+    return pairs[mid] if len(pairs) % 2 else (pairs[mid - 1] + pairs[mid]) / 2
 
 
 def measure_child(fn, args: dict, out: str, requests: int | None = None) -> None:

@@ -17,7 +17,9 @@ greedy, run to length (stop_token_ids none). Rows (stable names; each in its own
   driver_memory_small/_large  with --memory-rows N: N/100 and N rows, max_new_tokens 1 on a tiny model; the
                               driver's own peak RSS does not grow with the input
 Rates exclude model loading: the pipeline's time runs from its engines being ready to its last shard written
-(reading, tokenizing, generating, writing, assembling included). Ratios are to the same backend's engine_direct.
+(reading, tokenizing, generating, writing, assembling included). Ratios are to the same backend's engine_direct:
+"vs direct" divides the two medians, "paired" is the median of each round's own ratio (the row's run over
+engine_direct's run of the same round), which a drift of the machine's speed between rounds does not bias.
 Threads and placement are the engine's own defaults (engine/threads.py) unless --threads/--threads-per-actor say;
 each row reports what its engine used (and in the JSON the scheduling policy of the thread stepping it, where it
 steps in a thread: SCHED_OTHER, with the rest of the job's own local Ray SCHED_BATCH). Rows run --repeat times,
@@ -36,7 +38,8 @@ import threading
 
 from phi3_model.engine.threads import engine_foreground, usable_cpus
 
-from .common import Timer, have, measuring_thread, run_row, run_rows_repeated, write_child_result, write_json
+from .common import (Timer, have, measuring_thread, paired_ratio, run_row, run_rows_repeated, write_child_result,
+                     write_json)
 
 WORDS = ("batch inference reads prompts from parquet files and writes completions back the quick brown fox jumps "
          "over lazy dog continuous batching keeps the engine busy while requests come and go phi small language "
@@ -208,7 +211,8 @@ def max_actors(threads_per_actor: int | None) -> int:
 def print_rows(title: str, rows: list[dict]) -> None:
     cols = [("name", "row", "{}"), ("actors", "actors", "{}"), ("rows", "rows", "{}"),
             ("output_tokens_per_s", "out tok/s", "{:.1f}"), ("requests_per_s", "rows/s", "{:.1f}"),
-            ("ratio_to_direct", "vs direct", "{:.2f}x"), ("seconds", "s", "{:.1f}"),
+            ("ratio_to_direct", "vs direct", "{:.2f}x"), ("paired_ratio_to_direct", "paired", "{:.2f}x"),
+            ("seconds", "s", "{:.1f}"),
             ("peak_rss_mb", "peak MB", "{:.0f}"), ("driver_peak_rss_mb", "driver MB", "{:.0f}"),
             ("placement", "engine", "{}"), ("threads", "threads", "{}"), ("runs_text", "every run (tok/s)", "{}")]
     table = [[("-" if r.get(k) is None else f.format(r[k])) for k, _, f in cols] +
@@ -283,6 +287,8 @@ def main(argv=None) -> None:
             r["backend"] = backend
             if direct and r.get("output_tokens_per_s"):
                 r["ratio_to_direct"] = round(r["output_tokens_per_s"] / direct, 3)
+                paired = paired_ratio(r, done[0])
+                r["paired_ratio_to_direct"] = round(paired, 3) if paired else None
             r["runs_text"] = " / ".join(f"{x:.0f}" for x in r.get("runs", []))
         rows += done
     if a.memory_rows:

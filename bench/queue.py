@@ -26,6 +26,9 @@ rewrite of what earlier rows left would otherwise compete for the cores); it is 
 --repeat times (default 5), interleaved; each reports its median run, with every run's rate in the JSON's `runs`.
 Five, not three: on a 2-core machine one row's runs differ by up to 30%, and the placement targets are 5% apart (medians
 of three put queue_1_worker at 0.94x-1.06x engine_direct over one machine's runs; medians of seven, 0.99x).
+"vs first" divides the row's median by engine_direct's; "paired vs direct" is the median of each round's own ratio
+(the row's run over engine_direct's run of the same round), which a drift of the machine's speed between rounds
+does not bias (the reverse direction, engine_direct over the row, is its reciprocal with an odd --repeat).
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ import sys
 import tempfile
 import time
 
-from .common import Timer, measure_child, report, run_rows_repeated
+from .common import Timer, measure_child, paired_ratio, report, run_rows_repeated
 
 ROWS = ["engine_direct", "queue_1_worker", "queue_1_worker_metrics", "queue_1_worker_thread", "queue_2_workers",
         "queue_ceiling"]
@@ -311,6 +314,8 @@ def main(argv=None) -> None:
         r["runs_text"] = " / ".join(f"{x:.0f}" for x in r.get("runs", []))
         if direct and r.get("output_tokens_per_s"):
             r["vs_direct"] = round(r["output_tokens_per_s"] / direct["output_tokens_per_s"], 3)
+            paired = paired_ratio(r, direct)
+            r["paired_vs_direct"] = round(paired, 3) if paired else None
     wl = {"model": "phi3 tiny (hidden 64, 2 layers, vocab 32064), random weights, fp32, CPU",
           "requests": a.requests, "prompt_tokens": sum(len(p) for p, _ in work),
           "output_tokens": sum(n for _, n in work), "prompt_len": "8-64", "output_len": "8-48 (greedy, no stops)",
@@ -322,7 +327,7 @@ def main(argv=None) -> None:
            [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
             ("requests_per_s", "req/s", "{:.1f}"), ("requests_per_cpu_s", "req/cpu-s", "{:.0f}"),
             ("seconds", "s", "{:.2f}"), ("peak_rss_mb", "peak MB", "{:.0f}"), ("placement", "engine", ""),
-            ("threads", "threads", ""), ("vs_metrics_off", "vs metrics off", "{:.2f}x"),
+            ("threads", "threads", ""), ("paired_vs_direct", "paired vs direct", "{:.2f}x"), ("vs_metrics_off", "vs metrics off", "{:.2f}x"),
             ("runs_text", "every run", "")],
            wl, a.json)
 
