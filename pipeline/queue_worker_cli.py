@@ -150,8 +150,10 @@ def worker(**flags):
             return await worker.run(install_signals=True)
         finally:
             await engine.close()
+    from phi3_model.engine.threads import engines_in_the_foreground
     try:
-        counters = asyncio.run(go())
+        with engines_in_the_foreground("this queue worker's event loop and threads"):
+            counters = asyncio.run(go())
     except RedisUnusable as e:
         fail(str(e), EXIT_REDIS)
     except WorkerFailed as e:

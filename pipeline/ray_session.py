@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 
-from phi3_model.engine.threads import FOREGROUND_ENV
+from phi3_model.engine.threads import engines_in_the_foreground
 
 log = logging.getLogger("phi3_batch")
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
@@ -108,34 +108,6 @@ def local_worker_priority() -> None:
 
 
 @contextlib.contextmanager
-def engines_in_the_foreground():
-    """While a local Ray starts and runs: this thread (the driver's), and so every process Ray starts from it (GCS,
-    raylet, agents, the engine actors), runs SCHED_BATCH, and each engine's stepping threads go back to SCHED_OTHER
-    (phi3_model.engine.threads.engine_foreground, told through the environment the workers inherit). A SCHED_BATCH
-    thread does not preempt a running one when it wakes, so the job's own bookkeeping (some 900 wake-ups a second
-    on 2 cores) no longer interrupts the engine's OpenMP threads mid-step (issue 15). Only for a Ray started here,
-    as local_worker_priority; the driver's policy is restored on the way out. Linux only; elsewhere nothing."""
-    if not hasattr(os, "SCHED_BATCH") or os.sched_getscheduler(0) != os.SCHED_OTHER:
-        yield   # another OS, or a policy the user chose (chrt): left as it is
-        return
-    had = os.environ.get(FOREGROUND_ENV)
-    os.environ[FOREGROUND_ENV] = "1"
-    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    log.info("local Ray: its processes and this driver run SCHED_BATCH, the engines' stepping threads SCHED_OTHER")
-    try:
-        yield
-    finally:
-        try:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-        except OSError as e:  # not expected: leaving SCHED_BATCH for SCHED_OTHER needs no privilege
-            log.warning("the driver stays in SCHED_BATCH: %s", e)
-        if had is None:
-            os.environ.pop(FOREGROUND_ENV, None)
-        else:
-            os.environ[FOREGROUND_ENV] = had
-
-
-@contextlib.contextmanager
 def ray_session(address: str | None, local: bool, **init_kwargs):
     """Joins (or starts, when `local`) Ray unless this process is already connected; yields True when this call
     connected (and so disconnects on the way out). With `local`, every process the session started is gone when
@@ -150,7 +122,7 @@ def ray_session(address: str | None, local: bool, **init_kwargs):
     if local:
         _subreaper(True)
         local_worker_priority()
-        stack.enter_context(engines_in_the_foreground())
+        stack.enter_context(engines_in_the_foreground("local Ray: its processes"))
     try:
         ray.init(address=address, **init_kwargs)
         yield True

@@ -5,6 +5,7 @@ CPU while their engines fit in memory."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -111,3 +112,49 @@ def test_queue_workers_step_the_native_engine_in_a_child_process_and_the_parquet
     assert make_backend(BackendConfig(model=tiny_model_dir, options={"process": False})).process is False
     assert create_backend(BackendConfig(model=tiny_model_dir)).process is False
     assert queue_placement(BackendConfig(name="vllm", model=tiny_model_dir)).options == {}  # its own process already
+
+
+def _policy(pid: int, tid: int) -> str:  # the kernel's word: field 41 of the thread's stat
+    stat = open(f"/proc/{pid}/task/{tid}/stat").read()
+    return {0: "OTHER", 3: "BATCH"}.get(int(stat[stat.rindex(")") + 2:].split()[38]), "?")
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="scheduling policies are Linux's")
+@pytest.mark.parametrize("process", [True, False])
+def test_a_queue_workers_own_threads_run_sched_batch_and_its_engine_sched_other(redis_url, queue_prefix,
+                                                                                 tiny_model_dir, tmp_path, process):
+    """As the Parquet job's local Ray (test_pipeline_local_ray): a queue worker's event loop, Redis client and health
+    beats run SCHED_BATCH, so that their wake-ups (some 130 a second at full speed on 2 cores) do not preempt the
+    engine's OpenMP threads mid-step; the thread stepping the engine, in the worker's child process (the default)
+    or in a thread of the worker (process=false), runs SCHED_OTHER. Policies as the kernel reports them."""
+    import signal
+
+    import psutil
+
+    from tests.fixtures.redis_server import spawn_worker, wait_for
+    from tests.fixtures.seam import GUARD_S
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the worker starts from an ordinary process
+    flags = () if process else ("--option", "process=false")
+    w = spawn_worker(redis_url, queue_prefix, tiny_model_dir, "P", *flags, log_dir=str(tmp_path))
+    log = tmp_path / "P.log"
+    try:
+        # logged once the engine is loaded and the worker starts reading
+        wait_for(lambda: "worker P on" in log.read_text() or w.poll() is not None, GUARD_S, "the worker to start")
+        assert w.poll() is None, log.read_text()
+        assert "run SCHED_BATCH, the engines' stepping threads SCHED_OTHER" in log.read_text()
+        assert _policy(w.pid, w.pid) == "BATCH"  # the event loop's thread
+        # where the engine steps, as the worker logs it at start
+        where = re.search(r"stepping in (?:child process (\d+)|thread (\d+) of process (\d+) \((\w+)\))",
+                          log.read_text())
+        assert where, log.read_text()
+        if process:
+            child = int(where[1])
+            assert psutil.Process(child).ppid() == w.pid
+            assert _policy(child, child) == "OTHER"
+        else:
+            tid, pid = int(where[2]), int(where[3])
+            assert pid == w.pid and tid != w.pid and where[4] == "SCHED_OTHER"
+            assert _policy(w.pid, tid) == "OTHER"
+    finally:
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(GUARD_S) == 0, log.read_text()

@@ -62,7 +62,7 @@ class NativeBackend(EngineBackend):
                           "engine_pid": self._async.pid if self.process else os.getpid()}
         log.info("native engine: %d torch thread(s) (%s), stepping in %s", threads, why,
                  f"child process {self._async.pid}" if self.process else
-                 f"a thread of process {os.getpid()} ({self._async.policy})")
+                 f"thread {self._async.thread_id} of process {os.getpid()} ({self._async.policy})")
 
     @property
     def engine_thread_id(self) -> int | None:

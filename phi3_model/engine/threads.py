@@ -13,6 +13,7 @@ to an actor's num_cpus), unless the caller says (the native backend's `threads` 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -95,3 +96,33 @@ def engine_foreground() -> str | None:
         except OSError as e:  # not expected: a thread may always leave SCHED_BATCH for SCHED_OTHER
             log.warning("engine thread stays in SCHED_BATCH: %s", e)
     return policy_name(now)
+
+
+@contextlib.contextmanager
+def engines_in_the_foreground(what: str):
+    """While a job's own processes start and run: this thread, and so every thread and process started from it,
+    runs SCHED_BATCH, and each engine's stepping thread goes back to SCHED_OTHER (engine_foreground, told through
+    FOREGROUND_ENV, which child processes inherit). A SCHED_BATCH thread does not preempt a running one when it
+    wakes, so the job's own bookkeeping no longer interrupts the engine's OpenMP threads mid-step (issue 15). Used
+    where the job owns everything around its engines: a local Ray started by the Parquet job or `queue ray-job`
+    (GCS, raylet, agents, actors; some 900 wake-ups a second on 2 cores) and a `queue worker` process (its event
+    loop, Redis client and health beats). `what` names them in the log line. The thread's policy is restored on the
+    way out. Linux only; elsewhere, or when the caller already chose a policy (chrt), nothing."""
+    if not hasattr(os, "SCHED_BATCH") or os.sched_getscheduler(0) != os.SCHED_OTHER:
+        yield   # another OS, or a policy the user chose: left as it is
+        return
+    had = os.environ.get(FOREGROUND_ENV)
+    os.environ[FOREGROUND_ENV] = "1"
+    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    log.info("%s run SCHED_BATCH, the engines' stepping threads SCHED_OTHER", what)
+    try:
+        yield
+    finally:
+        try:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        except OSError as e:  # not expected: leaving SCHED_BATCH for SCHED_OTHER needs no privilege
+            log.warning("this thread stays in SCHED_BATCH: %s", e)
+        if had is None:
+            os.environ.pop(FOREGROUND_ENV, None)
+        else:
+            os.environ[FOREGROUND_ENV] = had
