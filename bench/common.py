@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -136,11 +137,7 @@ def paired_ratio(row: dict, base: dict) -> float | None:
     drift of the machine's speed between rounds (on a shared 2-core machine one row's runs differ by up to 30%)
     cancels in each round's ratio instead of landing in whichever row's median it happened to hit."""
     pairs = [a / b for a, b in zip(row.get("rounds") or [], base.get("rounds") or []) if a and b]
-    if not pairs:
-        return None
-    pairs.sort()
-    mid = len(pairs) // 2
-    return pairs[mid] if len(pairs) % 2 else (pairs[mid - 1] + pairs[mid]) / 2
+    return statistics.median(pairs) if pairs else None
 
 
 def measure_child(fn, args: dict, out: str, requests: int | None = None) -> None:

@@ -327,7 +327,8 @@ def main(argv=None) -> None:
            [("name", "row", ""), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
             ("requests_per_s", "req/s", "{:.1f}"), ("requests_per_cpu_s", "req/cpu-s", "{:.0f}"),
             ("seconds", "s", "{:.2f}"), ("peak_rss_mb", "peak MB", "{:.0f}"), ("placement", "engine", ""),
-            ("threads", "threads", ""), ("paired_vs_direct", "paired vs direct", "{:.2f}x"), ("vs_metrics_off", "vs metrics off", "{:.2f}x"),
+            ("threads", "threads", ""), ("paired_vs_direct", "paired vs direct", "{:.2f}x"),
+            ("vs_metrics_off", "vs metrics off", "{:.2f}x"),
             ("runs_text", "every run", "")],
            wl, a.json)
 

@@ -122,7 +122,7 @@ def ray_session(address: str | None, local: bool, **init_kwargs):
     if local:
         _subreaper(True)
         local_worker_priority()
-        stack.enter_context(engines_in_the_foreground("local Ray: its processes"))
+        stack.enter_context(engines_in_the_foreground("local Ray: its processes and this driver"))
     try:
         ray.init(address=address, **init_kwargs)
         yield True

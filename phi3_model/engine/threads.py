@@ -104,7 +104,7 @@ def engines_in_the_foreground(what: str):
     runs SCHED_BATCH, and each engine's stepping thread goes back to SCHED_OTHER (engine_foreground, told through
     FOREGROUND_ENV, which child processes inherit). A SCHED_BATCH thread does not preempt a running one when it
     wakes, so the job's own bookkeeping no longer interrupts the engine's OpenMP threads mid-step (issue 15). Used
-    where the job owns everything around its engines: a local Ray started by the Parquet job or `queue ray-job`
+    where the job owns everything around its engines: a local Ray started by the Parquet job or `queue ray`
     (GCS, raylet, agents, actors; some 900 wake-ups a second on 2 cores) and a `queue worker` process (its event
     loop, Redis client and health beats). `what` names them in the log line. The thread's policy is restored on the
     way out. Linux only; elsewhere, or when the caller already chose a policy (chrt), nothing."""
